@@ -1,0 +1,23 @@
+"""Offline model zoo: seeded random-weight SD architectures, the trained default model, and loaders."""
+
+from dgq.zoo.registry import (
+    DEFAULT_MODEL,
+    ZOO,
+    ModelLoadError,
+    ZooEntry,
+    build_pipeline,
+    load_pipeline,
+    names,
+    register,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ZOO",
+    "ModelLoadError",
+    "ZooEntry",
+    "build_pipeline",
+    "load_pipeline",
+    "names",
+    "register",
+]

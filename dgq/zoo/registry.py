@@ -1,0 +1,91 @@
+"""Name -> pipeline resolution: zoo names, local diffusers folders, and hub ids."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import DiffusionPipeline
+
+from dgq.zoo import builders
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that names no zoo entry, no existing folder, and no reachable hub id."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    build: Callable[..., DiffusionPipeline]  # build(seed=..., components=...) -> pipeline
+    trained: bool = False  # True when the entry ships weights (seed is ignored)
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def register(entry: ZooEntry) -> None:
+    if entry.name in ZOO:
+        raise ValueError(f"zoo entry {entry.name!r} is already registered")
+    ZOO[entry.name] = entry
+
+
+register(ZooEntry("tiny", "SD v1-shaped pipeline, random weights, 1.5M-param UNet; for tests", builders.build_tiny))
+register(ZooEntry("sd15", "Stable Diffusion v1.5 architecture, random weights (UNet 860M)", builders.build_sd15))
+register(ZooEntry("sd21", "Stable Diffusion v2.1 architecture, random weights (UNet 866M, v-prediction)", builders.build_sd21))
+register(ZooEntry("sdxl", "SDXL base 1.0 architecture, random weights (UNet 2.6B)", builders.build_sdxl))
+
+# The model the README's main command uses when --model is not given.
+DEFAULT_MODEL = "tiny"
+
+
+def names() -> list[str]:
+    return list(ZOO)
+
+
+def build_pipeline(name: str, seed: int = 0, components: Iterable[str] | None = None) -> DiffusionPipeline:
+    """Build a zoo pipeline by name. ``components`` limits which networks get instantiated."""
+    if name not in ZOO:
+        raise ModelLoadError(f"no zoo model named {name!r}; the zoo has {names()}")
+    return ZOO[name].build(seed=seed, components=components)
+
+
+def _is_hub_id(spec: str) -> bool:
+    """``org/name`` with no leading ``.``, ``/`` or ``~``: the only specs worth asking a hub for."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and all(spec.split("/"))
+
+
+def load_pipeline(spec: str | None = None, seed: int = 0, **from_pretrained_kwargs) -> DiffusionPipeline:
+    """Resolve ``spec`` to a diffusers pipeline.
+
+    ``spec`` is a zoo name (``tiny``, ``sd15``, ...; None means :data:`DEFAULT_MODEL`), a local
+    folder written by ``save_pretrained``, or a hub id (``org/name``). Hub ids only resolve from the
+    local Hugging Face cache or a reachable hub; both failures raise :class:`ModelLoadError`.
+    """
+    spec = DEFAULT_MODEL if spec is None else spec
+    if spec in ZOO:
+        return build_pipeline(spec, seed=seed)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{path} exists but is not a diffusers pipeline folder (no model_index.json); "
+                "save one with pipeline.save_pretrained(folder)"
+            )
+        log.info("loading pipeline from folder %s", path)
+        return DiffusionPipeline.from_pretrained(path, **from_pretrained_kwargs)
+    if not _is_hub_id(spec):
+        raise ModelLoadError(f"model folder {spec!r} does not exist (zoo names: {names()})")
+    log.info("loading pipeline %s from the Hugging Face hub or its local cache", spec)
+    try:
+        return DiffusionPipeline.from_pretrained(spec, **from_pretrained_kwargs)
+    except (OSError, ValueError, ConnectionError) as err:
+        raise ModelLoadError(
+            f"could not load {spec!r}: it is not a zoo name ({names()}), not an existing folder, and the "
+            f"hub did not provide it (no network, or not in the local cache). Cause: {err}"
+        ) from err
