@@ -1,0 +1,161 @@
+"""The ``dgq`` console entry point. Each subcommand is a thin layer over one library call.
+
+Heavy imports (torch, diffusers) happen inside the handlers so ``dgq --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("dgq")
+
+DEFAULT_PROMPT = "a photo of a dress"
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="zoo name (see `dgq zoo list`), a diffusers pipeline folder, or a hub id "
+        "(default: the built-in default model)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="weight seed for random-weight zoo models (default 0)")
+
+
+# ---- dgq zoo ---------------------------------------------------------------------------------
+
+
+def _zoo_list(args: argparse.Namespace) -> int:
+    from dgq import zoo
+
+    for name, entry in zoo.ZOO.items():
+        mark = "*" if name == zoo.DEFAULT_MODEL else " "
+        sys.stdout.write(f"{mark} {name:8s} {entry.description}\n")
+    return 0
+
+
+def _zoo_save(args: argparse.Namespace) -> int:
+    from dgq import zoo
+    from dgq.fsutil import atomic_dir
+
+    pipe = zoo.build_pipeline(args.name, seed=args.seed)
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    log.info("saved %s to %s", args.name, args.out)
+    sys.stdout.write(f"{args.out}\n")
+    return 0
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="list or save the offline model zoo", description="The offline model zoo.")
+    zsub = p.add_subparsers(dest="zoo_cmd", required=True)
+    zl = zsub.add_parser("list", help="list zoo models (* marks the default)")
+    zl.set_defaults(func=_zoo_list)
+    zs = zsub.add_parser("save", help="write a zoo model as a diffusers pipeline folder (save_pretrained)")
+    zs.add_argument("name", help="zoo name")
+    zs.add_argument("out", type=Path, help="output folder (written atomically)")
+    zs.add_argument("--seed", type=int, default=0, help="weight seed for random-weight models")
+    zs.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    zs.set_defaults(func=_zoo_save)
+
+
+# ---- dgq generate ----------------------------------------------------------------------------
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dgq import zoo
+    from dgq.generate import generate, save_images
+
+    pipe = zoo.load_pipeline(args.model, seed=args.seed)
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
+    seeds = list(range(args.image_seed, args.image_seed + args.num_images))
+    images = generate(pipe, [args.prompt] * len(seeds), seeds, args.steps, args.guidance, args.size)
+    for path in save_images(images, args.out):
+        sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate images with the float PyTorch pipeline",
+        description="Generate PNG images from a prompt with a diffusers pipeline on CPU or GPU.",
+    )
+    _add_model_arg(p)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
+    p.add_argument("--image-seed", type=int, default=0, help="noise seed of the first image (default 0)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--out", type=Path, default=Path("outputs/images"), help="output folder (default outputs/images)")
+    p.set_defaults(func=_generate)
+
+
+# ---- dgq quickstart --------------------------------------------------------------------------
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from dgq.quickstart import run_quickstart
+
+    summary = run_quickstart(args.out, model=args.model, prompt=args.prompt, steps=args.steps)
+    for key, value in summary.items():
+        sys.stdout.write(f"{key}: {value}\n")
+    return 0
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="the main job on the built-in default model; prints where its outputs are",
+        description="Build the default pipeline, save it as a diffusers folder, reload it with "
+        "from_pretrained, and generate an image from it on CPU.",
+    )
+    p.add_argument("--model", default=None, help="zoo name, pipeline folder or hub id (default: the default model)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--out", type=Path, default=Path("outputs/quickstart"), help="output folder")
+    p.set_defaults(func=_quickstart)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dgq",
+        description="DGQ (Distribution-aware Group Quantization) for Stable Diffusion: calibrate, export "
+        "to QDQ ONNX, build TensorRT engines, generate and evaluate.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quickstart(sub)
+    _add_zoo(sub)
+    _add_generate(sub)
+    try:
+        from dgq.eval import cli as eval_cli
+    except ImportError:  # the evaluation extras are optional at import time
+        eval_cli = None
+    if eval_cli is not None:
+        eval_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from dgq.zoo.registry import ModelLoadError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ModelLoadError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
