@@ -1,0 +1,166 @@
+"""DGQ configuration: one validated, versioned dataclass; baselines are presets of it.
+
+Every behaviour of calibration and simulation comes from a :class:`QuantConfig` passed explicitly.
+Presets (``PRESETS``) name the method and the baselines it is compared with; ablations are the same
+fields set differently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+
+PROFILES = ("faithful", "tensorrt")
+WEIGHT_INITS = ("mse", "minmax")
+WEIGHT_GRANULARITIES = ("channel", "block", "tensor")
+ACT_AXES = ("auto", "channel", "pixel", "layer")
+ATTN_PROBS = ("log2", "uniform", "float")
+ATTN_SCALES = ("prompt", "batch", "static")
+
+# Layers the paper keeps in float (METHOD.md 2).
+PAPER_KEEP_FLOAT = ("conv_in", "conv_out")
+# The TensorRT SD demo's float layers: time embedding MLPs, resnet shortcuts, output norm/projection.
+TRT_DEMO_KEEP_FLOAT = (
+    "conv_in",
+    "conv_out",
+    "time_embedding.*",
+    "*.time_emb_proj",
+    "*.conv_shortcut",
+    "*.proj_out",
+    "conv_norm_out",
+)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one UNet is quantized.
+
+    Bits: ``wbits`` for weights (8 or 4), ``abits`` for activations and attention (8, 6 or 4).
+    ``groups`` is DGQ's K (1 = one layer-wise range per timestep). ``profile`` selects the semantics
+    (see DESIGN.md): ``faithful`` = asymmetric per-group ranges on the chosen axis; ``tensorrt`` =
+    symmetric per-group scales with group membership fixed across timesteps (one branch per group in
+    the exported graph) and the widest (outlier) group kept at ``outlier_bits`` (16 = float).
+    """
+
+    wbits: int = 8
+    abits: int = 8
+    groups: int = 16
+    profile: str = "faithful"
+    # weights
+    weight_init: str = "mse"
+    weight_granularity: str = "channel"
+    weight_block: int = 128
+    # activations
+    act_axis: str = "auto"  # "auto" = the spread rule of METHOD.md 3.2
+    time_aware: bool = True  # one parameter set per timestep slot (False: one set for all steps)
+    symmetric: bool = False  # forced True by the tensorrt profile
+    quantize_qkv: bool = True
+    outlier_bits: int | None = None  # tensorrt profile: bits of the widest group (16 = keep float)
+    # attention probabilities
+    attn_probs: str = "log2"
+    attn_scale: str = "prompt"  # real-time max per prompt, per batch, or a static calibrated max
+    bos_fp: bool = True  # cross-attention: BOS column (and BOS key row) kept in full precision
+    # which layers stay float: fnmatch patterns over diffusers module names
+    keep_float: tuple[str, ...] = PAPER_KEEP_FLOAT
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid QuantConfig: {msg}")
+
+        check(self.version == CONFIG_VERSION, f"version {self.version} is not {CONFIG_VERSION}")
+        check(self.wbits in (2, 3, 4, 5, 6, 7, 8), f"wbits must be in 2..8, got {self.wbits}")
+        check(self.abits in (2, 3, 4, 5, 6, 7, 8), f"abits must be in 2..8, got {self.abits}")
+        check(isinstance(self.groups, int) and self.groups >= 1, f"groups must be an int >= 1, got {self.groups}")
+        check(self.profile in PROFILES, f"profile must be one of {PROFILES}, got {self.profile!r}")
+        check(self.weight_init in WEIGHT_INITS, f"weight_init must be one of {WEIGHT_INITS}")
+        check(self.weight_granularity in WEIGHT_GRANULARITIES, f"weight_granularity must be one of {WEIGHT_GRANULARITIES}")
+        check(self.weight_block in (32, 64, 128, 256), f"weight_block must be 32/64/128/256, got {self.weight_block}")
+        check(self.act_axis in ACT_AXES, f"act_axis must be one of {ACT_AXES}, got {self.act_axis!r}")
+        check(self.attn_probs in ATTN_PROBS, f"attn_probs must be one of {ATTN_PROBS}")
+        check(self.attn_scale in ATTN_SCALES, f"attn_scale must be one of {ATTN_SCALES}")
+        check(
+            self.outlier_bits is None or self.outlier_bits in (4, 6, 8, 16),
+            f"outlier_bits must be None, 4, 6, 8 or 16, got {self.outlier_bits}",
+        )
+        check(isinstance(self.keep_float, tuple), "keep_float must be a tuple of patterns")
+
+    @property
+    def is_symmetric(self) -> bool:
+        return self.symmetric or self.profile == "tensorrt"
+
+    @property
+    def effective_groups(self) -> int:
+        return 1 if self.act_axis == "layer" else self.groups
+
+    def keeps_float(self, module_name: str) -> bool:
+        """True when ``module_name`` matches one of ``keep_float``."""
+        return any(fnmatch.fnmatchcase(module_name, pattern) for pattern in self.keep_float)
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["keep_float"] = list(self.keep_float)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {unknown}")
+        d = dict(d)
+        if "keep_float" in d:
+            d["keep_float"] = tuple(d["keep_float"])
+        return cls(**d)
+
+
+def _preset(**kw: Any) -> dict[str, Any]:
+    return kw
+
+
+# Method and baselines (issue 4): all computed by the same code, differing only in these fields.
+PRESETS: dict[str, dict[str, Any]] = {
+    # DGQ as the paper describes it.
+    "dgq": _preset(),
+    # DGQ with one layer-wise range per timestep (Q-Diffusion-like, time-aware).
+    "dgq-k1": _preset(groups=1),
+    # Naive PTQ: per-tensor min-max weights and activations, one range for all timesteps,
+    # uniform attention probabilities with a calibrated range.
+    "naive": _preset(
+        groups=1,
+        weight_init="minmax",
+        weight_granularity="tensor",
+        time_aware=False,
+        attn_probs="uniform",
+        attn_scale="static",
+        bos_fp=False,
+    ),
+    # TensorRT demo / ModelOpt-style INT8: per-channel min-max weights, symmetric per-tensor
+    # activations with one amax over all steps, attention BMMs left to fused FP16 MHA.
+    "trt-demo": _preset(
+        groups=1,
+        weight_init="minmax",
+        symmetric=True,
+        time_aware=False,
+        quantize_qkv=False,
+        attn_probs="float",
+        bos_fp=False,
+        keep_float=TRT_DEMO_KEEP_FLOAT,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> QuantConfig:
+    """A named preset with field overrides, e.g. ``preset("dgq", wbits=4, abits=6)``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return QuantConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,71 @@
+"""Where a UNet gets quantized: named sites derived from the module tree and a config.
+
+Keys are diffusers module names plus a role: ``{conv or linear}.input`` for the input of a quantized
+Conv2d/Linear, ``{attention}.q|k|v`` for the attention operands, ``{attention}.probs`` for the softmax
+output. Weights are keyed by the layer name alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from dgq.config import QuantConfig
+
+CONV, LINEAR, QKV = "conv", "linear", "qkv"
+
+
+@dataclass(frozen=True)
+class LayerSite:
+    name: str  # module name in the UNet
+    kind: str  # CONV or LINEAR
+
+    @property
+    def input_key(self) -> str:
+        return f"{self.name}.input"
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    name: str
+    is_cross: bool
+
+    def key(self, role: str) -> str:
+        return f"{self.name}.{role}"
+
+
+def layer_sites(unet: torch.nn.Module, config: QuantConfig) -> list[LayerSite]:
+    """Every Conv2d/Linear of ``unet`` not matched by ``config.keep_float``, in module order."""
+    sites = []
+    for name, module in unet.named_modules():
+        if config.keeps_float(name):
+            continue
+        if type(module) is torch.nn.Conv2d:
+            sites.append(LayerSite(name, CONV))
+        elif type(module) is torch.nn.Linear:
+            sites.append(LayerSite(name, LINEAR))
+    return sites
+
+
+def attention_sites(unet: torch.nn.Module, config: QuantConfig) -> list[AttentionSite]:
+    """Every diffusers ``Attention`` block whose operands the config quantizes."""
+    if not config.quantize_qkv and config.attn_probs == "float":
+        return []
+    return [
+        AttentionSite(name, bool(module.is_cross_attention))
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and not config.keeps_float(name)
+    ]
+
+
+def get_module(root: torch.nn.Module, name: str) -> torch.nn.Module:
+    return root.get_submodule(name)
+
+
+def set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    """Replace the child at dotted ``name`` (the sanctioned module-swap seam)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
