@@ -16,3 +16,23 @@ CONSTANT_GROUP_RTOL = 1e-6
 # quantization stays under on the same channels.
 OUTLIER_GROUPED_MIN_SQNR_DB = 30.0
 OUTLIER_PER_TENSOR_MAX_SQNR_DB = 10.0
+
+# --- dgq.eval: metrics, FID, judge, yardstick ------------------------------------------------------
+# Float64 metric arithmetic against a closed-form value (PSNR of a known noise level, SSIM of
+# constant images, SQNR of a scaled copy).
+METRIC_ANALYTIC_ATOL = 1e-9
+# SSIM by torch conv against an independent scipy.ndimage (skimage-style) computation.
+SSIM_REFERENCE_ATOL = 1e-10
+# Frechet distance against its closed form (float64 eigendecompositions), relative.
+FID_ANALYTIC_RTOL = 1e-6
+# FID of a feature set against itself with fewer samples than dimensions: square roots of the
+# ~1e-14 round-off eigenvalues of the null space add up (measured -1e-4 before clipping at 0 for
+# 100 x 2048 features with trace 742; -7e-6 for 40 x 256).
+FID_IDENTICAL_ATOL = 1e-3
+# Eigen-based trace sqrt against scipy.linalg.sqrtm on a small well-conditioned case, relative.
+FID_SQRTM_RTOL = 1e-8
+# The shipped judge on 500 real Fashion-MNIST test images (its full-test accuracy is in judge.json).
+JUDGE_MIN_ACCURACY = 0.90
+# A UNet whose weights carry 1% relative noise: the noise-prediction SQNR must be finite and below
+# this (float round-off alone would sit far above it).
+PERTURBED_SQNR_MAX_DB = 80.0
