@@ -36,3 +36,15 @@ JUDGE_MIN_ACCURACY = 0.90
 # A UNet whose weights carry 1% relative noise: the noise-prediction SQNR must be finite and below
 # this (float round-off alone would sit far above it).
 PERTURBED_SQNR_MAX_DB = 80.0
+
+# --- simulator (parity ladder rung 2) --------------------------------------------------------------
+# DGQAttnProcessor with no hooks against diffusers' own processor: same math, different op order
+# (float32 softmax, baddbmm), so equal to float32 round-off.
+ATTN_PROCESSOR_ATOL = 1e-5
+# Tiny random-weight UNet, W8A8 DGQ (K=8, both profiles, 3 calibration prompts x 4 steps) against
+# float on fresh noise: noise-prediction SQNR floor. Measured 18-21 dB: per-slot, per-pixel ranges
+# from 6 samples clip fresh inputs, and log2 probabilities cost ~41% relative error per element at any
+# bit width. A wiring bug (wrong slot, wrong axis, unscaled weight) lands near 0 dB.
+TINY_W8A8_MIN_SQNR_DB = 15.0
+# Outlier injection through the whole DGQ path (statistics -> spread rule -> K-means -> fake quant).
+OUTLIER_DGQ_MIN_SQNR_DB = 30.0

@@ -1,0 +1,47 @@
+import torch
+
+from dgq.quant import CHANNEL, LAYER, PIXEL
+from dgq.sites import attention_sites, layer_sites
+
+
+def test_slots_are_the_scheduler_timesteps(tiny_pipe, tiny_recipe):
+    tiny_pipe.scheduler.set_timesteps(4)
+    expected = list(dict.fromkeys(float(t) for t in tiny_pipe.scheduler.timesteps))  # PNDM repeats one
+    assert tiny_recipe.slots == expected
+
+
+def test_every_site_is_calibrated(tiny_pipe, tiny_recipe):
+    unet, cfg = tiny_pipe.unet, tiny_recipe.config
+    layers = layer_sites(unet, cfg)
+    names = {s.name for s in layers}
+    assert "conv_in" not in names and "conv_out" not in names
+    assert set(tiny_recipe.weights) == names
+    expected = {s.input_key for s in layers}
+    for a in attention_sites(unet, cfg):
+        expected |= {a.key(r) for r in ("q", "k", "v")}
+        assert a.key("probs") in tiny_recipe.probs
+    assert set(tiny_recipe.acts) == expected
+
+
+def test_groups_follow_method(tiny_recipe):
+    n_slots = len(tiny_recipe.slots)
+    axes = set()
+    for key, act in tiny_recipe.acts.items():
+        assert len(act.axis) == n_slots
+        for s in range(n_slots):
+            k, rg = act.k(s), act.ranges[s]
+            assert 1 <= k <= 8 and rg.shape == (k, 2) and bool((rg[:, 0] <= rg[:, 1]).all())
+            axes.add(act.axis[s])
+            if act.axis[s] != LAYER:
+                assert int(act.group_index[s].max()) == k - 1
+        if "time_emb" in key or key.startswith("time_embedding"):
+            assert set(act.axis) == {LAYER}  # 2-D inputs keep one layer-wise range
+    assert {CHANNEL, PIXEL} <= axes
+
+
+def test_tensorrt_profile_fixes_membership_across_steps(tiny_recipe_trt):
+    for act in tiny_recipe_trt.acts.values():
+        assert len(set(act.axis)) == 1
+        assert all(torch.equal(g, act.group_index[0]) for g in act.group_index)
+    for w in tiny_recipe_trt.weights.values():
+        assert w.symmetric and bool((w.zero_point == 0).all())

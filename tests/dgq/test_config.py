@@ -1,0 +1,47 @@
+import pytest
+
+from dgq.config import PRESETS, TRT_DEMO_KEEP_FLOAT, QuantConfig, preset
+
+
+def test_defaults_are_the_paper_setting():
+    c = QuantConfig()
+    assert (c.wbits, c.abits, c.groups, c.profile, c.attn_probs, c.bos_fp) == (8, 8, 16, "faithful", "log2", True)
+    assert c.keep_float == ("conv_in", "conv_out")
+    assert not c.is_symmetric and QuantConfig(profile="tensorrt").is_symmetric
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(wbits=9), dict(abits=1), dict(groups=0), dict(profile="onnx"), dict(act_axis="row"),
+     dict(attn_probs="log10"), dict(outlier_bits=12), dict(version=99), dict(weight_block=100)],
+)
+def test_invalid_fields_are_refused(bad):
+    with pytest.raises(ValueError, match="invalid QuantConfig"):
+        QuantConfig(**bad)
+
+
+def test_dict_round_trip_and_unknown_fields():
+    c = preset("dgq", wbits=4, abits=6, keep_float=TRT_DEMO_KEEP_FLOAT)
+    assert QuantConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown QuantConfig fields"):
+        QuantConfig.from_dict({**c.to_dict(), "lr": 1})
+
+
+def test_keep_float_patterns_name_layers():
+    c = QuantConfig(keep_float=TRT_DEMO_KEEP_FLOAT)
+    for name in ("conv_in", "time_embedding.linear_1", "down_blocks.0.resnets.0.time_emb_proj",
+                 "up_blocks.1.resnets.0.conv_shortcut", "down_blocks.0.attentions.0.proj_out"):
+        assert c.keeps_float(name), name
+    assert not c.keeps_float("down_blocks.0.resnets.0.conv1")
+    assert not QuantConfig().keeps_float("time_embedding.linear_1")
+
+
+def test_presets_differ_only_as_documented():
+    assert set(PRESETS) == {"dgq", "dgq-k1", "naive", "trt-demo"}
+    assert preset("dgq-k1").groups == 1 and preset("dgq-k1").time_aware
+    naive = preset("naive")
+    assert (naive.weight_granularity, naive.time_aware, naive.attn_probs) == ("tensor", False, "uniform")
+    trt = preset("trt-demo")
+    assert trt.is_symmetric and not trt.quantize_qkv and trt.attn_probs == "float"
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("smoothquant")
