@@ -121,6 +121,101 @@ def _add_quickstart(sub) -> None:
     p.set_defaults(func=_quickstart)
 
 
+# ---- dgq calibrate / inspect -------------------------------------------------------------------
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from dgq import zoo
+    from dgq.calibrate import calibrate
+    from dgq.config import preset
+    from dgq.fsutil import check_writable_parent
+    from dgq.prompts import calibration_prompts
+    from dgq.summary import recipe_summary
+
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
+    check_writable_parent(args.out)
+    overrides = {
+        k: v
+        for k, v in dict(
+            wbits=args.wbits, abits=args.abits, groups=args.groups, profile=args.profile, act_axis=args.act_axis,
+            attn_probs=args.attn_probs, attn_scale=args.attn_scale, weight_init=args.weight_init,
+            weight_granularity=args.weight_granularity, outlier_bits=args.outlier_bits,
+        ).items()
+        if v is not None
+    }
+    if args.no_bos_fp:
+        overrides["bos_fp"] = False
+    if args.keep_float is not None:
+        overrides["keep_float"] = tuple(args.keep_float)
+    config = preset(args.preset, **overrides)
+    model = args.model or zoo.DEFAULT_MODEL
+    prompts = calibration_prompts(model, args.num_prompts, args.prompts)
+    pipe = zoo.load_pipeline(model, seed=args.seed)
+    t0 = time.perf_counter()
+    recipe = calibrate(pipe, prompts, config, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                       size=args.size, batch_size=args.batch_size)
+    recipe.meta["model_spec"] = model
+    recipe.meta["calibration_seconds"] = round(time.perf_counter() - t0, 1)
+    recipe.save(args.out)
+    sys.stdout.write(recipe_summary(recipe, top=5) + "\n")
+    sys.stdout.write(f"recipe: {args.out}\n")
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    from dgq.config import ACT_AXES, ATTN_PROBS, ATTN_SCALES, PRESETS, PROFILES, WEIGHT_GRANULARITIES, WEIGHT_INITS
+
+    p = sub.add_parser(
+        "calibrate",
+        help="calibrate a UNet with DGQ (or a baseline) and write a recipe",
+        description="Run the float pipeline on calibration prompts, collect per-timestep activation "
+        "statistics, search DGQ groups, and write the recipe (safetensors + JSON header). Options left "
+        "unset keep the preset's value.",
+    )
+    _add_model_arg(p)
+    p.add_argument("--out", type=Path, required=True, help="recipe file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing recipe file")
+    p.add_argument("--preset", default="dgq", choices=sorted(PRESETS), help="method or baseline (default dgq)")
+    p.add_argument("--wbits", type=int, choices=(8, 4), help="weight bits (default 8)")
+    p.add_argument("--abits", type=int, choices=(8, 6, 4), help="activation bits (default 8)")
+    p.add_argument("--groups", type=int, help="K, groups per activation (default 16; 1 = layer-wise)")
+    p.add_argument("--profile", choices=PROFILES, help="faithful (paper semantics) or tensorrt (default faithful)")
+    p.add_argument("--act-axis", choices=ACT_AXES, help="grouping axis rule (default auto = spread rule)")
+    p.add_argument("--attn-probs", choices=ATTN_PROBS, help="attention-probability quantizer (default log2)")
+    p.add_argument("--attn-scale", choices=ATTN_SCALES, help="probability scale: per prompt, per batch, static")
+    p.add_argument("--no-bos-fp", action="store_true", help="quantize the BOS column/key row too (ablation)")
+    p.add_argument("--weight-init", choices=WEIGHT_INITS, help="weight range search (default mse)")
+    p.add_argument("--weight-granularity", choices=WEIGHT_GRANULARITIES, help="per channel, block (Linear), tensor")
+    p.add_argument("--outlier-bits", type=int, choices=(4, 6, 8, 16), help="tensorrt profile: bits of the widest group (16 = float)")
+    p.add_argument("--keep-float", nargs="*", help="module-name patterns kept in float (default: conv_in conv_out)")
+    p.add_argument("--prompts", type=Path, help="prompt file, one per line (default: built-in list)")
+    p.add_argument("--num-prompts", type=int, default=64, help="calibration prompts (default 64, as the paper)")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.set_defaults(func=_calibrate)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from dgq.recipe import load
+    from dgq.summary import recipe_summary
+
+    sys.stdout.write(recipe_summary(load(args.recipe), top=args.top) + "\n")
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="summarize a recipe", description="Print a recipe's settings, "
+                       "the axis chosen per site, group counts and the largest outlier groups.")
+    p.add_argument("recipe", type=Path, help="recipe file")
+    p.add_argument("--top", type=int, default=10, help="how many outlier groups to list (default 10)")
+    p.set_defaults(func=_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dgq",
@@ -132,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_zoo(sub)
     _add_generate(sub)
+    _add_calibrate(sub)
+    _add_inspect(sub)
     try:
         from dgq.eval import cli as eval_cli
     except ImportError:  # the evaluation extras are optional at import time
@@ -153,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ModelLoadError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as err:
+        # RecipeError is a ValueError
         log.error("%s", err)
         return 2
 

@@ -460,10 +460,11 @@ def mse_search_range(
         else:
             scale, zero = _affine_params(c_lo, c_hi, bits)
         s, z = scale[:, None], zero[:, None]
-        err = (_dequantize(_quantize(rows, s, z, qmin, qmax), s, z) - rows).abs().double().pow(p)
+        # |error|^p in float32 (a 2x saving over float64 on big UNets), accumulated in float64
+        err = (_dequantize(_quantize(rows, s, z, qmin, qmax), s, z) - rows).abs().pow(p)
         if mask is not None:
             err = err.masked_fill(~mask, 0.0)
-        err = err.sum(1) / count
+        err = err.sum(1, dtype=torch.float64) / count
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
