@@ -12,6 +12,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import diffusers
 import torch
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.config import QuantConfig
 from dgq.fingerprint import model_identity
-from dgq.quant import CHANNEL, LAYER, PIXEL, AxisStats, group_ranges, kmeans_groups, minmax_range, mse_search_range, search_groups
+from dgq.quant import LAYER, AxisStats, group_ranges, kmeans_groups, minmax_range, mse_search_range, search_groups
 from dgq.quant import affine_params_from_range, symmetric_scale_from_absmax
 from dgq.recipe import ActQuant, ProbsQuant, Recipe, WeightQuant
 from dgq.simulate import slot_hook
@@ -44,17 +45,6 @@ class ActObserver:
         else:
             self.stats[slot] = AxisStats.from_batch(x, grouping_layout)
         return x
-
-
-class ProbsObserver:
-    """Max of the attention probabilities per slot (only needed for a static scale)."""
-
-    def __init__(self) -> None:
-        self.max: dict[int, float] = {}
-
-    def __call__(self, p: torch.Tensor, slot: int, batch_size: int) -> torch.Tensor:
-        self.max[slot] = max(self.max.get(slot, 0.0), float(p.amax()))
-        return p
 
 
 class _SlotTable:
@@ -146,52 +136,110 @@ def weight_quant(weight: torch.Tensor, kind: str, config: QuantConfig) -> Weight
 # ---------------------------------------------------------------------------- the session
 
 
-def calibrate(
+class KeyObserver:
+    """q/k/v-style observer for keys that keeps the BOS row's statistics apart.
+
+    One pass then serves configs with and without BOS separation (METHOD.md 5): ``rest`` holds the
+    statistics without token 0, ``bos`` those of token 0 alone; ``with_bos`` puts them together.
+    """
+
+    def __init__(self) -> None:
+        self.rest = ActObserver(QKV)
+        self.bos = ActObserver(QKV)
+
+    def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        self.bos(x[:, :1], slot)
+        self.rest(x[:, 1:], slot)
+        return x
+
+    def with_bos(self) -> dict[int, AxisStats]:
+        out = {}
+        for slot, rest in self.rest.stats.items():
+            b = self.bos.stats[slot]
+            out[slot] = AxisStats(
+                rest.layout, rest.ndim,
+                torch.minimum(rest.channel_amin, b.channel_amin), torch.maximum(rest.channel_amax, b.channel_amax),
+                torch.cat([b.pixel_amin, rest.pixel_amin]), torch.cat([b.pixel_amax, rest.pixel_amax]),
+                rest.samples,
+            )
+        return out
+
+
+class ProbsMaxObserver:
+    """Max of the attention probabilities per slot, with and without the BOS column."""
+
+    def __init__(self, is_cross: bool) -> None:
+        self.is_cross = is_cross
+        self.max_all: dict[int, float] = {}
+        self.max_no_bos: dict[int, float] = {}
+
+    def __call__(self, p: torch.Tensor, slot: int, batch_size: int) -> torch.Tensor:
+        self.max_all[slot] = max(self.max_all.get(slot, 0.0), float(p.amax()))
+        body = p[..., 1:] if self.is_cross else p
+        self.max_no_bos[slot] = max(self.max_no_bos.get(slot, 0.0), float(body.amax()))
+        return p
+
+
+@dataclass
+class CalibrationStats:
+    """Everything one float calibration pass observed, for every Conv2d/Linear and attention block.
+
+    Recipes for any config (method, baselines, ablations, bit widths) are built from it without
+    running the pipeline again (``build_recipe``): search and apply are separate.
+    """
+
+    model: dict[str, str]
+    slots: list[float]
+    layers: dict[str, tuple[str, dict[int, AxisStats]]]  # layer name -> (kind, per-slot input stats)
+    qkv: dict[str, dict[str, object]]  # attention name -> {"q": ActObserver, "k": KeyObserver, "v": ActObserver}
+    probs: dict[str, ProbsMaxObserver]
+    meta: dict
+
+
+def collect_statistics(
     pipe: DiffusionPipeline,
     prompts: Sequence[str],
-    config: QuantConfig,
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
     size: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
-) -> Recipe:
-    """Calibrate ``pipe.unet`` with DGQ on ``prompts`` and return the recipe.
+) -> CalibrationStats:
+    """Run the float pipeline on ``prompts`` and stream the statistics of every site.
 
-    Each prompt ``i`` gets noise seed ``seed + i``; ``batch_size`` prompts run per pipeline call.
-    The pipeline is restored to float when this returns (or raises).
+    Each prompt ``i`` gets noise seed ``seed + i``; ``batch_size`` prompts run per pipeline call. The
+    statistics are gathered on the float model (the reference code gathers them with upstream layers
+    already quantized, which ties statistics to one config; see the README). The pipeline is restored
+    when this returns or raises.
     """
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     unet = pipe.unet
     size = size or int(unet.config.sample_size) * int(pipe.vae_scale_factor)
     t0 = time.perf_counter()
+    everything = QuantConfig(keep_float=())
     ctx = StepContext()
     table = _SlotTable()
-    layers = layer_sites(unet, config)
-    attns = attention_sites(unet, config)
-    act_obs = {s.input_key: ActObserver(s.kind) for s in layers}
-    for a in attns:
-        if config.quantize_qkv:
-            for role in ("q", "k", "v"):
-                act_obs[a.key(role)] = ActObserver(QKV)
-    probs_obs = {a.key("probs"): ProbsObserver() for a in attns if config.attn_probs != "float"}
+    layers = layer_sites(unet, everything)
+    attns = attention_sites(unet, everything)
+    layer_obs = {s.name: ActObserver(s.kind) for s in layers}
+    qkv = {a.name: {"q": ActObserver(QKV), "k": KeyObserver(), "v": ActObserver(QKV)} for a in attns}
+    probs = {a.name: ProbsMaxObserver(a.is_cross) for a in attns}
 
     hooks = [slot_hook(unet, ctx, table)]
     for s in layers:
-        obs = act_obs[s.input_key]
-        hooks.append(unet.get_submodule(s.name).register_forward_pre_hook(lambda m, args, obs=obs: (obs(args[0], ctx.current()),)))
+        obs = layer_obs[s.name]
+        hooks.append(unet.get_submodule(s.name).register_forward_pre_hook(
+            lambda m, args, obs=obs: (obs(args[0], ctx.current()),)))
     original = dict(unet.attn_processors)
     procs = dict(original)
     for a in attns:
-        get = act_obs.get
-        procs[f"{a.name}.processor"] = DGQAttnProcessor(
-            ctx, q=get(a.key("q")), k=get(a.key("k")), v=get(a.key("v")), probs=probs_obs.get(a.key("probs")), keep_bos=config.bos_fp
-        )
+        o = qkv[a.name]
+        procs[f"{a.name}.processor"] = DGQAttnProcessor(ctx, q=o["q"], k=o["k"], v=o["v"], probs=probs[a.name])
     unet.set_attn_processor(procs)
+    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     try:
-        was_enabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
         pipe.set_progress_bar_config(disable=True)
         batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
         with torch.inference_mode():
@@ -205,33 +253,69 @@ def calibrate(
                     generator=[torch.Generator().manual_seed(seed + i) for i in idx],
                     output_type="latent",
                 )
-        pipe.set_progress_bar_config(disable=was_enabled)
     finally:
+        pipe.set_progress_bar_config(disable=was_disabled)
         for h in hooks:
             h.remove()
         unet.set_attn_processor(original)
-    n_slots = len(table.values)
-    log.info("collected statistics for %d sites over %d timestep slots in %.1f s", len(act_obs), n_slots, time.perf_counter() - t0)
-
-    recipe = Recipe(config=config, model=model_identity(unet), slots=list(table.values))
-    for key, obs in tqdm(act_obs.items(), desc="group search", disable=not progress):
-        recipe.acts[key] = build_act_quant(obs.layout, obs.stats, n_slots, config)
-    for key, obs in probs_obs.items():
-        static = None
-        if config.attn_scale == "static":
-            values = [obs.max[s] for s in range(n_slots)]
-            static = torch.tensor(values if config.time_aware else [max(values)], dtype=torch.float32)
-        recipe.probs[key] = ProbsQuant(static)
-    for s in tqdm(layers, desc="weights", disable=not progress):
-        recipe.weights[s.name] = weight_quant(unet.get_submodule(s.name).weight, s.kind, config)
-    recipe.meta = {
+    log.info("collected statistics of %d layers and %d attention blocks over %d timestep slots in %.1f s",
+             len(layers), len(attns), len(table.values), time.perf_counter() - t0)
+    meta = {
         "prompts": len(prompts),
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "size": size,
         "seed": seed,
         "scheduler": type(pipe.scheduler).__name__,
-        "versions": {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "versions": {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__,
+                     "python": platform.python_version()},
     }
+    return CalibrationStats(model_identity(unet), list(table.values),
+                            {s.name: (s.kind, layer_obs[s.name].stats) for s in layers}, qkv, probs, meta)
+
+
+def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantConfig, progress: bool = True) -> Recipe:
+    """The DGQ search (METHOD.md 3-5) for ``config`` on collected statistics; weights from ``unet``."""
+    if model_identity(unet) != stats.model:
+        raise ValueError("these statistics were collected on another model")
+    n_slots = len(stats.slots)
+    recipe = Recipe(config=config, model=stats.model, slots=list(stats.slots), meta=dict(stats.meta))
+    layers = layer_sites(unet, config)
+    jobs = [(s.input_key, s.kind, stats.layers[s.name][1]) for s in layers]
+    for a in attention_sites(unet, config):
+        if config.quantize_qkv:
+            o = stats.qkv[a.name]
+            k_stats = o["k"].rest.stats if (a.is_cross and config.bos_fp) else o["k"].with_bos()
+            jobs += [(a.key("q"), QKV, o["q"].stats), (a.key("k"), QKV, k_stats), (a.key("v"), QKV, o["v"].stats)]
+        if config.attn_probs != "float":
+            static = None
+            if config.attn_scale == "static":
+                obs = stats.probs[a.name]
+                per_slot = obs.max_no_bos if (a.is_cross and config.bos_fp) else obs.max_all
+                values = [per_slot[s] for s in range(n_slots)]
+                static = torch.tensor(values if config.time_aware else [max(values)], dtype=torch.float32)
+            recipe.probs[a.key("probs")] = ProbsQuant(static)
+    for key, layout, per_slot in tqdm(jobs, desc="group search", disable=not progress):
+        recipe.acts[key] = build_act_quant(layout, per_slot, n_slots, config)
+    for s in tqdm(layers, desc="weights", disable=not progress):
+        recipe.weights[s.name] = weight_quant(unet.get_submodule(s.name).weight, s.kind, config)
+    return recipe
+
+
+def calibrate(
+    pipe: DiffusionPipeline,
+    prompts: Sequence[str],
+    config: QuantConfig,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    size: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Recipe:
+    """Calibrate ``pipe.unet`` with DGQ on ``prompts``: :func:`collect_statistics` then :func:`build_recipe`."""
+    t0 = time.perf_counter()
+    stats = collect_statistics(pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress)
+    recipe = build_recipe(stats, pipe.unet, config, progress)
     log.info("calibration finished in %.1f s", time.perf_counter() - t0)
     return recipe

@@ -1,7 +1,7 @@
 import pytest
 
 from dgq import zoo
-from dgq.calibrate import calibrate
+from dgq.calibrate import build_recipe, collect_statistics
 from dgq.config import preset
 
 CAL_PROMPTS = ["a photo of a cat", "a red car on a street", "an astronaut riding a horse"]
@@ -15,13 +15,18 @@ def tiny_pipe():
     return pipe
 
 
-# Weight MSE search is covered by tests/quant and test_calibrate; min-max keeps these fixtures fast.
 @pytest.fixture(scope="session")
-def tiny_recipe(tiny_pipe):
-    return calibrate(tiny_pipe, CAL_PROMPTS, preset("dgq", groups=8, weight_init="minmax"), num_inference_steps=CAL_STEPS, progress=False)
+def tiny_stats(tiny_pipe):
+    return collect_statistics(tiny_pipe, CAL_PROMPTS, num_inference_steps=CAL_STEPS, progress=False)
+
+
+# Weight MSE search is covered by tests/quant and the determinism test; min-max keeps these fast.
+@pytest.fixture(scope="session")
+def tiny_recipe(tiny_pipe, tiny_stats):
+    return build_recipe(tiny_stats, tiny_pipe.unet, preset("dgq", groups=8, weight_init="minmax"), progress=False)
 
 
 @pytest.fixture(scope="session")
-def tiny_recipe_trt(tiny_pipe):
+def tiny_recipe_trt(tiny_pipe, tiny_stats):
     cfg = preset("dgq", groups=8, profile="tensorrt", outlier_bits=16, weight_init="minmax")
-    return calibrate(tiny_pipe, CAL_PROMPTS, cfg, num_inference_steps=CAL_STEPS, progress=False)
+    return build_recipe(tiny_stats, tiny_pipe.unet, cfg, progress=False)

@@ -45,3 +45,31 @@ def test_tensorrt_profile_fixes_membership_across_steps(tiny_recipe_trt):
         assert all(torch.equal(g, act.group_index[0]) for g in act.group_index)
     for w in tiny_recipe_trt.weights.values():
         assert w.symmetric and bool((w.zero_point == 0).all())
+
+
+def test_one_statistics_pass_serves_every_preset(tiny_pipe, tiny_stats):
+    from dgq.calibrate import build_recipe
+    from dgq.config import preset
+
+    naive = build_recipe(tiny_stats, tiny_pipe.unet, preset("naive"), progress=False)
+    assert all(a.axis == ["layer"] for a in naive.acts.values())  # one range for all steps
+    assert all(w.granularity == "tensor" for w in naive.weights.values())
+    assert all(p.static_max is not None and p.static_max.numel() == 1 for p in naive.probs.values())
+    trt = build_recipe(tiny_stats, tiny_pipe.unet, preset("trt-demo"), progress=False)
+    assert not any(k.endswith((".q", ".k", ".v")) for k in trt.acts) and not trt.probs
+    assert not any("conv_shortcut" in k or "time_emb" in k for k in trt.weights)
+
+
+def test_bos_row_is_left_out_of_cross_attention_key_statistics(tiny_pipe, tiny_stats, tiny_recipe):
+    from dgq.calibrate import build_recipe
+    from dgq.config import preset
+
+    cross = [k for k in tiny_recipe.acts if ".attn2.k" in k]
+    assert cross
+    no_bos = build_recipe(tiny_stats, tiny_pipe.unet, preset("dgq", groups=8, weight_init="minmax", bos_fp=False), progress=False)
+    for key in cross:
+        for s, axis in enumerate(tiny_recipe.acts[key].axis):
+            if axis == "pixel":  # token axis: 76 tokens without BOS, 77 with it
+                assert tiny_recipe.acts[key].group_index[s].numel() == 76
+            if no_bos.acts[key].axis[s] == "pixel":
+                assert no_bos.acts[key].group_index[s].numel() == 77

@@ -29,7 +29,7 @@ def test_round_trip_is_lossless(tiny_recipe, tmp_path):
 
 def test_calibration_is_deterministic(tiny_pipe, tmp_path):
     cfg = preset("dgq", groups=4)  # MSE weight search included
-    runs = [calibrate(tiny_pipe, CAL_PROMPTS[:2], cfg, num_inference_steps=2, progress=False) for _ in range(2)]
+    runs = [calibrate(tiny_pipe, CAL_PROMPTS[:2], cfg, num_inference_steps=2, batch_size=2, progress=False) for _ in range(2)]
     a, b = (r.save(tmp_path / f"{i}.safetensors").read_bytes() for i, r in enumerate(runs))
     assert a == b
 
