@@ -33,6 +33,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help=f"candidate: another model spec, or {SAME!r} for the reference itself (a self-check: "
         "infinite SQNR/PSNR, SSIM 1, zero flips) (default: same)",
     )
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        default=None,
+        help="a DGQ recipe: the candidate is the reference with its UNet quantized by the PyTorch simulator "
+        "(overrides --candidate)",
+    )
     p.add_argument("--seed", type=int, default=0, help="weight seed for random-weight zoo models (default 0)")
     p.add_argument("--num-prompts", type=int, default=20, help="evaluation prompts, class-balanced (default 20)")
     p.add_argument("--seeds", type=int, default=2, help="image seeds per prompt (default 2)")
@@ -70,7 +77,14 @@ def run(args: argparse.Namespace) -> int:
     )
     prompts = default_prompts(args.num_prompts)
     reference = zoo.load_pipeline(args.model, seed=args.seed)
-    candidate = reference if args.candidate == SAME else zoo.load_pipeline(args.candidate, seed=args.seed)
+    if args.recipe is not None:
+        from dgq.recipe import load
+        from dgq.simulate import simulate
+
+        candidate = simulate(reference, load(args.recipe))
+        args.candidate = f"recipe {args.recipe}"
+    else:
+        candidate = reference if args.candidate == SAME else zoo.load_pipeline(args.candidate, seed=args.seed)
     for pipe in {id(reference): reference, id(candidate): candidate}.values():
         pipe.set_progress_bar_config(disable=True)  # one bar for the whole run, not one per image batch
     real = real_images(args.num_real)[0] if config.fid and args.num_real > 0 else None
