@@ -216,6 +216,43 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=_inspect)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from dgq import zoo
+    from dgq.recipe import load
+    from dgq.report import first_divergence, layer_errors, write_layer_report
+
+    recipe = load(args.recipe)
+    pipe = zoo.load_pipeline(args.model or recipe.meta.get("model_spec"), seed=args.seed)
+    pipe.set_progress_bar_config(disable=True)
+    recipe.check_model(pipe.unet)
+    steps = recipe.meta.get("num_inference_steps", 25)
+    errors = layer_errors(pipe, recipe, args.prompt, seed=args.image_seed, steps=steps,
+                          guidance=recipe.meta.get("guidance_scale", 7.5), size=recipe.meta.get("size"))
+    paths = write_layer_report(errors, recipe, args.out)
+    for e in sorted(errors, key=lambda e: e.sqnr_db)[: args.top]:
+        sys.stdout.write(f"{e.sqnr_db:7.2f} dB  {e.name}\n")
+    first = first_divergence(errors, args.threshold)
+    sys.stdout.write(f"first layer below {args.threshold:g} dB: {first.name if first else 'none'}\n")
+    for path in paths.values():
+        sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="per-layer error of a recipe against the float UNet, with plots",
+                       description="Run one float generation, replay its UNet calls through the simulated "
+                       "UNet, and report every quantized layer's output SQNR (layers.json, layer_sqnr.png, "
+                       "group_ranges.png).")
+    p.add_argument("recipe", type=Path, help="recipe file")
+    _add_model_arg(p)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt (default {DEFAULT_PROMPT!r})")
+    p.add_argument("--image-seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--threshold", type=float, default=20.0, help="SQNR (dB) that counts as diverged (default 20)")
+    p.add_argument("--top", type=int, default=10, help="how many worst layers to print (default 10)")
+    p.add_argument("--out", type=Path, default=Path("outputs/report"), help="output folder")
+    p.set_defaults(func=_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dgq",
@@ -229,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_calibrate(sub)
     _add_inspect(sub)
+    _add_report(sub)
     try:
         from dgq.eval import cli as eval_cli
     except ImportError:  # the evaluation extras are optional at import time
