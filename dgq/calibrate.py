@@ -319,3 +319,18 @@ def calibrate(
     recipe = build_recipe(stats, pipe.unet, config, progress)
     log.info("calibration finished in %.1f s", time.perf_counter() - t0)
     return recipe
+
+
+def with_bits(recipe: Recipe, unet: torch.nn.Module, wbits: int, abits: int, progress: bool = False) -> Recipe:
+    """``recipe`` at other bit widths without repeating the group search.
+
+    Groups and activation ranges do not depend on the bit width (min/max statistics); only the
+    weight parameters (their MSE search) do, so those are recomputed.
+    """
+    config = recipe.config.replace(wbits=wbits, abits=abits)
+    out = Recipe(config=config, model=recipe.model, slots=list(recipe.slots), acts=dict(recipe.acts),
+                 probs=dict(recipe.probs), meta=dict(recipe.meta))
+    kinds = {s.name: s.kind for s in layer_sites(unet, config)}
+    for name in tqdm(recipe.weights, desc="weights", disable=not progress):
+        out.weights[name] = weight_quant(unet.get_submodule(name).weight, kinds[name], config)
+    return out

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from dgq import zoo
-    from dgq.calibrate import build_recipe, collect_statistics
+    from dgq.calibrate import build_recipe, collect_statistics, with_bits
     from dgq.config import preset
     from dgq.eval.data import default_prompts
     from dgq.eval.yardstick import YardstickConfig, evaluate
@@ -108,15 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     ycfg = YardstickConfig(seeds=tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance,
                            fid=args.fid, judge=True, progress=False)
     rows, raw = [], {}
+    searched = {}  # method -> recipe: the group search runs once per method, bits only change weights
     for wbits, abits in bits:
         for method in args.methods:
             name, overrides = METHODS[method]
-            kw = dict(overrides, wbits=wbits, abits=abits)
-            if name == "dgq":
-                kw["groups"] = args.groups
-            config = preset(name, **kw)
             t1 = time.perf_counter()
-            recipe = build_recipe(stats, pipe.unet, config, progress=False)
+            if method not in searched:
+                kw = dict(overrides, wbits=wbits, abits=abits)
+                if name == "dgq":
+                    kw["groups"] = args.groups
+                searched[method] = build_recipe(stats, pipe.unet, preset(name, **kw), progress=False)
+            recipe = with_bits(searched[method], pipe.unet, wbits, abits)
             build_s = time.perf_counter() - t1
             result = evaluate(pipe, simulate(pipe, recipe), prompts, ycfg)
             row = _row(method, wbits, abits, result.results) | {"recipe_build_s": round(build_s, 1)}

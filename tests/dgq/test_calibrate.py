@@ -73,3 +73,14 @@ def test_bos_row_is_left_out_of_cross_attention_key_statistics(tiny_pipe, tiny_s
                 assert tiny_recipe.acts[key].group_index[s].numel() == 76
             if no_bos.acts[key].axis[s] == "pixel":
                 assert no_bos.acts[key].group_index[s].numel() == 77
+
+
+def test_with_bits_equals_a_fresh_build(tiny_pipe, tiny_stats, tiny_recipe):
+    from dgq.calibrate import build_recipe, with_bits
+
+    fresh = build_recipe(tiny_stats, tiny_pipe.unet, tiny_recipe.config.replace(wbits=4, abits=6), progress=False)
+    rebit = with_bits(tiny_recipe, tiny_pipe.unet, 4, 6)
+    assert rebit.config == fresh.config
+    assert rebit.header() == fresh.header()
+    for k, t in fresh.tensors().items():
+        assert torch.equal(t, rebit.tensors()[k]), k
