@@ -43,7 +43,7 @@ register(ZooEntry("sdxl", "SDXL base 1.0 architecture, random weights (UNet 2.6B
 register(ZooEntry("fashion", "SD architecture trained on Fashion-MNIST, 64x64, MiniLM text encoder (UNet 3.4M)", build_fashion, trained=True))
 
 # The model the README's main command uses when --model is not given.
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "fashion"
 
 
 def names() -> list[str]:
