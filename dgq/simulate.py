@@ -249,4 +249,6 @@ def simulate(pipe: DiffusionPipeline, recipe: Recipe) -> DiffusionPipeline:
     """A pipeline of the same class whose UNet is a quantized copy; ``pipe`` is left untouched."""
     unet = copy.deepcopy(pipe.unet)
     apply_recipe(unet, recipe)
-    return type(pipe)(**{**pipe.components, "unet": unet})
+    qpipe = type(pipe)(**{**pipe.components, "unet": unet})
+    qpipe.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return qpipe

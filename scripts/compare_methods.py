@@ -31,7 +31,7 @@ BITS = [(8, 8), (4, 8), (8, 6), (4, 6)]
 
 def _row(method: str, wbits: int, abits: int, res: dict) -> dict:
     noise = res.get("noise") or {}
-    same = noise.get("same_inputs") or noise
+    same = noise.get("same_inputs") or {}
     judge = res.get("judge") or {}
     return {
         "method": method,
@@ -39,11 +39,11 @@ def _row(method: str, wbits: int, abits: int, res: dict) -> dict:
         "abits": abits,
         "noise_sqnr_db": same.get("sqnr_db_pooled"),
         "noise_sqnr_db_worst_step": same.get("sqnr_db_worst_step"),
-        "trajectory_sqnr_db": (noise.get("trajectory") or {}).get("sqnr_db_pooled"),
+        "trajectory_sqnr_db": (noise.get("candidate_trajectory") or {}).get("sqnr_db_pooled"),
         "image_psnr_db": res["image"]["psnr_db"],
         "ssim": res["image"]["ssim"]["mean"],
-        "judge_accuracy": (judge.get("candidate") or {}).get("accuracy"),
-        "reference_judge_accuracy": (judge.get("reference") or {}).get("accuracy"),
+        "judge_accuracy": judge.get("candidate_accuracy"),
+        "reference_judge_accuracy": judge.get("reference_accuracy"),
         "flip_rate": judge.get("flip_rate"),
         "fid_vs_reference": (res.get("fid") or {}).get("candidate_vs_reference"),
     }
