@@ -49,3 +49,19 @@ def test_generate_is_seeded(tmp_path):
     a = np.asarray(Image.open(tmp_path / "a" / "image_000.png"))
     b = np.asarray(Image.open(tmp_path / "b" / "image_000.png"))
     assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+
+
+def test_calibrate_inspect_and_refusals(tmp_path, capsys):
+    out = tmp_path / "r.safetensors"
+    args = ["calibrate", "--model", "tiny", "--steps", "2", "--num-prompts", "2", "--groups", "4",
+            "--abits", "6", "--weight-init", "minmax", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"recipe: {out}" in printed and "W8A6, K=4" in printed
+    assert main(["inspect", str(out), "--top", "2"]) == 0
+    summary = capsys.readouterr().out
+    assert "timestep slots (2)" in summary and "largest outlier groups" in summary
+    assert main(args) == 2  # exists, no --overwrite
+    assert main([*args[:-1], str(tmp_path / "no-such-dir" / "r.safetensors")]) == 2
+    assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]
