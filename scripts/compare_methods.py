@@ -26,6 +26,17 @@ METHODS = {
     "naive per-tensor min-max": ("naive", {}),
     "TensorRT demo / ModelOpt INT8": ("trt-demo", {}),
 }
+# Ablations of DGQ (--ablations): one config field changed each.
+ABLATIONS = {
+    "DGQ, channel groups only": ("dgq", {"act_axis": "channel"}),
+    "DGQ, pixel groups only": ("dgq", {"act_axis": "pixel"}),
+    "DGQ, uniform attention probs": ("dgq", {"attn_probs": "uniform"}),
+    "DGQ, float attention probs": ("dgq", {"attn_probs": "float"}),
+    "DGQ, BOS quantized": ("dgq", {"bos_fp": False}),
+    "DGQ, static probs scale": ("dgq", {"attn_scale": "static"}),
+    "DGQ, batch-wide probs scale": ("dgq", {"attn_scale": "batch"}),
+    "DGQ, tensorrt profile (outlier group float)": ("dgq", {"profile": "tensorrt", "outlier_bits": 16}),
+}
 BITS = [(8, 8), (4, 8), (8, 6), (4, 6)]
 
 
@@ -79,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
     parser.add_argument("--bits", nargs="+", default=[f"W{w}A{a}" for w, a in BITS], help="bit widths, e.g. W8A6")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
+    parser.add_argument("--ablations", action="store_true", help="also run the DGQ ablations (one field changed each)")
     parser.add_argument("--fid", action="store_true", help="also FID against the float model's images (slow on CPU)")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="output folder")
     args = parser.parse_args(argv)
@@ -107,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = default_prompts(args.num_prompts)
     ycfg = YardstickConfig(seeds=tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance,
                            fid=args.fid, judge=True, progress=False)
+    variants = {m: METHODS[m] for m in args.methods} | (ABLATIONS if args.ablations else {})
     rows, raw = [], {}
     searched = {}  # method -> recipe: the group search runs once per method, bits only change weights
     for wbits, abits in bits:
-        for method in args.methods:
-            name, overrides = METHODS[method]
+        for method, (name, overrides) in variants.items():
             t1 = time.perf_counter()
             if method not in searched:
                 kw = dict(overrides, wbits=wbits, abits=abits)
