@@ -6,11 +6,15 @@ legacy TorchScript exporter (``dynamo=False``: measured here to export SD UNets 
 write valid graphs at opset 17, where the dynamo exporter took ~40 s and wrote an invalid one),
 checked with ``onnx.checker``, and written atomically with the folder's ``iospec.json``.
 
-``fp16=True`` casts the module's weights to float16 and traces it with float16 example inputs, so
-the graph's float inputs, outputs and weights are float16 (the timestep stays float32; the
-graph casts it where diffusers does). The trace runs the fp16 model on the CPU, which PyTorch
-supports but slowly; ONNX Runtime's CPU provider lacks float16 kernels for most of these ops, so
-fp16 graphs are for TensorRT (and GPU ONNX Runtime), and their numerical checks need a GPU.
+``fp16=True`` exports the float32 graph and then converts it to float16 with ONNX Runtime's
+float16 converter: weights, float inputs and outputs become float16, except the ``timestep`` input
+and the sinusoidal timestep (and SDXL ``time_ids``) projections, which stay float32 as they do in
+diffusers' own fp16 pipelines (sin/cos of t * freq with t near 1000 loses its phase in float16).
+Converting the graph rather than tracing a float16 module matters on CPU: the legacy tracer
+mistypes the float16 CLIP text encoder (measured: a float32 Cast before a float16 LayerNorm, which
+ONNX Runtime refuses to load). The fp16 graphs are meant for TensorRT and GPU ONNX Runtime; the
+converter leaves the ops ONNX Runtime's CPU provider cannot run in float16 in float32, so they also
+load on CPU, where the tests compare them to float32 PyTorch within a float16 tolerance.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +188,88 @@ def _check_io(model: onnx.ModelProto, spec: NetworkSpec, path: Path) -> None:
             raise ExportError(f"{path.name}: graph {kind}s (name, elem type, rank) {got} differ from the IO spec {want}")
 
 
+# Nodes of these modules (and everything upstream of them) stay float32 in fp16 graphs.
+FP32_MODULE_PREFIXES = ("/unet/time_proj/", "/unet/add_time_proj/")
+
+
+def _float32_spec(spec: NetworkSpec) -> NetworkSpec:
+    def f32(tensors):
+        return tuple(replace(t, dtype="float32") if t.dtype == "float16" else t for t in tensors)
+
+    return replace(spec, inputs=f32(spec.inputs), outputs=f32(spec.outputs))
+
+
+def _fp32_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the timestep-projection nodes and all their ancestors (the path from ``timestep``)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    keep = [n for n in model.graph.node if n.name.startswith(FP32_MODULE_PREFIXES)]
+    seen = {n.name for n in keep}
+    while keep:
+        for name in keep.pop().input:
+            parent = producer.get(name)
+            if parent is not None and parent.name not in seen:
+                seen.add(parent.name)
+                keep.append(parent)
+    return sorted(seen)
+
+
+def _to_fp16(model: onnx.ModelProto, spec: NetworkSpec) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    keep_float32 = [t.name for t in spec.inputs + spec.outputs if t.dtype == "float32"]
+    model = convert_float_to_float16(model, keep_io_types=keep_float32, node_block_list=_fp32_nodes(model))
+    _drop_fp16_round_trips(model.graph)
+    return model
+
+
+def _drop_fp16_round_trips(graph: onnx.GraphProto) -> None:
+    """Remove the converter's Cast(fp16) -> Cast(fp32) pairs, then re-sort the nodes topologically.
+
+    The converter casts every edge between two float32-blocked nodes down to float16 and back, so
+    the timestep path would still be rounded to float16 between each op. A Cast-to-float16 feeding a
+    Cast-to-float32 only appears on such float32 edges, so its consumers read the float32 source.
+    """
+    FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    producer = {o: n for n in graph.node for o in n.output}
+    rewire = {}
+    for node in graph.node:
+        parent = producer.get(node.input[0]) if node.input else None
+        if cast_to(node) == FLOAT and parent is not None and cast_to(parent) == FLOAT16:
+            rewire[node.output[0]] = parent.input[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            while name in rewire:
+                name = rewire[name]
+            node.input[i] = name
+    graph_outputs = {o.name for o in graph.output}
+    nodes = list(graph.node)
+    while True:  # drop nodes nothing reads any more (the bypassed casts)
+        used = {i for n in nodes for i in n.input} | graph_outputs
+        alive = [n for n in nodes if any(o in used for o in n.output)]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    ordered, pending = [], nodes
+    while pending:  # stable Kahn sort: keeps the exporter's order wherever it is already valid
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ExportError(f"fp16 conversion left a cycle or a dangling input at {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def export_component(
     module: nn.Module,
     spec: NetworkSpec,
@@ -191,9 +278,13 @@ def export_component(
     opset: int = DEFAULT_OPSET,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> Path:
-    """Trace ``module`` (already wrapped and in the spec's precision) to ``path`` and check it."""
-    inputs = example_inputs(spec)
-    args = tuple(inputs[n] for n in spec.input_names)
+    """Trace the float32 ``module`` (a wrapper from :data:`WRAPPERS`) to ``path`` and check it.
+
+    A spec with float16 tensors gets the float32 trace converted to float16 (module docstring).
+    """
+    trace_spec = _float32_spec(spec)
+    inputs = example_inputs(trace_spec)
+    args = tuple(inputs[n] for n in trace_spec.input_names)
     with tempfile.TemporaryDirectory(prefix=f".{spec.name}.trace.", dir=path.parent) as tmp:
         raw = Path(tmp) / "model.onnx"
         # The tracer warns at every Python branch on a shape (diffusers' size checks, CLIP's causal
@@ -214,6 +305,9 @@ def export_component(
             )
         # Loads external tensors too when the exporter spilled a >2 GB model into per-tensor files.
         model = onnx.load(str(raw))
+    _check_io(model, trace_spec, path)
+    if trace_spec != spec:
+        model = _to_fp16(model, spec)
     _check_io(model, spec, path)
     model.doc_string = f"dgq float export of {spec.name} (IO contract: iospec.json)"
     if _external_bytes(model) > external_data_threshold:
@@ -253,8 +347,8 @@ def export_float(
     ``iospec.json``. The folder appears only when every graph exported and passed the checker.
     Same pipeline and arguments give byte-identical files. Returns ``{component: path, "iospec": path}``.
 
-    The modules are exported in eval mode and left as they were; with ``fp16`` they are traced from
-    a float16 copy (see the module docstring for what that means on CPU).
+    The modules are put in eval mode and must be float32; ``fp16`` converts the exported graphs
+    (see the module docstring).
     """
     components = tuple(components)
     if not components:
@@ -268,7 +362,13 @@ def export_float(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for c in components:
             module = _module(pipe, c)
-            wrapper = WRAPPERS[c](_precision_copy(module, fp16)).eval()
+            dtypes = {p.dtype for p in module.parameters()}
+            if dtypes != {torch.float32}:
+                raise ExportError(
+                    f"{c} has {sorted(map(str, dtypes))} weights; load the pipeline in float32 "
+                    "(fp16=True converts the exported graph, which keeps the timestep path in float32)"
+                )
+            wrapper = WRAPPERS[c](module).eval()
             start = time.perf_counter()
             export_component(wrapper, specs[c], tmp / f"{c}.onnx", opset=opset, external_data_threshold=external_data_threshold)
             log.info("exported %s (opset %d, %s) in %.1f s", c, opset, specs[c].metadata["precision"], time.perf_counter() - start)
@@ -277,11 +377,3 @@ def export_float(
     written["iospec"] = out_dir / "iospec.json"
     return written
 
-
-def _precision_copy(module: nn.Module, fp16: bool) -> nn.Module:
-    """The module itself (float32), or a float16 copy so the caller's pipeline is left untouched."""
-    if not fp16:
-        return module
-    import copy
-
-    return copy.deepcopy(module).to(torch.float16)
