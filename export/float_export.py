@@ -292,6 +292,8 @@ def export_component(
         # at several batch sizes and resolutions, so the warnings carry no information here.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The legacy exporter is a deliberate choice (module docstring); its notice is not news.
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
             torch.onnx.export(
                 module,
                 args,
