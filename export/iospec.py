@@ -13,12 +13,14 @@ Contracts of the three float networks (B: batch, h/w: latent height/width, T: to
 ``unet``
     ``sample`` float (B, C_in, h, w), ``timestep`` float32 scalar (shape ``()``),
     ``encoder_hidden_states`` float (B, T, D) [, SDXL: ``text_embeds`` float (B, E),
-    ``time_ids`` float (B, 6)] -> ``noise_pred`` float (B, C_out, h, w).
+    ``time_ids`` float32 (B, 6)] -> ``noise_pred`` float (B, C_out, h, w).
     The timestep is a 0-d tensor because one UNet call is one denoising step for the whole batch
     (classifier-free guidance doubles the batch at the same t), the same way DGQ's per-step
     parameters will be chosen by a scalar step index that the Q/DQ exporter adds as an extra input
-    (:meth:`NetworkSpec.with_inputs`). It stays float32 in fp16 graphs: Euler-type schedulers pass
-    fractional timesteps that fp16 would round.
+    (:meth:`NetworkSpec.with_inputs`). It (and SDXL's ``time_ids``) stays float32 in fp16 graphs:
+    Euler-type schedulers pass fractional timesteps that fp16 would round, and the sinusoidal
+    projection of t ~ 1000 needs float32 (diffusers computes it in float32 too).
+    "float" above means float32, or float16 in an fp16 export (``metadata["precision"]``).
 ``text_encoder``
     ``input_ids`` int32 (B, T) -> ``last_hidden_state`` float (B, T, D). T is fixed at the
     tokenizer's ``model_max_length`` because the SD pipelines always pad to it. No attention mask,
@@ -359,7 +361,7 @@ def unet_spec(
         text_dim = unet_config["projection_class_embeddings_input_dim"] - n_time_ids * unet_config["addition_time_embed_dim"]
         inputs += [
             TensorSpec("text_embeds", float_t, ("batch", text_dim)),
-            TensorSpec("time_ids", float_t, ("batch", n_time_ids)),
+            TensorSpec("time_ids", "float32", ("batch", n_time_ids)),  # sizes in pixels, like timestep
         ]
     outputs = [TensorSpec("noise_pred", float_t, ("batch", unet_config["out_channels"], *hw))]
     return NetworkSpec("unet", inputs, outputs, dims, {"precision": float_t, "latent_multiple": multiple})

@@ -82,6 +82,8 @@ def test_sdxl_unet_has_added_inputs():
     assert spec.input_names[3:] == ["text_embeds", "time_ids"]
     assert spec.input("text_embeds").shape == ("batch", 1280)
     assert spec.input("time_ids").shape == ("batch", 6)
+    fp16 = unet_spec(SDXL_UNET, TOKENS, fp16=True)
+    assert [t.dtype for t in fp16.inputs] == ["float16", "float32", "float16", "float16", "float32"]
 
 
 def test_unsupported_unet_config_refused():
