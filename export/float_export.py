@@ -360,6 +360,8 @@ def export_float(
     if unknown:
         raise ExportError(f"unknown component(s) {unknown}; choose from {list(COMPONENTS)}")
     specs = pipeline_specs(pipe, components, fp16=fp16, static_size=static_size, unet_batch=unet_batch, batch=batch)
+    if fp16 and "vae_decoder" in components and pipe.vae.config.get("force_upcast"):
+        log.warning("this VAE is marked force_upcast (it overflows in float16, as SDXL's does); prefer a float32 vae_decoder")
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:

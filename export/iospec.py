@@ -40,7 +40,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +48,7 @@ SPEC_FORMAT = "dgq.iospec"
 SPEC_VERSION = 1
 
 # A shape entry: a fixed size, a dim name, or "name*k" (an output k times a named input dim).
-DimExpr = Union[int, str]
+DimExpr = int | str
 _DERIVED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\*([0-9]+)$")
 DTYPES = ("float32", "float16", "int32", "int64", "bool")
 # ONNX TensorProto element types, kept here so runtime code needs no onnx import to compare.
