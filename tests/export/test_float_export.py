@@ -21,16 +21,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    return zoo.build_pipeline("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_pipe, tmp_path_factory):
-    return export_float(tiny_pipe, tmp_path_factory.mktemp("float") / "onnx")
-
-
 def session(path, level="off"):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = OPT_LEVELS[level]
