@@ -219,7 +219,7 @@ class NetworkSpec:
                 raise FeedError(
                     f"{self.name}: input {t.name!r} has shape {shape} (rank {len(shape)}), expected rank {len(t.shape)}: {t.shape}"
                 )
-            for axis, (want, got) in enumerate(zip(t.shape, shape)):
+            for axis, (want, got) in enumerate(zip(t.shape, shape, strict=True)):
                 if isinstance(want, int):
                     if got != want:
                         raise FeedError(f"{self.name}: input {t.name!r} axis {axis} is {got}, the graph fixes it at {want}")
@@ -411,7 +411,9 @@ def vae_decoder_spec(
         {
             "precision": float_t,
             "vae_scale_factor": factor,
-            # Applied inside the graph (latent / scaling_factor + shift_factor); recorded for reference.
+            # The graph computes decode(latent / scaling_factor + shift_factor): feed the scheduler's
+            # latents as they are. The factors are recorded for reference only.
+            "latent_scaling": "in graph",
             "scaling_factor": float(vae_config["scaling_factor"]),
             "shift_factor": None if shift is None else float(shift),
             "images_range": "[-1, 1], not clamped",

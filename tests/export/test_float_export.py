@@ -105,6 +105,12 @@ def test_external_data_when_over_threshold(tiny_pipe, tmp_path):
     assert rel_err(img, torch_reference(tiny_pipe.vae, spec, inputs)) < FLOAT_ONNX_MAX_REL_ERR
 
 
+def test_external_data_export_is_deterministic(tiny_pipe, tmp_path):
+    a, b = (export_float(tiny_pipe, tmp_path / n, components=("unet",), external_data_threshold=0) for n in "ab")
+    for name in ("unet.onnx", "unet.onnx.data"):
+        assert a["unet"].with_name(name).read_bytes() == b["unet"].with_name(name).read_bytes(), name
+
+
 def test_static_size_fixes_graph_dims(tiny_pipe, tmp_path):
     out = export_float(tiny_pipe, tmp_path / "static", components=("unet",), static_size=(16, 24))
     model = onnx.load(str(out["unet"]))

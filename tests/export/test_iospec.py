@@ -66,6 +66,7 @@ def test_vae_output_shape_follows_latent():
     dims = spec.check_feed(good_feed(spec, batch=2, latent_height=8, latent_width=13))
     assert spec.output_shapes(dims) == {"images": (2, 3, 16, 26)}
     assert spec.metadata["scaling_factor"] == pytest.approx(0.18215)
+    assert spec.metadata["latent_scaling"] == "in graph"
     assert spec.metadata["vae_scale_factor"] == 2
 
 
