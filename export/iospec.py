@@ -21,6 +21,7 @@ Contracts of the three float networks (B: batch, h/w: latent height/width, T: to
     Euler-type schedulers pass fractional timesteps that fp16 would round, and the sinusoidal
     projection of t ~ 1000 needs float32 (diffusers computes it in float32 too).
     "float" above means float32, or float16 in an fp16 export (``metadata["precision"]``).
+    ``noise_pred`` is the UNet's raw output: epsilon or v, as the scheduler's ``prediction_type`` says.
 ``text_encoder``
     ``input_ids`` int32 (B, T) -> ``last_hidden_state`` float (B, T, D). T is fixed at the
     tokenizer's ``model_max_length`` because the SD pipelines always pad to it. No attention mask,
@@ -37,9 +38,11 @@ Contracts of the three float networks (B: batch, h/w: latent height/width, T: to
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -294,6 +297,16 @@ def specs_from_json(text: str) -> dict[str, NetworkSpec]:
     if doc.get("version") != SPEC_VERSION:
         raise ValueError(f"iospec version {doc.get('version')} is not supported (this code reads version {SPEC_VERSION})")
     return {n: NetworkSpec.from_dict(s) for n, s in doc["networks"].items()}
+
+
+def read_specs(path: str | os.PathLike) -> dict[str, NetworkSpec]:
+    """The specs of an export folder (its ``iospec.json``) or of an ``iospec.json`` file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "iospec.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no IO spec at {path}: an export folder holds iospec.json next to its graphs")
+    return specs_from_json(path.read_text())
 
 
 # --- constructors from diffusers configs ------------------------------------------------------------

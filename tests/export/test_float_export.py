@@ -8,7 +8,7 @@ import torch
 
 from dgq import zoo
 from export.float_export import WRAPPERS, ExportError, example_inputs, export_float
-from export.iospec import specs_from_json
+from export.iospec import read_specs, specs_from_json
 from tests.tolerances import FLOAT_ONNX_MAX_REL_ERR, FP16_ONNX_MAX_REL_ERR
 
 ATTR = {"unet": "unet", "text_encoder": "text_encoder", "vae_decoder": "vae"}
@@ -41,7 +41,8 @@ def rel_err(out, ref):
 
 def test_writes_graphs_and_iospec(exported):
     assert sorted(exported) == ["iospec", "text_encoder", "unet", "vae_decoder"]
-    specs = specs_from_json(exported["iospec"].read_text())
+    specs = read_specs(exported["iospec"].parent)
+    assert specs == specs_from_json(exported["iospec"].read_text())
     assert sorted(specs) == ["text_encoder", "unet", "vae_decoder"]
     assert sorted(p.name for p in exported["iospec"].parent.iterdir()) == [
         "iospec.json", "text_encoder.onnx", "unet.onnx", "vae_decoder.onnx"
@@ -197,6 +198,29 @@ def test_sdxl_shaped_unet(tmp_path):
     inputs["time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(3, 1)
     (got,) = session(out["unet"], "on").run(None, {k: v.numpy() for k, v in inputs.items()})
     assert rel_err(got, torch_reference(unet, spec, inputs)) < FLOAT_ONNX_MAX_REL_ERR
+
+
+@pytest.mark.parametrize(
+    "variant, opset",
+    [({}, 21), ({"use_linear_projection": True, "upcast_attention": True, "attention_head_dim": (2, 4, 4)}, 17)],
+    ids=["sd15-opset21", "sd21-shaped"],
+)
+def test_unet_variants(variant, opset, tmp_path):
+    """Opset 21, and SD 2.x's linear projections and float32-upcast attention."""
+    from diffusers import UNet2DConditionModel
+
+    from dgq.zoo.builders import TINY_UNET
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**TINY_UNET, **variant}).eval()
+    pipe = types.SimpleNamespace(unet=unet, tokenizer=types.SimpleNamespace(model_max_length=77))
+    out = export_float(pipe, tmp_path / "unet", opset=opset, components=("unet",))
+    assert onnx.load(str(out["unet"])).opset_import[0].version == opset
+    spec = specs_from_json(out["iospec"].read_text())["unet"]
+    for level in OPT_LEVELS:
+        inputs = example_inputs(spec, batch=3, latent_height=12)
+        (got,) = session(out["unet"], level).run(None, {k: v.numpy() for k, v in inputs.items()})
+        assert rel_err(got, torch_reference(unet, spec, inputs)) < FLOAT_ONNX_MAX_REL_ERR, level
 
 
 def test_fashion_bert_text_encoder_without_attention_mask(tmp_path):
