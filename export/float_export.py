@@ -215,10 +215,13 @@ def _fp32_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def _to_fp16(model: onnx.ModelProto, spec: NetworkSpec) -> onnx.ModelProto:
+    """Float16 copy of a shape-inferred float32 graph; IO stays float32 where ``spec`` says so."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     keep_float32 = [t.name for t in spec.inputs + spec.outputs if t.dtype == "float32"]
-    model = convert_float_to_float16(model, keep_io_types=keep_float32, node_block_list=_fp32_nodes(model))
+    model = convert_float_to_float16(
+        model, keep_io_types=keep_float32, node_block_list=_fp32_nodes(model), disable_shape_infer=True
+    )
     _drop_fp16_round_trips(model.graph)
     return model
 
@@ -306,6 +309,12 @@ def export_component(
                 do_constant_folding=True,
                 dynamo=False,
             )
+        if trace_spec != spec:
+            # The fp16 converter needs every intermediate tensor's type. In-memory shape inference
+            # cannot serialize a >2 GB model (SD UNets); the file-based one can.
+            inferred = Path(tmp) / "inferred.onnx"
+            onnx.shape_inference.infer_shapes_path(str(raw), str(inferred))
+            raw = inferred
         # Loads external tensors too when the exporter spilled a >2 GB model into per-tensor files.
         model = onnx.load(str(raw))
     _check_io(model, trace_spec, path)
