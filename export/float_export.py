@@ -133,25 +133,26 @@ def pipeline_specs(
     *,
     fp16: bool = False,
     static_size: int | Sequence[int] | None = None,
-    unet_batch: tuple[int, int, int] = (1, 2, 8),
     batch: tuple[int, int, int] = (1, 1, 4),
 ) -> dict[str, NetworkSpec]:
     """The IO specs of ``components`` of a diffusers SD pipeline, read from its configs.
 
     ``static_size`` is a latent (h, w) (or one int) that pins the UNet's and VAE decoder's spatial
-    dims; ``unet_batch`` is the UNet's batch profile (already doubled for classifier-free
-    guidance), ``batch`` the text encoder's and VAE decoder's (images per call).
+    dims. ``batch`` is the (min, opt, max) number of images per call: the VAE decoder's batch.
+    The UNet and the text encoder see negative and positive prompts together under
+    classifier-free guidance, so their profile is (min, 2 * opt, 2 * max).
     """
     components = tuple(components)
+    cond_batch = (batch[0], 2 * batch[1], 2 * batch[2])
     _check_supported(pipe, components)
     specs = {}
     for c in components:
         module = _module(pipe, c)
         try:
             if c == "unet":
-                specs[c] = unet_spec(module.config, _max_tokens(pipe), batch=unet_batch, static_size=static_size, fp16=fp16)
+                specs[c] = unet_spec(module.config, _max_tokens(pipe), batch=cond_batch, static_size=static_size, fp16=fp16)
             elif c == "text_encoder":
-                specs[c] = text_encoder_spec(module.config.to_dict(), _max_tokens(pipe), batch=batch, fp16=fp16)
+                specs[c] = text_encoder_spec(module.config.to_dict(), _max_tokens(pipe), batch=cond_batch, fp16=fp16)
             else:
                 specs[c] = vae_decoder_spec(module.config, batch=batch, static_size=static_size, fp16=fp16)
         except (KeyError, ValueError) as err:
@@ -347,7 +348,6 @@ def export_float(
     components: Iterable[str] = COMPONENTS,
     *,
     static_size: int | Sequence[int] | None = None,
-    unet_batch: tuple[int, int, int] = (1, 2, 8),
     batch: tuple[int, int, int] = (1, 1, 4),
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     overwrite: bool = False,
@@ -359,6 +359,11 @@ def export_float(
     ``iospec.json``. The folder appears only when every graph exported and passed the checker.
     Same pipeline and arguments give byte-identical files. Returns ``{component: path, "iospec": path}``.
 
+    ``opset``: ONNX opset of the legacy exporter (17 and 21 tested). ``components``: any of
+    ``unet``, ``text_encoder``, ``vae_decoder``. ``static_size`` / ``batch``: the shape profiles
+    (see :func:`pipeline_specs`). ``external_data_threshold``: weight bytes past which a graph
+    keeps its tensors in ``<name>.onnx.data``. ``overwrite``: replace an existing ``out_dir``.
+
     The modules are put in eval mode and must be float32; ``fp16`` converts the exported graphs
     (see the module docstring).
     """
@@ -368,7 +373,7 @@ def export_float(
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise ExportError(f"unknown component(s) {unknown}; choose from {list(COMPONENTS)}")
-    specs = pipeline_specs(pipe, components, fp16=fp16, static_size=static_size, unet_batch=unet_batch, batch=batch)
+    specs = pipeline_specs(pipe, components, fp16=fp16, static_size=static_size, batch=batch)
     if fp16 and "vae_decoder" in components and pipe.vae.config.get("force_upcast"):
         log.warning("this VAE is marked force_upcast (it overflows in float16, as SDXL's does); prefer a float32 vae_decoder")
     out_dir = Path(out_dir)

@@ -384,10 +384,13 @@ def text_encoder_spec(
     text_config: Mapping[str, Any],
     max_tokens: int,
     *,
-    batch: tuple[int, int, int] = (1, 1, 4),
+    batch: tuple[int, int, int] = (1, 2, 8),
     fp16: bool = False,
 ) -> NetworkSpec:
-    """The text encoder's contract (CLIPTextModel or BERT config: ``hidden_size``, position limit)."""
+    """The text encoder's contract (CLIPTextModel or BERT config: ``hidden_size``, position limit).
+
+    ``batch`` counts prompts per call, negative prompts included (as the UNet's batch does).
+    """
     limit = text_config.get("max_position_embeddings")
     if limit is not None and max_tokens > limit:
         raise ValueError(f"max_tokens={max_tokens} exceeds the text encoder's max_position_embeddings={limit}")
