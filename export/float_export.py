@@ -115,7 +115,10 @@ def _max_tokens(pipe: Any) -> int:
     tokenizer = getattr(pipe, "tokenizer", None)
     if tokenizer is None:
         raise ExportError(f"{type(pipe).__name__} has no tokenizer; the token count of the text inputs comes from it")
-    return int(tokenizer.model_max_length)
+    tokens = int(tokenizer.model_max_length)
+    if tokens > 4096:  # transformers' VERY_LARGE_INTEGER: the tokenizer was saved without a limit
+        raise ExportError(f"the tokenizer's model_max_length is {tokens}, i.e. unset; the pipeline pads prompts to it, so set it")
+    return tokens
 
 
 def _check_supported(pipe: Any, components: Sequence[str]) -> None:

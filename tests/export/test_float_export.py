@@ -161,6 +161,12 @@ def test_missing_component_is_refused_without_output(tmp_path):
         export_float(pipe, tmp_path / "out", components=("vae",))
 
 
+def test_tokenizer_without_length_refused(tiny_pipe, tmp_path):
+    pipe = types.SimpleNamespace(unet=tiny_pipe.unet, tokenizer=types.SimpleNamespace(model_max_length=int(1e30)))
+    with pytest.raises(ExportError, match="model_max_length .* unset"):
+        export_float(pipe, tmp_path / "out", components=("unet",))
+
+
 def test_existing_folder_needs_overwrite(tiny_pipe, exported):
     with pytest.raises(FileExistsError, match="overwrite"):
         export_float(tiny_pipe, exported["iospec"].parent, components=("vae_decoder",))
