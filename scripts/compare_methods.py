@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
     parser.add_argument("--bits", nargs="+", default=[f"W{w}A{a}" for w, a in BITS], help="bit widths, e.g. W8A6")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
-    parser.add_argument("--ablations", action="store_true", help="also run the DGQ ablations (one field changed each)")
+    parser.add_argument("--ablations", nargs="*", default=None, choices=list(ABLATIONS), metavar="NAME",
+                        help="also run DGQ ablations (one field changed each): the names given, or all of them "
+                        f"when none is given; names: {list(ABLATIONS)}")
     parser.add_argument("--fid", action="store_true", help="also FID against the float model's images (slow on CPU)")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="output folder")
     args = parser.parse_args(argv)
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = default_prompts(args.num_prompts)
     ycfg = YardstickConfig(seeds=tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance,
                            fid=args.fid, judge=True, progress=False)
-    variants = {m: METHODS[m] for m in args.methods} | (ABLATIONS if args.ablations else {})
+    chosen = [] if args.ablations is None else (args.ablations or list(ABLATIONS))
+    variants = {m: METHODS[m] for m in args.methods} | {a: ABLATIONS[a] for a in chosen}
     rows, raw = [], {}
     searched = {}  # method -> recipe: the group search runs once per method, bits only change weights
     for wbits, abits in bits:
