@@ -60,10 +60,6 @@ def attention_sites(unet: torch.nn.Module, config: QuantConfig) -> list[Attentio
     ]
 
 
-def get_module(root: torch.nn.Module, name: str) -> torch.nn.Module:
-    return root.get_submodule(name)
-
-
 def set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     """Replace the child at dotted ``name`` (the sanctioned module-swap seam)."""
     parent_name, _, child = name.rpartition(".")
