@@ -20,6 +20,7 @@ there to float32 PyTorch within a float16 tolerance.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -33,7 +34,9 @@ import onnx
 import torch
 from torch import nn
 
+from dgq.fingerprint import model_identity
 from dgq.fsutil import atomic_dir
+from export.manifest import MANIFEST, write_manifest
 from export.iospec import ONNX_ELEM_TYPE, NetworkSpec, specs_to_json, text_encoder_spec, unet_spec, vae_decoder_spec
 
 log = logging.getLogger(__name__)
@@ -354,6 +357,7 @@ def export_float(
     batch: tuple[int, int, int] = (1, 1, 4),
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     overwrite: bool = False,
+    assets: bool = True,
 ) -> dict[str, Path]:
     """Export float ONNX graphs of a diffusers SD pipeline into ``out_dir``.
 
@@ -366,6 +370,8 @@ def export_float(
     ``unet``, ``text_encoder``, ``vae_decoder``. ``static_size`` / ``batch``: the shape profiles
     (see :func:`pipeline_specs`). ``external_data_threshold``: weight bytes past which a graph
     keeps its tensors in ``<name>.onnx.data``. ``overwrite``: replace an existing ``out_dir``.
+    ``assets``: also write ``tokenizer/``, ``scheduler/`` and ``manifest.json`` (target ``float``),
+    which make the folder self-contained for a runtime (see :mod:`export.manifest`).
 
     The modules are put in eval mode and must be float32; ``fp16`` converts the exported graphs
     (see the module docstring).
@@ -396,6 +402,34 @@ def export_float(
             log.info("exported %s (opset %d, %s) in %.1f s", c, opset, specs[c].metadata["precision"], time.perf_counter() - start)
             written[c] = out_dir / f"{c}.onnx"
         (tmp / "iospec.json").write_text(specs_to_json(specs))
+        if assets:
+            write_assets(pipe, tmp)
+            write_manifest(tmp, {"target": "float", "components": list(components), "versions": versions(),
+                                 "model": model_identity(pipe.unet) if "unet" in components else None})
     written["iospec"] = out_dir / "iospec.json"
+    if assets:
+        written["manifest"] = out_dir / MANIFEST
     return written
+
+
+def write_assets(pipe: Any, folder: Path) -> None:
+    """Save the pipeline's tokenizer and scheduler beside the graphs (what a runtime needs besides them)."""
+    if getattr(pipe, "tokenizer", None) is not None:
+        pipe.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        # A fast tokenizer saves the padding/truncation state of its last call; drop it so the
+        # same pipeline always writes the same bytes (transformers sets both per call anyway).
+        fast = folder / "tokenizer" / "tokenizer.json"
+        if fast.is_file():
+            state = json.loads(fast.read_text(encoding="utf-8"))
+            state["padding"] = state["truncation"] = None
+            fast.write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
+    pipe.scheduler.save_pretrained(str(folder / "scheduler"))
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__}
 

@@ -40,12 +40,12 @@ def rel_err(out, ref):
 
 
 def test_writes_graphs_and_iospec(exported):
-    assert sorted(exported) == ["iospec", "text_encoder", "unet", "vae_decoder"]
+    assert sorted(exported) == ["iospec", "manifest", "text_encoder", "unet", "vae_decoder"]
     specs = read_specs(exported["iospec"].parent)
     assert specs == specs_from_json(exported["iospec"].read_text())
     assert sorted(specs) == ["text_encoder", "unet", "vae_decoder"]
     assert sorted(p.name for p in exported["iospec"].parent.iterdir()) == [
-        "iospec.json", "text_encoder.onnx", "unet.onnx", "vae_decoder.onnx"
+        "iospec.json", "manifest.json", "scheduler", "text_encoder.onnx", "tokenizer", "unet.onnx", "vae_decoder.onnx"
     ]
 
 
@@ -91,8 +91,8 @@ def test_wrappers_compute_what_the_pipeline_computes(tiny_pipe):
 
 def test_export_is_deterministic(tiny_pipe, exported, tmp_path):
     again = export_float(tiny_pipe, tmp_path / "again")
-    for name in ("unet", "text_encoder", "vae_decoder", "iospec"):
-        assert again[name].read_bytes() == exported[name].read_bytes(), name
+    for name in ("unet", "text_encoder", "vae_decoder", "iospec", "manifest"):
+        assert again[name].read_text(errors="replace").splitlines() == exported[name].read_text(errors="replace").splitlines(), name
 
 
 def test_external_data_when_over_threshold(tiny_pipe, tmp_path):
@@ -197,7 +197,7 @@ def test_sdxl_shaped_unet(tmp_path):
     cfg = dict(TINY_UNET, addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
     unet = UNet2DConditionModel(**cfg).eval()
     pipe = types.SimpleNamespace(unet=unet, tokenizer=types.SimpleNamespace(model_max_length=77))
-    out = export_float(pipe, tmp_path / "sdxl", components=("unet",))
+    out = export_float(pipe, tmp_path / "sdxl", components=("unet",), assets=False)
     spec = specs_from_json(out["iospec"].read_text())["unet"]
     assert spec.input_names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     inputs = example_inputs(spec, batch=3)
@@ -244,3 +244,29 @@ def test_fashion_bert_text_encoder_without_attention_mask(tmp_path):
     with torch.no_grad():
         ref, _ = pipe.encode_prompt(prompts, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False)
     assert rel_err(got, ref.numpy()) < FLOAT_ONNX_MAX_REL_ERR
+
+
+def test_manifest_binds_the_folder(exported, tmp_path):
+    import shutil
+
+    from export.manifest import ManifestError, read_manifest, step_index
+
+    folder = exported["manifest"].parent
+    manifest = read_manifest(folder, verify=True)
+    assert manifest["target"] == "float" and manifest["slots"] is None
+    assert {"unet.onnx", "iospec.json", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"} <= set(manifest["files"])
+    assert step_index(manifest, 999) is None
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    with open(copy / "unet.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match="unet.onnx does not match"):
+        read_manifest(copy, verify=True)
+    (copy / "unet.onnx").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        read_manifest(copy, verify=True)
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(tmp_path / "nope")
+    with pytest.raises(ManifestError, match="step slots"):
+        step_index({"slots": [999.0, 500.0]}, 17)
+    assert step_index({"slots": [999.0, 500.0]}, 500) == 1
