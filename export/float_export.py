@@ -413,8 +413,9 @@ def export_float(
 
 
 def write_assets(pipe: Any, folder: Path) -> None:
-    """Save the pipeline's tokenizer and scheduler beside the graphs (what a runtime needs besides them)."""
-    if getattr(pipe, "tokenizer", None) is not None:
+    """Save the pipeline's tokenizer and scheduler beside the graphs (what a runtime needs besides them);
+    a pipeline-like object without them (a bare UNet export) gets neither."""
+    if hasattr(getattr(pipe, "tokenizer", None), "save_pretrained"):
         pipe.tokenizer.save_pretrained(str(folder / "tokenizer"))
         # A fast tokenizer saves the padding/truncation state of its last call; drop it so the
         # same pipeline always writes the same bytes (transformers sets both per call anyway).
@@ -423,7 +424,8 @@ def write_assets(pipe: Any, folder: Path) -> None:
             state = json.loads(fast.read_text(encoding="utf-8"))
             state["padding"] = state["truncation"] = None
             fast.write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
-    pipe.scheduler.save_pretrained(str(folder / "scheduler"))
+    if hasattr(getattr(pipe, "scheduler", None), "save_pretrained"):
+        pipe.scheduler.save_pretrained(str(folder / "scheduler"))
 
 
 def versions() -> dict[str, str]:
