@@ -1,0 +1,430 @@
+"""Build TensorRT engines from an export folder: ``<component>.engine`` + ``.engine.json`` + ``.engine.report.json``.
+
+One code path for both TensorRT Python modules: ``tensorrt`` (desktop, data centre, Jetson's JetPack
+build) when it imports, else ``tensorrt_rtx`` (TensorRT-RTX, which compiles ahead of time without a
+GPU). Every network is built strongly typed (precisions come from the graph's casts and Q/DQ, as DGQ's
+export decides them) with one optimization profile taken from the export's IO spec.
+
+Features the installed TensorRT may lack are applied where its API has them, and the metadata says
+what was applied: TensorRT-RTX 1.7, for one, accepts a timing cache but documents it as a no-op.
+
+Engines are tied to the TensorRT flavour and version and to the GPU; :func:`check_engine_compatible`
+refuses a mismatch before a runtime tries to deserialize. FP8 Q/DQ is refused for GPUs below compute
+capability 8.9 (Jetson Orin is 8.7: INT8 and FP16 only).
+
+Imports: numpy-free stdlib, ``export.iospec``, ``export.manifest`` and TensorRT (lazily).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import importlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from export.iospec import read_specs
+from export.manifest import read_manifest
+
+from runtime.engine_report import format_table, inspect_engine, network_report, uses_fp8
+
+log = logging.getLogger(__name__)
+
+ENGINE_FORMAT = "dgq-engine"
+ENGINE_VERSION = 1
+MODULES = ("tensorrt", "tensorrt_rtx")
+FP8_MIN_SM = (8, 9)  # Ada / Hopper; Jetson Orin (8.7) and Ampere have no FP8 tensor cores
+
+
+class EngineBuildError(ValueError):
+    """An export folder, graph or setting that cannot become an engine (the message says why)."""
+
+
+class EngineCompatibilityError(ValueError):
+    """An engine built by another TensorRT flavour/version or for another GPU."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What the builder is asked for. ``target_sm`` ("8.7") names the GPU an AOT build targets when
+    none is visible (FP8 refusal, TensorRT-RTX compute-capability target); a visible GPU wins."""
+
+    workspace_gib: float | None = 4.0
+    timing_cache: str | None = None
+    refit: bool = False
+    weight_streaming: bool = False
+    optimization_level: int | None = None
+    target_sm: str | None = None
+
+    def __post_init__(self):
+        if self.workspace_gib is not None and self.workspace_gib <= 0:
+            raise EngineBuildError(f"workspace_gib must be positive, got {self.workspace_gib}")
+        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
+            raise EngineBuildError(f"optimization_level must be in 0..5, got {self.optimization_level}")
+        if self.target_sm is not None:
+            _parse_sm(self.target_sm)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    component: str
+    engine: Path
+    metadata: Path
+    report: Path
+    engine_bytes: int
+    build_seconds: float
+
+
+# ---- environment: which TensorRT, which GPU -------------------------------------------------------
+
+
+def load_tensorrt(prefer: Sequence[str] = MODULES):
+    """The first importable TensorRT module among ``prefer``; raises EngineBuildError when none is."""
+    for name in prefer:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise EngineBuildError(
+        f"no TensorRT Python module: install tensorrt (desktop; on Jetson it comes with JetPack) or tensorrt-rtx; tried {list(prefer)}"
+    )
+
+
+def tensorrt_identity(trt) -> dict[str, str]:
+    module = trt.__name__
+    return {"module": module, "flavour": "tensorrt-rtx" if module == "tensorrt_rtx" else "tensorrt", "version": trt.__version__}
+
+
+def _parse_sm(text: str) -> tuple[int, int]:
+    try:
+        major, minor = (int(p) for p in str(text).split("."))
+    except ValueError as err:
+        raise EngineBuildError(f"compute capability {text!r} must look like '8.7'") from err
+    return major, minor
+
+
+def gpu_info() -> dict[str, Any]:
+    """The first CUDA device's name and compute capability through the driver API, or ``visible: False``.
+
+    ctypes on ``libcuda`` rather than torch or cuda-python: it is there wherever a GPU is (Jetson
+    included) and costs no dependency.
+    """
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+            break
+        except OSError:
+            continue
+    else:
+        return {"visible": False, "reason": "no CUDA driver library"}
+    count, dev = ctypes.c_int(), ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        return {"visible": False, "reason": "CUDA driver found but no usable device"}
+    cuda.cuDeviceGet(ctypes.byref(dev), 0)
+    name = ctypes.create_string_buffer(256)
+    cuda.cuDeviceGetName(name, 256, dev)
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
+    return {"visible": True, "name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
+
+
+def current_environment(trt=None) -> dict[str, Any]:
+    """``{"tensorrt": {...}, "gpu": {...}}`` of this process, as :func:`check_engine_compatible` compares them."""
+    trt = trt or load_tensorrt()
+    return {"tensorrt": tensorrt_identity(trt), "gpu": gpu_info()}
+
+
+def check_engine_compatible(engine_meta: Mapping[str, Any], environment: Mapping[str, Any] | None = None) -> None:
+    """Refuse, with a message saying what differs, an engine this process cannot load.
+
+    The TensorRT flavour and version must match exactly (plans are not portable across versions). When
+    a GPU is visible its compute capability must be the one the engine was built on, or one of a
+    TensorRT-RTX AOT build's targets, and its name must match an engine built on a GPU.
+    """
+    if engine_meta.get("format") != ENGINE_FORMAT:
+        raise EngineCompatibilityError(f"not a {ENGINE_FORMAT} metadata document (format={engine_meta.get('format')!r})")
+    env = environment or current_environment()
+    what = f"engine {engine_meta.get('component', '?')!r}"
+    built, here = engine_meta["tensorrt"], env["tensorrt"]
+    if built["flavour"] != here["flavour"]:
+        raise EngineCompatibilityError(f"{what} was built by {built['flavour']} but this process runs {here['flavour']}; rebuild it here")
+    if built["version"] != here["version"]:
+        raise EngineCompatibilityError(
+            f"{what} was built by {built['flavour']} {built['version']} but this process runs {here['version']}; "
+            "TensorRT plans only load in the version that built them: rebuild it (scripts/build_engine.py)"
+        )
+    gpu, now = engine_meta["gpu"], env["gpu"]
+    if not now.get("visible"):
+        return  # nothing to compare; deserialization will need a GPU anyway
+    if gpu.get("visible"):
+        if gpu["compute_capability"] != now["compute_capability"] or gpu["name"] != now["name"]:
+            raise EngineCompatibilityError(
+                f"{what} was built for {gpu['name']} (SM {gpu['compute_capability']}) but this GPU is "
+                f"{now['name']} (SM {now['compute_capability']}); engines are tied to the GPU model: rebuild it on this device"
+            )
+    elif gpu.get("target_sm") and now["compute_capability"] not in gpu["target_sm"]:
+        raise EngineCompatibilityError(
+            f"{what} was built ahead of time for SM {', '.join(gpu['target_sm'])} but this GPU is "
+            f"{now['name']} (SM {now['compute_capability']}); rebuild it for this GPU"
+        )
+
+
+def read_engine_meta(engine_path: str | os.PathLike) -> dict[str, Any]:
+    """The ``<component>.engine.json`` beside an engine."""
+    path = Path(f"{engine_path}.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{engine_path} has no metadata file {path.name}; rebuild it with scripts/build_engine.py")
+    return json.loads(path.read_text())
+
+
+# ---- building ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _logger(trt):
+    """TensorRT keeps one logger per process (a second one is ignored with a warning), so one per module."""
+
+    class _Logger(trt.ILogger):
+        levels = {trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL, trt.ILogger.Severity.ERROR: logging.ERROR,
+                  trt.ILogger.Severity.WARNING: logging.WARNING, trt.ILogger.Severity.INFO: logging.DEBUG,
+                  trt.ILogger.Severity.VERBOSE: logging.DEBUG}
+
+        def log(self, severity, msg):
+            log.log(self.levels.get(severity, logging.INFO), "[TensorRT] %s", msg)
+
+    return _Logger()
+
+
+def _parse(trt, builder, onnx_path: Path):
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, _logger(trt))
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = []
+        for i in range(parser.num_errors):
+            e = parser.get_error(i)
+            node = e.node_name() if hasattr(e, "node_name") else f"#{e.node()}"
+            op = e.node_operator() if hasattr(e, "node_operator") else "?"
+            errors.append(f"node {node!r} ({op}): {e.desc()}")
+        raise EngineBuildError(f"{onnx_path.name}: TensorRT's ONNX parser rejected the graph: " + "; ".join(errors or ["(no message)"]))
+    return network, parser
+
+
+def _try(applied: dict, key: str, fn: Callable[[], Any], value: Any = True) -> None:
+    """Apply one optional builder feature; record the value, a deprecation/no-op note, or why it failed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn()
+        except (AttributeError, TypeError, RuntimeError) as err:
+            applied[key] = {"applied": False, "reason": str(err) or type(err).__name__}
+            return
+    notes = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    applied[key] = {"applied": not any("no-op" in n for n in notes), "value": value, **({"note": notes[0]} if notes else {})}
+
+
+def _configure(trt, builder, spec, settings: BuildSettings, gpu: Mapping[str, Any]) -> tuple[Any, dict, Any]:
+    config = builder.create_builder_config()
+    applied: dict[str, Any] = {"strongly_typed": True}
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in spec.shape_profile().items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    applied["profile"] = {k: [list(s) for s in v] for k, v in spec.shape_profile().items()}
+    if settings.workspace_gib is not None:
+        _try(applied, "workspace_gib", lambda: config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30))), settings.workspace_gib)
+    if settings.optimization_level is not None:
+        _try(applied, "optimization_level", lambda: setattr(config, "builder_optimization_level", settings.optimization_level), settings.optimization_level)
+    _try(applied, "profiling_verbosity", lambda: setattr(config, "profiling_verbosity", trt.ProfilingVerbosity.DETAILED), "DETAILED")
+    for wanted, flag in ((settings.refit, "REFIT"), (settings.weight_streaming, "WEIGHT_STREAMING")):
+        if not wanted:
+            continue
+        if not hasattr(trt.BuilderFlag, flag):
+            raise EngineBuildError(f"{flag.lower()} was asked for but {trt.__name__} {trt.__version__} has no BuilderFlag.{flag}")
+        _try(applied, flag.lower(), lambda f=flag: config.set_flag(getattr(trt.BuilderFlag, f)))
+    if not gpu.get("visible") and settings.target_sm and hasattr(trt, "ComputeCapability"):
+        member = "SM" + settings.target_sm.replace(".", "")
+        if not hasattr(trt.ComputeCapability, member):
+            supported = [m for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
+            raise EngineBuildError(f"{trt.__name__} {trt.__version__} cannot target SM {settings.target_sm}; it targets {supported}")
+        config.num_compute_capabilities = 1
+        _try(applied, "target_sm", lambda: config.set_compute_capability(getattr(trt.ComputeCapability, member), 0), settings.target_sm)
+    cache = None
+    if settings.timing_cache is not None:
+        path = Path(settings.timing_cache)
+        blob = path.read_bytes() if path.is_file() else b""
+
+        def load():
+            nonlocal cache
+            cache = config.create_timing_cache(blob)
+            if not config.set_timing_cache(cache, False):
+                raise RuntimeError(f"{path} does not match this TensorRT/GPU")
+
+        _try(applied, "timing_cache", load, {"path": str(path), "loaded_bytes": len(blob)})
+        if not applied["timing_cache"]["applied"]:
+            cache = None
+    return config, applied, cache
+
+
+def _target_sm(settings: BuildSettings, gpu: Mapping[str, Any]) -> str | None:
+    return gpu["compute_capability"] if gpu.get("visible") else settings.target_sm
+
+
+def _refuse_fp8(component: str, report: Mapping[str, Any], target: str | None) -> None:
+    if not uses_fp8(report):
+        return
+    if target is None:
+        log.warning("%s has FP8 Q/DQ and no target GPU is known (no GPU visible, no target_sm); it runs only on SM >= 8.9", component)
+        return
+    if _parse_sm(target) < FP8_MIN_SM:
+        orin = " (Jetson Orin)" if target == "8.7" else ""
+        raise EngineBuildError(
+            f"{component}.onnx has FP8 Q/DQ ({report['qdq_dtypes']['FP8']} Q/DQ layers) but the target GPU is SM {target}{orin}: "
+            f"FP8 needs compute capability >= {FP8_MIN_SM[0]}.{FP8_MIN_SM[1]} (Ada/Hopper). Export INT8/INT4 for this GPU instead"
+        )
+
+
+@contextlib.contextmanager
+def _temp_beside(path: Path):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _write_all_or_nothing(files: Mapping[Path, bytes]) -> None:
+    """Write every file to a temp sibling, fsync, then rename all into place: no partial files on failure."""
+    with contextlib.ExitStack() as stack:
+        temps = {}
+        for path, data in files.items():
+            tmp = stack.enter_context(_temp_beside(path))
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; engines are shared build outputs
+            temps[path] = tmp
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+
+
+def _json_bytes(doc: Any) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def build_component(trt, export_dir: Path, component: str, out_dir: Path, spec, manifest: Mapping[str, Any],
+                    settings: BuildSettings, gpu: Mapping[str, Any]) -> BuildResult:
+    """Parse, check, build and write one engine with its metadata and report."""
+    onnx_path = export_dir / f"{component}.onnx"
+    engine_path = out_dir / f"{component}.engine"
+    builder = trt.Builder(_logger(trt))
+    network, _parser = _parse(trt, builder, onnx_path)
+    graph_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    if graph_inputs != spec.input_names:
+        raise EngineBuildError(f"{onnx_path.name} inputs {graph_inputs} differ from its IO spec {spec.input_names}; re-export")
+    report = {"network": network_report(network)}
+    _refuse_fp8(component, report["network"], _target_sm(settings, gpu))
+    config, applied, cache = _configure(trt, builder, spec, settings, gpu)
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if plan is None:
+        raise EngineBuildError(f"{component}: TensorRT could not build the engine (its errors are logged above)")
+    plan_bytes = bytes(plan)
+    if gpu.get("visible"):
+        try:
+            report["engine"] = inspect_engine(trt, plan, _logger(trt))
+        except (RuntimeError, AttributeError) as err:
+            report["engine"] = {"source": "unavailable", "reason": str(err)}
+    else:
+        report["engine"] = {"source": "unavailable", "reason": (
+            f"no CUDA GPU visible: the engine inspector needs a deserialized engine and {trt.__name__} deserializes only on a GPU; "
+            "the layer precisions above come from the parsed network")}
+    if num := getattr(config, "num_compute_capabilities", 0):
+        targets = [str(config.get_compute_capability(i)).rsplit(".", 1)[-1] for i in range(num)]
+    else:
+        targets = []
+    gpu_meta = dict(gpu) if gpu.get("visible") else {
+        "visible": False, "note": "AOT, no GPU",
+        "target_sm": [f"{t[2]}.{t[3:]}" for t in targets if t.startswith("SM")] or None,
+    }
+    recipe = manifest.get("recipe") or {}
+    meta = {
+        "format": ENGINE_FORMAT, "version": ENGINE_VERSION, "component": component,
+        "engine_file": engine_path.name, "engine_bytes": len(plan_bytes), "engine_sha256": hashlib.sha256(plan_bytes).hexdigest(),
+        "tensorrt": tensorrt_identity(trt), "gpu": gpu_meta, "host": platform.machine(),
+        "export": {"dir": str(export_dir.resolve()), "target": manifest.get("target"), "recipe_sha256": recipe.get("sha256"),
+                   "onnx_sha256": manifest["files"][onnx_path.name]["sha256"]},
+        "iospec": spec.to_dict(), "settings": asdict(settings), "applied": applied,
+        "build_seconds": round(seconds, 3), "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "report_file": f"{engine_path.name}.report.json",
+    }
+    report.update(component=component, engine_bytes=len(plan_bytes), build_seconds=round(seconds, 3))
+    files = {engine_path: plan_bytes, Path(f"{engine_path}.json"): _json_bytes(meta), Path(f"{engine_path}.report.json"): _json_bytes(report)}
+    if cache is not None:
+        files[Path(settings.timing_cache)] = bytes(config.get_timing_cache().serialize())
+    _write_all_or_nothing(files)
+    log.info("%s: %.1f MB engine in %.1f s; %s", component, len(plan_bytes) / 1e6, seconds, report["network"]["summary"])
+    return BuildResult(component, engine_path, Path(f"{engine_path}.json"), Path(f"{engine_path}.report.json"), len(plan_bytes), seconds)
+
+
+def build_engines(
+    export_dir: str | os.PathLike,
+    components: Sequence[str] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    workspace_gib: float | None = 4.0,
+    timing_cache: str | os.PathLike | None = None,
+    refit: bool = False,
+    weight_streaming: bool = False,
+    overwrite: bool = False,
+    optimization_level: int | None = None,
+    target_sm: str | None = None,
+    progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+) -> dict[str, BuildResult]:
+    """Build ``<component>.engine`` for each component of a verified export folder.
+
+    ``components`` defaults to the manifest's; ``out_dir`` to the export folder. The export's hashes
+    are checked first (an edited graph is refused). ``progress`` wraps the component iterable (tqdm).
+    Raises EngineBuildError (a ValueError; ManifestError too) or FileExistsError without ``overwrite``.
+    """
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir, verify=True)
+    specs = read_specs(export_dir)
+    components = list(components or manifest["components"])
+    unknown = [c for c in components if c not in manifest["components"] or c not in specs]
+    if unknown:
+        raise EngineBuildError(f"{export_dir} has no component(s) {unknown}; it exports {manifest['components']}")
+    settings = BuildSettings(workspace_gib, None if timing_cache is None else str(timing_cache), refit, weight_streaming,
+                             optimization_level, target_sm)
+    out = Path(out_dir) if out_dir is not None else export_dir
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [str(out / f"{c}.engine") for c in components if (out / f"{c}.engine").exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s) (pass overwrite to rebuild)")
+    trt = load_tensorrt()
+    gpu = gpu_info()
+    log.info("building %s with %s %s on %s", components, trt.__name__, trt.__version__, gpu.get("name", "no GPU (AOT)"))
+    results = {}
+    for component in (progress or iter)(components):
+        results[component] = build_component(trt, export_dir, component, out, specs[component], manifest, settings, gpu)
+    return results
+
+
+def report_table(results: Mapping[str, BuildResult]) -> str:
+    """The short table of :func:`runtime.engine_report.format_table` for built engines."""
+    return format_table({c: json.loads(r.report.read_text()) for c, r in results.items()})
