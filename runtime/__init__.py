@@ -3,5 +3,10 @@ engine builder, and the sampler loop.
 
 Imports only onnx/onnxruntime/tensorrt, numpy/torch tensors, a diffusers scheduler and ``export.iospec``
 (never ``dgq`` internals or diffusers models), so it runs on a Jetson without the calibration stack.
-Nothing is implemented here yet.
+
+- :mod:`runtime.runners`: ``Runner`` (activate / infer / deactivate, a context manager) with the
+  backends ``OnnxRuntimeRunner``, ``TorchRunner`` and ``TensorRTRunner`` (tensorrt or tensorrt_rtx,
+  imported only on activation).
+- :mod:`runtime.pipeline`: ``Text2ImagePipeline`` (tokenizer -> text encoder -> scheduler loop -> VAE
+  decoder, per-stage timings) and ``Text2ImagePipeline.from_export(folder, backend=...)``.
 """

@@ -1,0 +1,382 @@
+"""Text-to-image sampling over three runners: tokenizer -> text encoder -> denoise loop -> VAE decoder.
+
+The loop is diffusers' ``StableDiffusionPipeline.__call__`` with the networks swapped for runners:
+prompts padded to the tokenizer's ``model_max_length`` (longer ones truncated, with a warning that
+says how many tokens were dropped), classifier-free guidance as one batch ``[uncond, cond]`` when
+``guidance > 1``, latents ``randn * scheduler.init_noise_sigma`` drawn on CPU by
+``torch.Generator().manual_seed(seed)`` exactly as diffusers' ``randn_tensor`` draws them for a CPU
+generator, ``scale_model_input``, guidance, ``scheduler.step``. The same seed, prompt and settings
+therefore give the PyTorch pipeline's image up to the backends' numerics (tests/runtime measures it).
+
+Quantized exports whose manifest has timestep ``slots`` get one more UNet input, ``step_index``
+(int64 scalar), the slot of the call's timestep (:func:`export.manifest.step_index`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.iospec import FeedError, NetworkSpec, read_specs
+from export.manifest import ManifestError, read_manifest, step_index
+from runtime.runners import (
+    BackendUnavailable,
+    OnnxRuntimeRunner,
+    Runner,
+    TensorRTRunner,
+    default_ort_providers,
+    tensorrt_available,
+    tensorrt_module_name,
+    to_torch,
+)
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+STEP_INDEX = "step_index"
+
+
+@dataclass
+class StageTimings:
+    """Wall-clock seconds per stage of one call (device work included: runners return synchronized)."""
+
+    text_encoder_s: float = 0.0
+    unet_step_s: list[float] = field(default_factory=list)
+    vae_decoder_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def unet_median_s(self) -> float:
+        return statistics.median(self.unet_step_s) if self.unet_step_s else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text_encoder_s": self.text_encoder_s, "unet_step_s": list(self.unet_step_s),
+                "unet_median_s": self.unet_median_s, "unet_total_s": sum(self.unet_step_s),
+                "vae_decoder_s": self.vae_decoder_s, "total_s": self.total_s}
+
+    def summary(self) -> str:
+        return (f"text encoder {self.text_encoder_s * 1e3:.1f} ms, UNet {self.unet_median_s * 1e3:.1f} ms/step "
+                f"(median of {len(self.unet_step_s)}), VAE decoder {self.vae_decoder_s * 1e3:.1f} ms, "
+                f"total {self.total_s:.2f} s")
+
+
+@dataclass
+class Text2ImageOutput:
+    """``images``: uint8 (N, H, W, 3), as diffusers' ``output_type="pil"`` rounds them; ``timings``; ``backend``."""
+
+    images: np.ndarray
+    timings: StageTimings
+    backend: str
+
+    def pil(self) -> list[Any]:
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in self.images]
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+class Text2ImagePipeline:
+    """Stable Diffusion sampling with runners for the text encoder, UNet and VAE decoder.
+
+    ``tokenizer``: a transformers tokenizer (the export's ``tokenizer/``); ``scheduler``: a diffusers
+    scheduler (``scheduler/``); ``manifest``: the export's manifest (its ``slots`` decide whether
+    the UNet takes ``step_index``). ``backend`` is a label reported with the timings.
+    """
+
+    def __init__(self, text_encoder: Runner, unet: Runner, vae_decoder: Runner, tokenizer: Any, scheduler: Any,
+                 manifest: Mapping[str, Any] | None = None, backend: str | None = None):
+        self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.manifest = dict(manifest) if manifest is not None else None
+        self.backend = backend or type(unet).__name__
+        self._check_contracts()
+
+    # --- construction ----------------------------------------------------------------------------
+    def _check_contracts(self) -> None:
+        te, unet, vae = self.text_encoder.spec, self.unet.spec, self.vae_decoder.spec
+        self.max_tokens = int(te.inputs[0].shape[1])
+        if int(self.tokenizer.model_max_length) != self.max_tokens:
+            raise ValueError(f"the tokenizer pads to {self.tokenizer.model_max_length} tokens but the text encoder "
+                             f"takes {self.max_tokens}; use the tokenizer saved with the export")
+        self.sample_name = unet.input_names[0]
+        names = unet.input_names
+        if names[:3] != ["sample", "timestep", "encoder_hidden_states"] or set(names[3:]) - {STEP_INDEX}:
+            raise ValueError(f"UNet inputs {names} are not sample, timestep, encoder_hidden_states[, step_index] "
+                             "(SDXL UNets need text_embeds/time_ids, which this pipeline does not compute)")
+        slots = (self.manifest or {}).get("slots")
+        takes_step = STEP_INDEX in names
+        if takes_step and slots is None:
+            raise ValueError("the UNet takes step_index but no manifest with timestep slots was given")
+        if slots is not None and not takes_step:
+            raise ValueError(f"the manifest has {len(slots)} timestep slots but the UNet graph has no step_index input")
+        self.takes_step_index = takes_step
+        self.vae_scale_factor = int(vae.metadata.get("vae_scale_factor", 8))
+
+    @classmethod
+    def from_export(cls, folder: str | os.PathLike, backend: str = "auto", *, providers: list[str] | None = None,
+                    optimization: str = "all", threads: int | None = None, cuda_graph: bool = False,
+                    verify: bool = True) -> Text2ImagePipeline:
+        """Build a pipeline from an export folder (graphs, ``iospec.json``, ``tokenizer/``, ``scheduler/``,
+        ``manifest.json``; TensorRT engines as ``<component>.engine`` beside the graphs).
+
+        ``backend``: ``"tensorrt"`` (every engine present, CUDA and a TensorRT module importable),
+        ``"onnxruntime"`` (``providers``, default CUDA EP when available else CPU; ``optimization``
+        ``"all"``/``"off"``; ``threads``), or ``"auto"``: TensorRT when it could run, else ONNX Runtime.
+        The choice is logged and kept in ``.backend``. ``verify`` checks every file's hash against the
+        manifest (raises :class:`~export.manifest.ManifestError` for an edited folder).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        folder = Path(folder)
+        manifest = read_manifest(folder, verify=verify)
+        missing = [c for c in COMPONENTS if c not in manifest.get("components", [])]
+        if missing:
+            raise ManifestError(f"{folder} has no {missing} (its manifest lists {manifest.get('components')}); "
+                                "text-to-image needs all three networks")
+        specs = read_specs(folder)
+        tokenizer, scheduler = load_assets(folder)
+        engines = {c: folder / f"{c}.engine" for c in COMPONENTS}
+        chosen, reason = _choose_backend(backend, engines)
+        if chosen == "tensorrt":
+            runners = {c: TensorRTRunner(engines[c], specs[c], cuda_graph=cuda_graph and c == "unet") for c in COMPONENTS}
+            label = f"tensorrt ({tensorrt_module_name()})"
+        else:
+            runners = {c: OnnxRuntimeRunner(folder / f"{c}.onnx", specs[c], providers=providers,
+                                            optimization=optimization, threads=threads) for c in COMPONENTS}
+            label = f"onnxruntime ({(providers or default_ort_providers())[0]}, optimization {optimization})"
+        log.info("backend: %s (%s)", label, reason)
+        pipe = cls(runners["text_encoder"], runners["unet"], runners["vae_decoder"], tokenizer, scheduler,
+                   manifest=manifest, backend=label)
+        pipe.backend_reason = reason
+        return pipe
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    @property
+    def runners(self) -> tuple[Runner, Runner, Runner]:
+        return self.text_encoder, self.unet, self.vae_decoder
+
+    def activate(self) -> Text2ImagePipeline:
+        for r in self.runners:
+            r.activate()
+        return self
+
+    def deactivate(self) -> None:
+        for r in self.runners:
+            r.deactivate()
+
+    def __enter__(self) -> Text2ImagePipeline:
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    # --- stages ----------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """int32 ids (N, max_tokens), padded to the tokenizer's ``model_max_length``; longer prompts
+        are truncated (keeping the end token, as diffusers does) with a warning per prompt."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_tokens, truncation=True,
+                             return_tensors="np").input_ids
+        full = self.tokenizer(list(prompts), padding=False, truncation=False).input_ids
+        for prompt, tokens in zip(prompts, full, strict=True):
+            if len(tokens) > self.max_tokens:
+                dropped = len(tokens) - self.max_tokens
+                removed = self.tokenizer.decode(tokens[self.max_tokens - 1 : -1])
+                log.warning("prompt truncated: %d token(s) dropped (the text encoder takes %d): %r; dropped text: %r",
+                            dropped, self.max_tokens, prompt[:60], removed)
+        return ids.astype(np.int32)
+
+    def _cast(self, runner: Runner, name: str, value: torch.Tensor) -> torch.Tensor:
+        return value.to(getattr(torch, runner.spec.input(name).dtype))
+
+    def _check_shapes(self, images: int, cfg: bool, latent_hw: tuple[int, int], channels: int) -> None:
+        """Refuse a request outside any network's profile before spending time on it."""
+        batch = images * (2 if cfg else 1)
+        feeds = {
+            self.text_encoder: {self.text_encoder.spec.input_names[0]: _Shape((batch, self.max_tokens), "int32")},
+            self.unet: {t.name: _Shape(self._unet_shape(t, batch, latent_hw, channels), t.dtype) for t in self.unet.spec.inputs},
+            self.vae_decoder: {self.vae_decoder.spec.input_names[0]: _Shape((images, channels, *latent_hw),
+                                                                            self.vae_decoder.spec.inputs[0].dtype)},
+        }
+        for runner, feed in feeds.items():
+            runner.spec.check_feed(feed)
+
+    def _unet_shape(self, t: Any, batch: int, latent_hw: tuple[int, int], channels: int) -> tuple[int, ...]:
+        if t.name == "sample":
+            return (batch, channels, *latent_hw)
+        if t.name == "encoder_hidden_states":
+            return (batch, self.max_tokens, int(t.shape[2]))
+        return ()
+
+    def latent_size(self, size: int | tuple[int, int] | None) -> tuple[int, int]:
+        """Latent (h, w) for an image size in pixels (default: the UNet profile's opt size)."""
+        shape = self.unet.spec.input("sample").shape
+        if size is None:
+            return tuple(d if isinstance(d, int) else self.unet.spec.dims[d].opt for d in shape[2:])
+        h, w = (size, size) if isinstance(size, int) else size
+        f = self.vae_scale_factor
+        if h % f or w % f:
+            raise ValueError(f"image size {(h, w)} must be a multiple of the VAE scale factor {f}")
+        return h // f, w // f
+
+    # --- sampling --------------------------------------------------------------------------------
+    def __call__(self, prompts: str | Sequence[str], seed: int | Sequence[int] = 0, steps: int = 25,
+                 guidance: float = 7.5, negative_prompt: str | Sequence[str] = "",
+                 size: int | tuple[int, int] | None = None) -> Text2ImageOutput:
+        """Generate one image per prompt.
+
+        ``seed``: one int seeds one CPU generator for the whole batch (diffusers with one
+        ``generator``); a list gives each image its own generator (diffusers with a list of
+        generators; the image then does not depend on the rest of the batch). ``size``: pixels
+        (int or (h, w)). Returns uint8 images (N, H, W, 3) and per-stage timings.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        n = len(prompts)
+        negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != n:
+            raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
+        if isinstance(seed, (int, np.integer)):
+            generator: Any = torch.Generator().manual_seed(int(seed))
+        else:
+            if len(seed) != n:
+                raise ValueError(f"{len(seed)} seeds for {n} prompts; give one seed or one per prompt")
+            generator = [torch.Generator().manual_seed(int(s)) for s in seed]
+        cfg = guidance > 1.0
+        latent_hw = self.latent_size(size)
+        channels = int(self.unet.spec.input("sample").shape[1])
+        self._check_shapes(n, cfg, latent_hw, channels)
+        self.activate()
+        timings = StageTimings()
+        start = time.perf_counter()
+
+        # Text encoder: [uncond, cond] in one batch, as diffusers concatenates them.
+        ids = self.tokenize(negatives + prompts if cfg else prompts)
+        t0 = time.perf_counter()
+        out = self.text_encoder.infer({self.text_encoder.spec.input_names[0]: ids})
+        timings.text_encoder_s = time.perf_counter() - t0
+        embeds = to_torch(out[self.text_encoder.spec.output_names[0]])
+
+        device = torch.device(self.unet.device)
+        scheduler = self.scheduler
+        scheduler.set_timesteps(steps)
+        latents = _randn((n, channels, *latent_hw), generator).to(device) * scheduler.init_noise_sigma
+        step_kwargs = {}
+        if _accepts(scheduler.step, "eta"):
+            step_kwargs["eta"] = 0.0
+        if _accepts(scheduler.step, "generator"):
+            step_kwargs["generator"] = generator
+        embeds = self._cast(self.unet, "encoder_hidden_states", embeds.to(device))
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            feed = {"sample": self._cast(self.unet, "sample", model_input),
+                    "timestep": torch.tensor(float(t), dtype=torch.float32),
+                    "encoder_hidden_states": embeds}
+            if self.takes_step_index:
+                feed[STEP_INDEX] = torch.tensor(step_index(self.manifest, float(t)), dtype=torch.int64)
+            t0 = time.perf_counter()
+            noise_pred = to_torch(self.unet.infer(feed)[self.unet.spec.output_names[0]])
+            timings.unet_step_s.append(time.perf_counter() - t0)
+            noise_pred = noise_pred.to(device, torch.float32)
+            if cfg:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+        vae_in = self.vae_decoder.spec.input_names[0]
+        t0 = time.perf_counter()
+        out = self.vae_decoder.infer({vae_in: self._cast(self.vae_decoder, vae_in, latents)})
+        timings.vae_decoder_s = time.perf_counter() - t0
+        images = to_torch(out[self.vae_decoder.spec.output_names[0]]).float().cpu()
+        timings.total_s = time.perf_counter() - start
+        return Text2ImageOutput(to_uint8(images), timings, self.backend)
+
+    @property
+    def max_images_per_call(self) -> int:
+        """The largest batch every profile allows with classifier-free guidance on."""
+        def most(spec: NetworkSpec) -> int:
+            return spec.dims["batch"].max if "batch" in spec.dims else 1
+        return max(1, min(most(self.text_encoder.spec) // 2, most(self.unet.spec) // 2, most(self.vae_decoder.spec)))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Stands in for an array in ``NetworkSpec.check_feed`` (it reads only ``shape`` and ``dtype``)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """diffusers' ``randn_tensor`` for CPU generators: one draw of ``shape``, or one (1, ...) draw per generator."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    return torch.randn(shape, generator=generator)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output (N, 3, H, W) in about [-1, 1] -> uint8 (N, H, W, 3), rounded as diffusers' image processor does."""
+    pixels = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return (pixels * 255).round().astype(np.uint8)
+
+
+def load_assets(folder: str | os.PathLike) -> tuple[Any, Any]:
+    """The export's tokenizer (transformers ``AutoTokenizer``) and scheduler (its diffusers class)."""
+    folder = Path(folder)
+    import diffusers
+    from transformers import AutoTokenizer
+
+    for sub in ("tokenizer", "scheduler"):
+        if not (folder / sub).is_dir():
+            raise ManifestError(f"{folder} has no {sub}/ (exported without assets?); re-export with assets")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    class_name = json.loads(config_path.read_text()).get("_class_name")
+    scheduler_cls = getattr(diffusers, str(class_name), None)
+    if scheduler_cls is None or not issubclass(scheduler_cls, diffusers.SchedulerMixin):
+        raise ManifestError(f"{config_path}: {class_name!r} is not a diffusers scheduler in diffusers {diffusers.__version__}")
+    return tokenizer, scheduler_cls.from_pretrained(str(folder / "scheduler"))
+
+
+def _choose_backend(backend: str, engines: Mapping[str, Path]) -> tuple[str, str]:
+    """(``"tensorrt"`` | ``"onnxruntime"``, why)."""
+    present = [c for c, p in engines.items() if p.is_file()]
+    missing = [p.name for c, p in engines.items() if c not in present]
+    if backend == "tensorrt":
+        if missing:
+            raise FileNotFoundError(f"--backend tensorrt: no engine file(s) {missing} in {next(iter(engines.values())).parent} "
+                                    "(build them first)")
+        if tensorrt_module_name() is None:
+            raise BackendUnavailable("backend tensorrt: neither tensorrt nor tensorrt_rtx is installed")
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("backend tensorrt: TensorRT engines need a CUDA GPU, and torch sees none")
+        return "tensorrt", "requested"
+    if backend == "onnxruntime":
+        return "onnxruntime", "requested"
+    if missing:
+        return "onnxruntime", ("no TensorRT engines" if not present else f"engines incomplete, missing {missing}")
+    if not tensorrt_available():
+        return "onnxruntime", "engines present but no CUDA GPU or TensorRT module here"
+    return "tensorrt", "engines present and CUDA + TensorRT available"
+
+
+__all__ = ["BackendUnavailable", "FeedError", "StageTimings", "Text2ImageOutput", "Text2ImagePipeline", "load_assets",
+           "to_uint8"]
