@@ -66,25 +66,47 @@ def _add_zoo(sub) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from dgq import zoo
-    from dgq.generate import generate, save_images
+    from dgq.generate import generate, generate_from_export, save_images, save_timings
 
-    pipe = zoo.load_pipeline(args.model, seed=args.seed)
-    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
     seeds = list(range(args.image_seed, args.image_seed + args.num_images))
-    images = generate(pipe, [args.prompt] * len(seeds), seeds, args.steps, args.guidance, args.size)
+    if args.onnx is not None:
+        if args.model is not None:
+            raise ValueError("--model and --onnx both name what to run; give one")
+        images, timings = generate_from_export(args.onnx, [args.prompt] * len(seeds), seeds, args.steps, args.guidance,
+                                               args.size, backend=args.backend)
+        sys.stdout.write(f"backend: {timings['backend']}\n")
+        for i, call in enumerate(timings["calls"]):
+            sys.stdout.write(f"call {i} ({call['images']} image(s)): text encoder {call['text_encoder_s'] * 1e3:.1f} ms, "
+                             f"UNet {call['unet_median_s'] * 1e3:.1f} ms/step median over {len(call['unet_step_s'])} steps, "
+                             f"VAE decoder {call['vae_decoder_s'] * 1e3:.1f} ms, total {call['total_s']:.2f} s\n")
+    else:
+        if args.backend != "auto":
+            raise ValueError("--backend applies to --onnx export folders; the PyTorch pipeline has no backend choice")
+        from dgq import zoo
+
+        pipe = zoo.load_pipeline(args.model, seed=args.seed)
+        pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
+        images, timings = generate(pipe, [args.prompt] * len(seeds), seeds, args.steps, args.guidance, args.size), None
     for path in save_images(images, args.out):
         sys.stdout.write(f"{path}\n")
+    if timings is not None:
+        sys.stdout.write(f"{save_timings(timings, args.out)}\n")
     return 0
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
-        help="generate images with the float PyTorch pipeline",
-        description="Generate PNG images from a prompt with a diffusers pipeline on CPU or GPU.",
+        help="generate images with the float PyTorch pipeline or an ONNX/TensorRT export",
+        description="Generate PNG images from a prompt with a diffusers pipeline on CPU or GPU, or (--onnx) "
+        "with an export folder through ONNX Runtime or TensorRT engines (timings.json is written next to the PNGs).",
     )
     _add_model_arg(p)
+    p.add_argument("--onnx", type=Path, default=None, metavar="DIR",
+                   help="export folder (export_onnx output) to run instead of a PyTorch pipeline")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
+                   help="with --onnx: TensorRT engines (<component>.engine in DIR), ONNX Runtime, or auto: "
+                   "TensorRT when engines, CUDA and TensorRT are all there, else ONNX Runtime (default auto)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
     p.add_argument("--image-seed", type=int, default=0, help="noise seed of the first image (default 0)")
@@ -184,7 +206,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--groups", type=int, help="K, groups per activation (default 16; 1 = layer-wise)")
     p.add_argument("--profile", choices=PROFILES, help="faithful (paper semantics) or tensorrt (default faithful)")
     p.add_argument("--act-axis", choices=ACT_AXES, help="grouping axis rule (default auto = spread rule)")
-    p.add_argument("--attn-probs", choices=ATTN_PROBS, help="attention-probability quantizer (default log2)")
+    p.add_argument("--attn-probs", choices=ATTN_PROBS, help="attention-probability quantizer (default uniform; log2 is the paper's, preset dgq-paper)")
     p.add_argument("--attn-scale", choices=ATTN_SCALES, help="probability scale: per prompt, per batch, static")
     p.add_argument("--no-bos-fp", action="store_true", help="quantize the BOS column/key row too (ablation)")
     p.add_argument("--weight-init", choices=WEIGHT_INITS, help="weight range search (default mse)")
@@ -253,6 +275,15 @@ def _add_report(sub) -> None:
     p.set_defaults(func=_report)
 
 
+def _add_build(sub) -> None:
+    from runtime.build_cli import DESCRIPTION, add_arguments, run
+
+    p = sub.add_parser("build", help="build TensorRT engines from an export folder", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dgq",
@@ -267,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_inspect(sub)
     _add_report(sub)
+    _add_build(sub)
     try:
         from dgq.eval import cli as eval_cli
     except ImportError:  # the evaluation extras are optional at import time

@@ -130,13 +130,16 @@ class Text2ImagePipeline:
     @classmethod
     def from_export(cls, folder: str | os.PathLike, backend: str = "auto", *, providers: list[str] | None = None,
                     optimization: str = "all", threads: int | None = None, cuda_graph: bool = False,
-                    verify: bool = True) -> Text2ImagePipeline:
+                    verify: bool = True, engine_dir: str | os.PathLike | None = None) -> Text2ImagePipeline:
         """Build a pipeline from an export folder (graphs, ``iospec.json``, ``tokenizer/``, ``scheduler/``,
         ``manifest.json``; TensorRT engines as ``<component>.engine`` beside the graphs).
 
         ``backend``: ``"tensorrt"`` (every engine present, CUDA and a TensorRT module importable),
         ``"onnxruntime"`` (``providers``, default CUDA EP when available else CPU; ``optimization``
         ``"all"``/``"off"``; ``threads``), or ``"auto"``: TensorRT when it could run, else ONNX Runtime.
+        ``engine_dir``: where the engines are (default ``folder``); an engine's ``.engine.json`` (written
+        by :mod:`runtime.build`) must name this export's graph and this process's TensorRT and GPU.
+        ``cuda_graph``: replay the UNet engine through a CUDA graph while shapes stay the same.
         The choice is logged and kept in ``.backend``. ``verify`` checks every file's hash against the
         manifest (raises :class:`~export.manifest.ManifestError` for an edited folder).
         """
@@ -150,11 +153,14 @@ class Text2ImagePipeline:
                                 "text-to-image needs all three networks")
         specs = read_specs(folder)
         tokenizer, scheduler = load_assets(folder)
-        engines = {c: folder / f"{c}.engine" for c in COMPONENTS}
+        engine_dir = Path(engine_dir) if engine_dir is not None else folder
+        engines = {c: engine_dir / f"{c}.engine" for c in COMPONENTS}
         chosen, reason = _choose_backend(backend, engines)
         if chosen == "tensorrt":
-            runners = {c: TensorRTRunner(engines[c], specs[c], cuda_graph=cuda_graph and c == "unet") for c in COMPONENTS}
-            label = f"tensorrt ({tensorrt_module_name()})"
+            modules = {c: _check_engine(engines[c], manifest, folder) for c in COMPONENTS}
+            runners = {c: TensorRTRunner(engines[c], specs[c], cuda_graph=cuda_graph and c == "unet", module=modules[c])
+                       for c in COMPONENTS}
+            label = f"tensorrt ({modules['unet'] or tensorrt_module_name()})"
         else:
             runners = {c: OnnxRuntimeRunner(folder / f"{c}.onnx", specs[c], providers=providers,
                                             optimization=optimization, threads=threads) for c in COMPONENTS}
@@ -354,6 +360,28 @@ def load_assets(folder: str | os.PathLike) -> tuple[Any, Any]:
     if scheduler_cls is None or not issubclass(scheduler_cls, diffusers.SchedulerMixin):
         raise ManifestError(f"{config_path}: {class_name!r} is not a diffusers scheduler in diffusers {diffusers.__version__}")
     return tokenizer, scheduler_cls.from_pretrained(str(folder / "scheduler"))
+
+
+def _check_engine(engine: Path, manifest: Mapping[str, Any], folder: Path) -> str | None:
+    """Refuse an engine built from another graph or for another TensorRT/GPU; returns its TensorRT module.
+
+    Engines without the builder's ``.engine.json`` are accepted with a warning (nothing to compare).
+    """
+    from runtime.build import check_engine_compatible, current_environment, load_tensorrt
+
+    meta_path = Path(f"{engine}.json")
+    if not meta_path.is_file():
+        log.warning("%s has no %s; cannot check it was built from this export (build with scripts/build_engine.py)",
+                    engine.name, meta_path.name)
+        return None
+    meta = json.loads(meta_path.read_text())
+    onnx_name = f"{meta.get('component', engine.stem)}.onnx"
+    want = manifest["files"].get(onnx_name, {}).get("sha256")
+    if meta.get("export", {}).get("onnx_sha256") != want:
+        raise ManifestError(f"{engine} was built from another {onnx_name} than the one in {folder}; rebuild the engines")
+    module = meta.get("tensorrt", {}).get("module")
+    check_engine_compatible(meta, current_environment(load_tensorrt([module] if module else ("tensorrt", "tensorrt_rtx"))))
+    return module
 
 
 def _choose_backend(backend: str, engines: Mapping[str, Path]) -> tuple[str, str]:

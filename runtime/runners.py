@@ -269,6 +269,9 @@ def _trt_to_torch(trt_dtype: Any) -> torch.dtype:
 class TensorRTRunner(Runner):
     """A serialized TensorRT (or TensorRT-RTX) engine, run on a torch CUDA stream.
 
+    ``module``: ``"tensorrt"`` or ``"tensorrt_rtx"`` (default: the first installed); an engine only
+    loads in the flavour and version that built it (``runtime.build`` records both).
+
     IO buffers are torch CUDA tensors: inputs are copied to the device (and cast to the engine's
     dtypes only when the spec already agreed), outputs are allocated from the spec's shapes and
     returned as CUDA tensors. ``cuda_graph=True`` captures one CUDA graph per input-shape signature
@@ -279,11 +282,14 @@ class TensorRTRunner(Runner):
     """
 
     def __init__(self, engine_path: str | os.PathLike, spec: NetworkSpec, cuda_graph: bool = False,
-                 device: int = 0, name: str | None = None):
+                 device: int = 0, module: str | None = None, name: str | None = None):
         super().__init__(spec, name or f"tensorrt({spec.name})")
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
             raise FileNotFoundError(f"{self.name}: no TensorRT engine at {self.engine_path} (build it first)")
+        if module is not None and module not in TENSORRT_MODULES:
+            raise ValueError(f"module must be one of {TENSORRT_MODULES}, got {module!r}")
+        self.module = module
         self.cuda_graph = cuda_graph
         self.device = f"cuda:{device}"
         self.trt = None
@@ -293,9 +299,9 @@ class TensorRTRunner(Runner):
         self._graph = None  # (shape signature, CUDAGraph, input buffers, output buffers)
 
     def _activate(self) -> None:
-        module = tensorrt_module_name()
-        if module is None:
-            raise BackendUnavailable(f"{self.name}: neither of {TENSORRT_MODULES} is installed")
+        module = self.module or tensorrt_module_name()
+        if module is None or importlib.util.find_spec(module) is None:
+            raise BackendUnavailable(f"{self.name}: {module or ' nor '.join(TENSORRT_MODULES)} is not installed")
         if not torch.cuda.is_available():
             raise BackendUnavailable(f"{self.name}: TensorRT engines need a CUDA GPU, and torch sees none "
                                      "(use the onnxruntime backend on this machine)")
