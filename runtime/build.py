@@ -37,7 +37,6 @@ from typing import Any
 
 from export.iospec import read_specs
 from export.manifest import read_manifest
-
 from runtime.engine_report import format_table, inspect_engine, network_report, uses_fp8
 
 log = logging.getLogger(__name__)
@@ -197,13 +196,13 @@ def read_engine_meta(engine_path: str | os.PathLike) -> dict[str, Any]:
 def _logger(trt):
     """TensorRT keeps one logger per process (a second one is ignored with a warning), so one per module."""
 
-    class _Logger(trt.ILogger):
-        levels = {trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL, trt.ILogger.Severity.ERROR: logging.ERROR,
-                  trt.ILogger.Severity.WARNING: logging.WARNING, trt.ILogger.Severity.INFO: logging.DEBUG,
-                  trt.ILogger.Severity.VERBOSE: logging.DEBUG}
+    sev = trt.ILogger.Severity
+    levels = {sev.INTERNAL_ERROR: logging.CRITICAL, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING,
+              sev.INFO: logging.DEBUG, sev.VERBOSE: logging.DEBUG}
 
+    class _Logger(trt.ILogger):
         def log(self, severity, msg):
-            log.log(self.levels.get(severity, logging.INFO), "[TensorRT] %s", msg)
+            log.log(levels.get(severity, logging.INFO), "[TensorRT] %s", msg)
 
     return _Logger()
 
@@ -308,7 +307,11 @@ def _temp_beside(path: Path):
 
 
 def _write_all_or_nothing(files: Mapping[Path, bytes]) -> None:
-    """Write every file to a temp sibling, fsync, then rename all into place: no partial files on failure."""
+    """Write every file to a temp sibling, fsync, then rename all into place (the first one last).
+
+    On any failure the temps and the files already renamed are removed: a reader finds a complete
+    engine with its metadata, or none, never an engine next to another build's metadata.
+    """
     with contextlib.ExitStack() as stack:
         temps = {}
         for path, data in files.items():
@@ -319,8 +322,16 @@ def _write_all_or_nothing(files: Mapping[Path, bytes]) -> None:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; engines are shared build outputs
             temps[path] = tmp
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
+        done = []
+        try:
+            for path, tmp in reversed(temps.items()):
+                os.replace(tmp, path)
+                done.append(path)
+        except BaseException:
+            for path in done:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise
 
 
 def _json_bytes(doc: Any) -> bytes:

@@ -1,0 +1,267 @@
+"""runtime.build: engines from export folders (TensorRT-RTX builds them AOT on a CPU-only machine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from export.manifest import ManifestError
+from runtime import build
+from runtime.build import (
+    EngineBuildError,
+    EngineCompatibilityError,
+    build_engines,
+    check_engine_compatible,
+)
+from tests.runtime import qdq_graphs
+
+HAS_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
+trt_only = pytest.mark.trt
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    from dgq import zoo
+    from export.float_export import export_float
+
+    out = tmp_path_factory.mktemp("tiny") / "export"
+    export_float(zoo.build_pipeline("tiny", seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tiny_export, tmp_path_factory):
+    if not HAS_TRT:
+        pytest.skip("needs the tensorrt or tensorrt_rtx module")
+    out = tmp_path_factory.mktemp("engines")
+    return out, build_engines(tiny_export, out_dir=out, workspace_gib=1, timing_cache=out / "timing.cache")
+
+
+# ---- float graphs of the tiny model ------------------------------------------------------------
+
+
+@trt_only
+@pytest.mark.slow
+def test_tiny_float_graphs_build_with_metadata_and_report(tiny_engines, tiny_export):
+    out, results = tiny_engines
+    assert sorted(results) == ["text_encoder", "unet", "vae_decoder"]
+    for comp, res in results.items():
+        assert res.engine == out / f"{comp}.engine" and res.engine.stat().st_size == res.engine_bytes > 0
+        meta = json.loads(res.metadata.read_text())
+        assert meta["format"] == "dgq-engine" and meta["component"] == comp
+        assert meta["tensorrt"]["flavour"] in ("tensorrt", "tensorrt-rtx") and meta["tensorrt"]["version"]
+        assert meta["export"]["target"] == "float" and meta["export"]["recipe_sha256"] is None
+        assert meta["iospec"]["name"] == comp and meta["settings"]["workspace_gib"] == 1
+        assert meta["applied"]["strongly_typed"] is True
+        assert "applied" in meta["applied"]["timing_cache"]  # recorded either way (a no-op on TensorRT-RTX)
+        if not meta["gpu"]["visible"]:
+            assert meta["gpu"]["note"] == "AOT, no GPU"
+        report = json.loads(res.report.read_text())
+        net = report["network"]
+        assert net["quantized"]["total"] == 0 and net["quantized"]["float"] > 0
+        assert net["summary"].endswith(f"{net['quantized']['float']} float")
+        assert report["engine"]["source"] in ("engine inspector", "unavailable")
+    assert not [n for n in _files(out) if n.endswith(".tmp")]
+    table = build.report_table(results)
+    assert table.splitlines()[0].startswith("component") and len(table.splitlines()) == 4
+
+
+@trt_only
+@pytest.mark.slow
+def test_built_engine_metadata_is_compatible_here(tiny_engines):
+    _, results = tiny_engines
+    meta = build.read_engine_meta(results["unet"].engine)
+    check_engine_compatible(meta)  # same process, same TensorRT: accepted
+    assert meta["engine_sha256"] and meta["build_seconds"] > 0
+
+
+@trt_only
+@pytest.mark.slow
+def test_existing_engine_is_not_overwritten_without_overwrite(tiny_engines, tiny_export):
+    out, results = tiny_engines
+    before = results["vae_decoder"].engine.read_bytes()
+    with pytest.raises(FileExistsError, match="vae_decoder.engine"):
+        build_engines(tiny_export, components=["vae_decoder"], out_dir=out)
+    assert results["vae_decoder"].engine.read_bytes() == before
+
+
+# ---- synthetic Q/DQ graphs ------------------------------------------------------------------------
+
+
+@trt_only
+def test_int8_qdq_graph_builds_and_report_lists_quantized_layers(tmp_path):
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    res = build_engines(folder)["unet"]
+    report = json.loads(res.report.read_text())["network"]
+    assert {layer["name"]: layer["scheme"] for layer in report["layers"]} == {"conv": "INT8", "fc": "INT8"}
+    assert report["quantized"] == {"total": 2, "float": 0, "by_scheme": {"INT8": 2}}
+    assert report["summary"] == "2 of 2 Conv/MatMul layers quantized (INT8: 2), 0 float"
+    assert report["qdq_dtypes"] == {"INT8": 8}
+    conv = next(layer for layer in report["layers"] if layer["name"] == "conv")
+    assert [i["dequantized_from"] for i in conv["inputs"]] == ["INT8", "INT8"]
+    meta = json.loads(res.metadata.read_text())
+    assert meta["export"] == {**meta["export"], "target": "tensorrt", "recipe_sha256": qdq_graphs.FAKE_RECIPE_SHA256}
+
+
+@trt_only
+@pytest.mark.parametrize("block", [64, 128])
+def test_int4_blockwise_weight_graph_builds_and_report_says_int4_weights(tmp_path, block):
+    folder = tmp_path / "int4"
+    qdq_graphs.export_folder(folder, "int4")
+    if block != 64:  # rewrite the graph with another block size and re-hash the folder
+        qdq_graphs.int4_weight_matmul(folder / "unet.onnx", block=block)
+        from export.manifest import write_manifest
+        write_manifest(folder, {"target": "tensorrt", "components": ["unet"]})
+    report = json.loads(build_engines(folder)["unet"].report.read_text())["network"]
+    assert report["quantized"]["by_scheme"] == {"INT4 weights": 1}
+    assert report["layers"][0]["inputs"][0]["dequantized_from"] is None
+    assert report["layers"][0]["inputs"][1]["dequantized_from"] == "INT4"
+
+
+@trt_only
+def test_fp8_graph_refused_for_jetson_orin(tmp_path):
+    folder = qdq_graphs.export_folder(tmp_path / "fp8", "fp8")
+    with pytest.raises(EngineBuildError, match=r"FP8 Q/DQ .* SM 8\.7 \(Jetson Orin\).*>= 8\.9"):
+        build_engines(folder, target_sm="8.7")
+    assert _files(folder) == ["iospec.json", "manifest.json", "unet.onnx"]
+
+
+def test_fp8_refusal_rule_needs_sm89():
+    report = {"qdq_dtypes": {"FP8": 4}}
+    for sm in ("8.6", "8.7", "8.0"):
+        with pytest.raises(EngineBuildError, match="FP8"):
+            build._refuse_fp8("unet", report, sm)
+    for sm in ("8.9", "9.0", "12.0", None):
+        build._refuse_fp8("unet", report, sm)
+    build._refuse_fp8("unet", {"qdq_dtypes": {"INT8": 4}}, "8.7")
+
+
+# ---- refusals and failures ----------------------------------------------------------------------
+
+
+@trt_only
+def test_edited_export_folder_is_refused(tmp_path):
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    with open(folder / "unet.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match="unet.onnx does not match its manifest hash"):
+        build_engines(folder)
+    assert not list(folder.glob("*.engine*"))
+
+
+@trt_only
+def test_graph_tensorrt_rejects_gives_parser_message_and_no_partial_files(tmp_path):
+    folder = qdq_graphs.export_folder(tmp_path / "asym", "int8")
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(folder / "unet.onnx")
+    for init in model.graph.initializer:
+        if init.name == "x_zp":  # an asymmetric zero point: TensorRT takes symmetric Q/DQ only
+            init.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), "x_zp"))
+    onnx.save(model, folder / "unet.onnx")
+    from export.manifest import write_manifest
+    write_manifest(folder, {"target": "tensorrt", "components": ["unet"]})
+    out = tmp_path / "out"
+    with pytest.raises(EngineBuildError, match=r"unet\.onnx: TensorRT's ONNX parser rejected .*node 'x_Q' \(QuantizeLinear\).*zero point"):
+        build_engines(folder, out_dir=out)
+    assert _files(out) == []
+
+
+@trt_only
+def test_failure_while_writing_leaves_no_engine(tmp_path, monkeypatch):
+    folder = qdq_graphs.export_folder(tmp_path / "int4", "int4")
+    real_replace = os.replace
+    calls = []
+
+    def flaky_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:  # report and metadata are in place, the engine rename fails
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(build.os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="disk full"):
+        build_engines(folder)
+    assert _files(folder) == ["iospec.json", "manifest.json", "unet.onnx"]
+
+
+@trt_only
+def test_unknown_component_and_bad_settings_refused(tmp_path):
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    with pytest.raises(EngineBuildError, match=r"no component\(s\) \['vae'\]"):
+        build_engines(folder, components=["vae"])
+    with pytest.raises(EngineBuildError, match="workspace_gib"):
+        build_engines(folder, workspace_gib=0)
+    with pytest.raises(EngineBuildError, match="must look like"):
+        build_engines(folder, target_sm="sm87")
+
+
+# ---- compatibility of engine metadata -----------------------------------------------------------
+
+
+def _meta(**gpu):
+    return {"format": "dgq-engine", "component": "unet", "tensorrt": {"flavour": "tensorrt", "module": "tensorrt", "version": "10.3.0"},
+            "gpu": gpu or {"visible": True, "name": "Orin", "compute_capability": "8.7"}}
+
+
+def _env(flavour="tensorrt", version="10.3.0", **gpu):
+    return {"tensorrt": {"flavour": flavour, "module": flavour.replace("-", "_"), "version": version},
+            "gpu": gpu or {"visible": True, "name": "Orin", "compute_capability": "8.7"}}
+
+
+def test_compatible_engine_accepted():
+    check_engine_compatible(_meta(), _env())
+    check_engine_compatible(_meta(), _env(visible=False))  # nothing to compare without a GPU
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (_env(flavour="tensorrt-rtx"), "built by tensorrt but this process runs tensorrt-rtx"),
+        (_env(version="10.7.0"), r"built by tensorrt 10\.3\.0 but this process runs 10\.7\.0"),
+        (_env(visible=True, name="NVIDIA H100", compute_capability="9.0"), r"built for Orin \(SM 8\.7\) but this GPU is NVIDIA H100 \(SM 9\.0\)"),
+    ],
+)
+def test_incompatible_engine_refused(env, message):
+    with pytest.raises(EngineCompatibilityError, match=message):
+        check_engine_compatible(_meta(), env)
+
+
+def test_aot_engine_checked_against_its_targets():
+    aot = _meta(visible=False, note="AOT, no GPU", target_sm=["8.9"])
+    check_engine_compatible(aot, _env(visible=True, name="RTX 4090", compute_capability="8.9"))
+    with pytest.raises(EngineCompatibilityError, match=r"ahead of time for SM 8\.9 .*SM 8\.6"):
+        check_engine_compatible(aot, _env(visible=True, name="RTX 3090", compute_capability="8.6"))
+
+
+def test_not_engine_metadata_refused():
+    with pytest.raises(EngineCompatibilityError, match="not a dgq-engine"):
+        check_engine_compatible({"format": "other"}, _env())
+
+
+# ---- script and CLI -----------------------------------------------------------------------------
+
+
+@trt_only
+def test_script_and_cli_build_and_map_errors_to_exit_2(tmp_path, capsys):
+    from dgq.cli import main as dgq_main
+    from scripts.build_engine import main
+
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    assert main([str(folder), "--workspace-gib", "1"]) == 0
+    assert "unet" in capsys.readouterr().out and (folder / "unet.engine").is_file()
+    assert dgq_main(["build", str(folder)]) == 2  # exists, no --overwrite
+    assert dgq_main(["build", str(folder), "--overwrite", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "unet.engine.json").is_file()
+    with open(folder / "iospec.json", "a") as f:
+        f.write(" ")
+    assert dgq_main(["build", str(folder), "--overwrite"]) == 2
