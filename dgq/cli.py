@@ -284,15 +284,6 @@ def _add_build(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _add_build(sub) -> None:
-    from runtime.build_cli import DESCRIPTION, add_arguments, run
-
-    p = sub.add_parser("build", help="build TensorRT engines from an export folder", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dgq",
