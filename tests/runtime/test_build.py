@@ -265,3 +265,21 @@ def test_script_and_cli_build_and_map_errors_to_exit_2(tmp_path, capsys):
     with open(folder / "iospec.json", "a") as f:
         f.write(" ")
     assert dgq_main(["build", str(folder), "--overwrite"]) == 2
+
+
+@trt_only
+def test_benchmark_reports_sizes_and_exits_0_without_gpu(tmp_path, capsys):
+    from runtime.runners import tensorrt_available
+    from scripts.benchmark_engines import main
+
+    if tensorrt_available():
+        pytest.skip("a GPU is present: the latency path runs instead")
+    for kind in ("int8", "int4"):
+        build_engines(qdq_graphs.export_folder(tmp_path / kind, kind))
+    out = tmp_path / "bench.json"
+    assert main([f"int8={tmp_path / 'int8'}", f"int4={tmp_path / 'int4'}", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "no CUDA GPU with a TensorRT runtime here" in text
+    results = json.loads(out.read_text())
+    assert set(results) == {"int8", "int4"} and all(r["engine_mb"] > 0 and "median_ms" not in r for r in results.values())
+    assert main([f"x={tmp_path / 'none'}"]) == 2
