@@ -30,7 +30,7 @@ METHODS = {
 ABLATIONS = {
     "DGQ, channel groups only": ("dgq", {"act_axis": "channel"}),
     "DGQ, pixel groups only": ("dgq", {"act_axis": "pixel"}),
-    "DGQ, uniform attention probs": ("dgq", {"attn_probs": "uniform"}),
+    "DGQ, log2 attention probs (paper)": ("dgq", {"attn_probs": "log2"}),
     "DGQ, float attention probs": ("dgq", {"attn_probs": "float"}),
     "DGQ, BOS quantized": ("dgq", {"bos_fp": False}),
     "DGQ, static probs scale": ("dgq", {"attn_scale": "static"}),
@@ -38,6 +38,25 @@ ABLATIONS = {
     "DGQ, tensorrt profile (outlier group float)": ("dgq", {"profile": "tensorrt", "outlier_bits": 16}),
 }
 BITS = [(8, 8), (4, 8), (8, 6), (4, 6)]
+
+
+NOISE_FLOOR = "float, other seeds (noise floor)"
+NOISE_FLOOR_SEED_OFFSET = 1000
+
+
+class SeedShifted:
+    """The float pipeline drawing its initial noise from ``seed + offset``: a second, independent
+    sample of the float model's output distribution, to read distribution-level distances against."""
+
+    def __init__(self, pipe, offset: int):
+        self.pipe, self.offset = pipe, offset
+        self.scheduler, self.unet = pipe.scheduler, pipe.unet
+
+    def __call__(self, *args, generator, **kwargs):
+        import torch
+
+        shifted = [torch.Generator().manual_seed(g.initial_seed() + self.offset) for g in generator]
+        return self.pipe(*args, generator=shifted, **kwargs)
 
 
 def _row(method: str, wbits: int, abits: int, res: dict) -> dict:
@@ -69,12 +88,14 @@ def _fmt(v, digits=2):
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| W/A | method | noise SQNR (dB) | worst step (dB) | image PSNR (dB) | SSIM | judge acc. | flips |",
-             "|---|---|---|---|---|---|---|---|"]
+    fid = any(r.get("fid_vs_reference") is not None for r in rows)
+    lines = [header, "", "| W/A | method | noise SQNR (dB) | worst step (dB) | image PSNR (dB) | SSIM | judge acc. | flips |"
+             + (" FID vs float |" if fid else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if fid else "")]
     for r in rows:
         lines.append(
             f"| W{r['wbits']}A{r['abits']} | {r['method']} | {_fmt(r['noise_sqnr_db'])} | {_fmt(r['noise_sqnr_db_worst_step'])} | "
             f"{_fmt(r['image_psnr_db'])} | {_fmt(r['ssim'], 3)} | {_fmt(r['judge_accuracy'], 3)} | {_fmt(r['flip_rate'], 3)} |"
+            + (f" {_fmt(r.get('fid_vs_reference'))} |" if fid else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -94,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run DGQ ablations (one field changed each): the names given, or all of them "
                         f"when none is given; names: {list(ABLATIONS)}")
     parser.add_argument("--fid", action="store_true", help="also FID against the float model's images (slow on CPU)")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="add a row 'float, other seeds': the float model with new seeds against itself, the "
+                             "floor that distribution metrics (FID, judge accuracy) of a quantized model are read against")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="output folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -140,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             log.info("W%dA%d %s: %s", wbits, abits, method, {k: row[k] for k in ("noise_sqnr_db", "image_psnr_db", "flip_rate")})
             rows.append(row)
             raw[f"W{wbits}A{abits} {method}"] = result.results
+    if args.noise_floor:
+        floor_cfg = YardstickConfig(seeds=ycfg.seeds, steps=args.steps, guidance=args.guidance, fid=args.fid,
+                                    judge=True, progress=False, noise_fidelity=False)
+        result = evaluate(pipe, SeedShifted(pipe, NOISE_FLOOR_SEED_OFFSET), prompts, floor_cfg)
+        row = _row(NOISE_FLOOR, 32, 32, result.results)
+        log.info("%s: %s", NOISE_FLOOR, {k: row[k] for k in ("judge_accuracy", "fid_vs_reference", "flip_rate")})
+        rows.append(row)
+        raw[NOISE_FLOOR] = result.results
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "groups": args.groups, "cal_prompts": args.cal_prompts, "eval_prompts": len(prompts),
             "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "statistics_seconds": round(cal_seconds, 1)}

@@ -5,7 +5,7 @@ from dgq.config import PRESETS, TRT_DEMO_KEEP_FLOAT, QuantConfig, preset
 
 def test_defaults_are_the_paper_setting():
     c = QuantConfig()
-    assert (c.wbits, c.abits, c.groups, c.profile, c.attn_probs, c.bos_fp) == (8, 8, 16, "faithful", "log2", True)
+    assert (c.wbits, c.abits, c.groups, c.profile, c.attn_probs, c.bos_fp) == (8, 8, 16, "faithful", "uniform", True)
     assert c.keep_float == ("conv_in", "conv_out")
     assert not c.is_symmetric and QuantConfig(profile="tensorrt").is_symmetric
 
@@ -37,7 +37,8 @@ def test_keep_float_patterns_name_layers():
 
 
 def test_presets_differ_only_as_documented():
-    assert set(PRESETS) == {"dgq", "dgq-k1", "naive", "trt-demo"}
+    assert set(PRESETS) == {"dgq", "dgq-paper", "dgq-k1", "naive", "trt-demo"}
+    assert preset("dgq-paper") == preset("dgq", attn_probs="log2")
     assert preset("dgq-k1").groups == 1 and preset("dgq-k1").time_aware
     naive = preset("naive")
     assert (naive.weight_granularity, naive.time_aware, naive.attn_probs) == ("tensor", False, "uniform")
