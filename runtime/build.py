@@ -45,6 +45,10 @@ ENGINE_FORMAT = "dgq-engine"
 ENGINE_VERSION = 1
 MODULES = ("tensorrt", "tensorrt_rtx")
 FP8_MIN_SM = (8, 9)  # Ada / Hopper; Jetson Orin (8.7) and Ampere have no FP8 tensor cores
+# Full TensorRT versions a feature needs (TensorRT-RTX has all of them since 1.0). Strongly typed
+# networks came with 9.x and INT4 block-wise weight-only DQ with 10.0; JetPack 5 ships 8.5 (neither),
+# JetPack 6 ships 10.3 (both).
+MIN_TENSORRT = {"strongly typed networks": (10, 0), "INT4 block-wise weights": (10, 0)}
 
 
 class EngineBuildError(ValueError):
@@ -207,7 +211,22 @@ def _logger(trt):
     return _Logger()
 
 
+def check_tensorrt_version(identity: Mapping[str, str], needs: Iterable[str]) -> None:
+    """Refuse a full TensorRT older than what ``needs`` (keys of MIN_TENSORRT) requires."""
+    if identity["flavour"] != "tensorrt":
+        return
+    have = tuple(int(p) for p in identity["version"].split(".")[:2])
+    for feature in needs:
+        want = MIN_TENSORRT[feature]
+        if have < want:
+            raise EngineBuildError(
+                f"{feature} need TensorRT >= {want[0]}.{want[1]}, this is {identity['version']} "
+                "(on Jetson: JetPack 6 ships TensorRT 10.3; JetPack 5's 8.5 cannot build these graphs)"
+            )
+
+
 def _parse(trt, builder, onnx_path: Path):
+    check_tensorrt_version(tensorrt_identity(trt), ["strongly typed networks"])
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, _logger(trt))
     if not parser.parse_from_file(str(onnx_path)):
@@ -349,6 +368,8 @@ def build_component(trt, export_dir: Path, component: str, out_dir: Path, spec, 
     if graph_inputs != spec.input_names:
         raise EngineBuildError(f"{onnx_path.name} inputs {graph_inputs} differ from its IO spec {spec.input_names}; re-export")
     report = {"network": network_report(network)}
+    if "INT4" in report["network"]["qdq_dtypes"]:
+        check_tensorrt_version(tensorrt_identity(trt), ["INT4 block-wise weights"])
     _refuse_fp8(component, report["network"], _target_sm(settings, gpu))
     config, applied, cache = _configure(trt, builder, spec, settings, gpu)
     t0 = time.perf_counter()

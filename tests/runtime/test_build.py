@@ -283,3 +283,10 @@ def test_benchmark_reports_sizes_and_exits_0_without_gpu(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert set(results) == {"int8", "int4"} and all(r["engine_mb"] > 0 and "median_ms" not in r for r in results.values())
     assert main([f"x={tmp_path / 'none'}"]) == 2
+
+
+def test_old_full_tensorrt_refused_for_strong_typing_and_int4():
+    build.check_tensorrt_version({"flavour": "tensorrt", "version": "10.3.0"}, build.MIN_TENSORRT)
+    build.check_tensorrt_version({"flavour": "tensorrt-rtx", "version": "1.0.0"}, build.MIN_TENSORRT)
+    with pytest.raises(EngineBuildError, match=r"INT4 block-wise weights need TensorRT >= 10\.0, this is 8\.5\.2.*JetPack 6"):
+        build.check_tensorrt_version({"flavour": "tensorrt", "version": "8.5.2"}, ["INT4 block-wise weights"])
