@@ -290,3 +290,17 @@ def test_old_full_tensorrt_refused_for_strong_typing_and_int4():
     build.check_tensorrt_version({"flavour": "tensorrt-rtx", "version": "1.0.0"}, build.MIN_TENSORRT)
     with pytest.raises(EngineBuildError, match=r"INT4 block-wise weights need TensorRT >= 10\.0, this is 8\.5\.2.*JetPack 6"):
         build.check_tensorrt_version({"flavour": "tensorrt", "version": "8.5.2"}, ["INT4 block-wise weights"])
+
+
+@trt_only
+def test_aot_target_sm_recorded_or_refused(tmp_path):
+    trt = build.load_tensorrt()
+    if not hasattr(trt, "ComputeCapability") or build.gpu_info()["visible"]:
+        pytest.skip("AOT compute-capability targets are a TensorRT-RTX feature used without a GPU")
+    folder = qdq_graphs.export_folder(tmp_path / "int4", "int4")
+    meta = build.read_engine_meta(build_engines(folder, target_sm="8.9")["unet"].engine)
+    assert meta["gpu"] == {"visible": False, "note": "AOT, no GPU", "target_sm": ["8.9"]}
+    assert meta["applied"]["target_sm"] == {"applied": True, "value": "8.9"}
+    with pytest.raises(EngineBuildError, match=r"cannot target SM 8\.7"):
+        build_engines(folder, target_sm="8.7", overwrite=True)
+    assert (folder / "unet.engine").is_file()  # the refused rebuild left the earlier engine alone
