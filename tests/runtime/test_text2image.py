@@ -1,0 +1,221 @@
+"""Text2ImagePipeline: parity with diffusers' pipeline, step_index feeding, truncation, refusals, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from export.iospec import FeedError, TensorSpec, read_specs
+from export.manifest import ManifestError
+from runtime.pipeline import Text2ImagePipeline, load_assets
+from runtime.runners import BackendUnavailable, OnnxRuntimeRunner, TorchRunner
+from tests.runtime.runtime_fixtures import STEP_SCALE, export_tiny, image_diff, with_step_index
+from tests.tolerances import RUNTIME_IMAGE_MAX_ABS_LEVELS, RUNTIME_IMAGE_MAX_DIFF_FRACTION
+
+PROMPTS = ["a photo of a dress", "a red sneaker"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp("t2i") / "onnx")
+
+
+@pytest.fixture(scope="module")
+def runtime_pipe(tiny):
+    pipe = Text2ImagePipeline.from_export(tiny[1], backend="onnxruntime", threads=1)
+    yield pipe
+    pipe.deactivate()
+
+
+def _reference(pipe, prompts, generator, steps, guidance):
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np")
+    return (out.images * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_matches_diffusers_pipeline(tiny, runtime_pipe, guidance):
+    torch_pipe, _ = tiny
+    steps = 4
+    # One seed: one CPU generator for the batch, as diffusers with one generator.
+    want = _reference(torch_pipe, PROMPTS, torch.Generator().manual_seed(7), steps, guidance)
+    out = runtime_pipe(PROMPTS, seed=7, steps=steps, guidance=guidance)
+    assert out.images.dtype == np.uint8 and out.images.shape == want.shape == (2, 32, 32, 3)
+    levels, fraction = image_diff(out.images, want)
+    assert levels <= RUNTIME_IMAGE_MAX_ABS_LEVELS and fraction <= RUNTIME_IMAGE_MAX_DIFF_FRACTION
+    # A seed per prompt: diffusers with a list of generators.
+    want = _reference(torch_pipe, PROMPTS, [torch.Generator().manual_seed(s) for s in (3, 4)], steps, guidance)
+    levels, fraction = image_diff(runtime_pipe(PROMPTS, seed=[3, 4], steps=steps, guidance=guidance).images, want)
+    assert levels <= RUNTIME_IMAGE_MAX_ABS_LEVELS and fraction <= RUNTIME_IMAGE_MAX_DIFF_FRACTION
+    # Timings: one UNet entry per scheduler timestep (PNDM runs steps + 1 calls), all positive.
+    timings = out.timings
+    assert len(timings.unet_step_s) == len(runtime_pipe.scheduler.timesteps) == steps + 1
+    assert min(timings.unet_step_s) > 0 and timings.text_encoder_s > 0 and timings.vae_decoder_s > 0
+    assert timings.total_s >= timings.text_encoder_s + sum(timings.unet_step_s) + timings.vae_decoder_s
+    assert set(timings.to_dict()) == {"text_encoder_s", "unet_step_s", "unet_median_s", "unet_total_s", "vae_decoder_s", "total_s"}
+    assert out.backend == runtime_pipe.backend == "onnxruntime (CPUExecutionProvider, optimization all)"
+    assert [im.size for im in out.pil()] == [(32, 32), (32, 32)]
+
+
+def test_same_seed_same_image_other_seed_differs(runtime_pipe):
+    a = runtime_pipe(PROMPTS[:1], seed=1, steps=2).images
+    b = runtime_pipe(PROMPTS[:1], seed=1, steps=2).images
+    c = runtime_pipe(PROMPTS[:1], seed=2, steps=2).images
+    assert np.array_equal(a, b) and image_diff(a, c)[0] > 0
+
+
+def test_prompt_truncation_warns_with_dropped_count(runtime_pipe, caplog):
+    tokenizer = runtime_pipe.tokenizer
+    long_prompt = " ".join(["dress"] * 100)
+    dropped = len(tokenizer(long_prompt).input_ids) - tokenizer.model_max_length
+    assert dropped > 0
+    with caplog.at_level(logging.WARNING, logger="runtime.pipeline"):
+        ids = runtime_pipe.tokenize([long_prompt, "short"])
+    assert ids.dtype == np.int32 and ids.shape == (2, 77)
+    assert ids[0, -1] == tokenizer.eos_token_id  # truncated like diffusers: the end token is kept
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "runtime.pipeline"]
+    assert len(warnings) == 1 and f"{dropped} token(s) dropped" in warnings[0]
+
+
+def _recording_unet(spec, calls):
+    def unet(sample, timestep, encoder_hidden_states, step_index):
+        calls.append((float(timestep), int(step_index)))
+        return torch.zeros_like(sample)
+
+    return TorchRunner(unet, spec)
+
+
+def test_step_index_fed_from_manifest_slots(tiny, runtime_pipe):
+    _, folder = tiny
+    specs = read_specs(folder)
+    unet_spec = specs["unet"].with_inputs(TensorSpec("step_index", "int64", ()))
+    tokenizer, scheduler = load_assets(folder)
+    scheduler.set_timesteps(3)
+    timesteps = [float(t) for t in scheduler.timesteps]
+    # Slots are the distinct timesteps in order of first appearance (PNDM repeats one), as calibration numbers them.
+    slots = list(dict.fromkeys(timesteps))
+    assert len(slots) < len(timesteps)
+    calls = []
+    pipe = Text2ImagePipeline(runtime_pipe.text_encoder, _recording_unet(unet_spec, calls), runtime_pipe.vae_decoder,
+                              tokenizer, scheduler, manifest={"slots": slots})
+    pipe(PROMPTS[:1], seed=0, steps=3)
+    assert calls == [(t, slots.index(t)) for t in timesteps]
+    # Steps the export was not calibrated for have timesteps without a slot: refused, naming the slots.
+    with pytest.raises(ManifestError, match="was not calibrated"):
+        pipe(PROMPTS[:1], seed=0, steps=5)
+    # A UNet with step_index needs slots, and slots need a UNet with step_index.
+    with pytest.raises(ValueError, match="no manifest with timestep slots"):
+        Text2ImagePipeline(runtime_pipe.text_encoder, _recording_unet(unet_spec, []), runtime_pipe.vae_decoder, tokenizer, scheduler)
+    with pytest.raises(ValueError, match="has no step_index input"):
+        Text2ImagePipeline(*runtime_pipe.runners, tokenizer, scheduler, manifest={"slots": slots})
+
+
+def test_step_index_export_folder_end_to_end(tiny, tmp_path):
+    _, folder = tiny
+    _, scheduler = load_assets(folder)
+    scheduler.set_timesteps(3)
+    quantized = with_step_index(folder, tmp_path / "q", list(dict.fromkeys(float(t) for t in scheduler.timesteps)))
+    pipe = Text2ImagePipeline.from_export(quantized, backend="onnxruntime", threads=1)
+    assert pipe.takes_step_index
+    # The synthetic UNet's prediction is step_index * STEP_SCALE, so its feed is visible in the output.
+    feed = {"sample": np.zeros((1, 4, 16, 16), np.float32), "timestep": np.array(0.0, np.float32),
+            "encoder_hidden_states": np.zeros((1, 77, 32), np.float32), "step_index": np.array(2, np.int64)}
+    with pipe.unet:
+        assert np.allclose(pipe.unet.infer(feed)["noise_pred"], 2 * STEP_SCALE)
+    out = pipe(PROMPTS[:1], seed=0, steps=3, guidance=1.0)
+    assert out.images.shape == (1, 32, 32, 3) and len(out.timings.unet_step_s) == len(scheduler.timesteps)
+    with pytest.raises(ManifestError, match="was not calibrated"):
+        pipe(PROMPTS[:1], seed=0, steps=4)
+
+
+def test_edited_folder_refused(tiny, tmp_path):
+    _, folder = tiny
+    edited = shutil.copytree(folder, tmp_path / "edited")
+    with open(edited / "vae_decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match="vae_decoder.onnx does not match its manifest hash"):
+        Text2ImagePipeline.from_export(edited)
+    (edited / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        Text2ImagePipeline.from_export(edited)
+    with pytest.raises(ManifestError, match="does not exist"):
+        Text2ImagePipeline.from_export(tmp_path / "missing")
+
+
+def test_backend_choice_and_missing_engines(tiny, tmp_path, caplog):
+    _, folder = tiny
+    with pytest.raises(FileNotFoundError, match=r"no engine file\(s\) \['text_encoder.engine', 'unet.engine', 'vae_decoder.engine'\]"):
+        Text2ImagePipeline.from_export(folder, backend="tensorrt")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Text2ImagePipeline.from_export(folder, backend="openvino")
+    with caplog.at_level(logging.INFO, logger="runtime.pipeline"):
+        pipe = Text2ImagePipeline.from_export(folder)
+    assert pipe.backend.startswith("onnxruntime") and pipe.backend_reason == "no TensorRT engines"
+    assert any("backend: onnxruntime" in r.getMessage() for r in caplog.records)
+    assert all(isinstance(r, OnnxRuntimeRunner) for r in pipe.runners)
+    # Engines in a separate folder: one missing, so auto stays on ONNX Runtime and tensorrt refuses.
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    for c in ("text_encoder", "unet"):
+        (engines / f"{c}.engine").write_bytes(b"plan")
+    pipe = Text2ImagePipeline.from_export(folder, engine_dir=engines)
+    assert pipe.backend.startswith("onnxruntime") and "missing ['vae_decoder.engine']" in pipe.backend_reason
+    with pytest.raises(FileNotFoundError, match=r"\['vae_decoder.engine'\]"):
+        Text2ImagePipeline.from_export(folder, backend="tensorrt", engine_dir=engines)
+    if not torch.cuda.is_available():
+        (engines / "vae_decoder.engine").write_bytes(b"plan")
+        pipe = Text2ImagePipeline.from_export(folder, engine_dir=engines)
+        assert pipe.backend.startswith("onnxruntime") and "no CUDA GPU or TensorRT module" in pipe.backend_reason
+        with pytest.raises(BackendUnavailable):
+            Text2ImagePipeline.from_export(folder, backend="tensorrt", engine_dir=engines)
+
+
+def test_outside_profile_refused_before_running(tiny):
+    pipe = Text2ImagePipeline.from_export(tiny[1], backend="onnxruntime", threads=1)
+    with pytest.raises(FeedError, match=r"latent_height\) is 64, outside the profile"):
+        pipe(PROMPTS[:1], size=128)
+    with pytest.raises(FeedError, match=r"batch\) is 10, outside the profile"):
+        pipe(["x"] * 5, seed=0)
+    with pytest.raises(ValueError, match="multiple of the VAE scale factor 2"):
+        pipe(PROMPTS[:1], size=33)
+    assert not any(r.is_active for r in pipe.runners)  # nothing was loaded for a refused request
+    assert pipe.max_images_per_call == 4
+
+
+def test_cli_generate_onnx(tiny, tmp_path, capsys):
+    from dgq.cli import main
+
+    torch_pipe, folder = tiny
+    out = tmp_path / "images"
+    assert main(["generate", "--onnx", str(folder), "--steps", "2", "--num-images", "2", "--image-seed", "5",
+                 "--prompt", PROMPTS[0], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "backend: onnxruntime (CPUExecutionProvider" in printed and "ms/step median" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["image_000.png", "image_001.png", "timings.json"]
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["backend"].startswith("onnxruntime") and timings["steps"] == 2
+    assert [c["images"] for c in timings["calls"]] == [2] and len(timings["calls"][0]["unet_step_s"]) == 3
+    # Seeded per image like the PyTorch path of `dgq generate`.
+    from PIL import Image
+
+    want = _reference(torch_pipe, PROMPTS[:1], torch.Generator().manual_seed(6), 2, 5.0)[0]
+    levels, fraction = image_diff(np.asarray(Image.open(out / "image_001.png")), want)
+    assert levels <= RUNTIME_IMAGE_MAX_ABS_LEVELS and fraction <= RUNTIME_IMAGE_MAX_DIFF_FRACTION
+
+
+def test_cli_generate_onnx_refusals_exit_2(tiny, tmp_path):
+    from dgq.cli import main
+
+    _, folder = tiny
+    edited = shutil.copytree(folder, tmp_path / "edited")
+    with open(edited / "tokenizer" / "tokenizer_config.json", "a") as f:
+        f.write(" ")
+    out = str(tmp_path / "out")
+    for args in (["--onnx", str(tmp_path / "missing")], ["--onnx", str(edited)], ["--onnx", str(folder), "--backend", "tensorrt"],
+                 ["--onnx", str(folder), "--size", "128"], ["--onnx", str(folder), "--model", "tiny"]):
+        assert main(["generate", *args, "--steps", "1", "--out", out]) == 2, args
+    assert not (tmp_path / "out").exists()
