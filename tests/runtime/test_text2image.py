@@ -219,3 +219,24 @@ def test_cli_generate_onnx_refusals_exit_2(tiny, tmp_path):
                  ["--onnx", str(folder), "--size", "128"], ["--onnx", str(folder), "--model", "tiny"]):
         assert main(["generate", *args, "--steps", "1", "--out", out]) == 2, args
     assert not (tmp_path / "out").exists()
+
+
+def test_fashion_matches_diffusers_and_truncates_at_16_tokens(tmp_path, caplog):
+    # The trained default model: DDIM scheduler, BERT tokenizer with 16 tokens, 64x64 images.
+    from dgq import zoo
+    from export.float_export import export_float
+
+    torch_pipe = zoo.load_pipeline("fashion")
+    torch_pipe.set_progress_bar_config(disable=True)
+    export_float(torch_pipe, tmp_path / "onnx")
+    pipe = Text2ImagePipeline.from_export(tmp_path / "onnx", backend="onnxruntime", threads=1)
+    prompts = ["a photo of a dress", "a photo of an ankle boot with a long heel and a buckle on the side, black leather"]
+    want = _reference(torch_pipe, prompts, torch.Generator().manual_seed(0), 4, 5.0)
+    with caplog.at_level(logging.WARNING, logger="runtime.pipeline"), pipe:
+        out = pipe(prompts, seed=0, steps=4, guidance=5.0)
+    assert out.images.shape == want.shape == (2, 64, 64, 3)
+    levels, fraction = image_diff(out.images, want)
+    assert levels <= RUNTIME_IMAGE_MAX_ABS_LEVELS and fraction <= RUNTIME_IMAGE_MAX_DIFF_FRACTION
+    dropped = len(pipe.tokenizer(prompts[1]).input_ids) - 16
+    messages = [r.getMessage() for r in caplog.records if r.name == "runtime.pipeline" and r.levelno == logging.WARNING]
+    assert dropped > 0 and len(messages) == 1 and f"{dropped} token(s) dropped" in messages[0]
