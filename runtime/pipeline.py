@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ class Text2ImagePipeline:
     def runners(self) -> tuple[Runner, Runner, Runner]:
         return self.text_encoder, self.unet, self.vae_decoder
 
-    def activate(self) -> Text2ImagePipeline:
+    def activate(self) -> Self:
         for r in self.runners:
             r.activate()
         return self
@@ -185,7 +185,7 @@ class Text2ImagePipeline:
         for r in self.runners:
             r.deactivate()
 
-    def __enter__(self) -> Text2ImagePipeline:
+    def __enter__(self) -> Self:
         return self.activate()
 
     def __exit__(self, *exc) -> None:
@@ -367,7 +367,11 @@ def _check_engine(engine: Path, manifest: Mapping[str, Any], folder: Path) -> st
 
     Engines without the builder's ``.engine.json`` are accepted with a warning (nothing to compare).
     """
-    from runtime.build import check_engine_compatible, current_environment, load_tensorrt
+    from runtime.build import (
+        check_engine_compatible,
+        current_environment,
+        load_tensorrt,
+    )
 
     meta_path = Path(f"{engine}.json")
     if not meta_path.is_file():

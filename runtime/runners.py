@@ -25,7 +25,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ class Runner(ABC):
         self.is_active = False
 
     # --- protocol --------------------------------------------------------------------------------
-    def activate(self) -> Runner:
+    def activate(self) -> Self:
         """Load the session/engine. Activating an active runner does nothing."""
         if not self.is_active:
             self._activate()
@@ -106,7 +106,7 @@ class Runner(ABC):
             self._check_outputs(outputs, dims)
         return outputs
 
-    def __enter__(self) -> Runner:
+    def __enter__(self) -> Self:
         return self.activate()
 
     def __exit__(self, *exc) -> None:

@@ -30,7 +30,7 @@ def export_tiny(folder: Path):
 def step_index_unet(spec) -> onnx.ModelProto:
     """A UNet graph with the float UNet's IO plus ``step_index`` int64 (): noise_pred = 0 * sample + step_index * 0.01."""
     inputs = [helper.make_tensor_value_info(t.name, TensorProto.FLOAT if t.dtype == "float32" else TensorProto.INT64,
-                                            [d if isinstance(d, int) else d for d in t.shape]) for t in spec.inputs]
+                                            list(t.shape)) for t in spec.inputs]
     out = spec.outputs[0]
     nodes = [
         helper.make_node("Mul", ["sample", "zero"], ["zeroed"]),

@@ -115,7 +115,7 @@ def test_runtime_imports_without_tensorrt():
     # A fresh interpreter where importing tensorrt/tensorrt_rtx fails: runtime must still import.
     code = ("import sys; sys.modules['tensorrt'] = sys.modules['tensorrt_rtx'] = None; "
             "import runtime.runners, runtime.pipeline; print(runtime.runners.tensorrt_available())")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
 

@@ -14,8 +14,16 @@ from export.iospec import FeedError, TensorSpec, read_specs
 from export.manifest import ManifestError
 from runtime.pipeline import Text2ImagePipeline, load_assets
 from runtime.runners import BackendUnavailable, OnnxRuntimeRunner, TorchRunner
-from tests.runtime.runtime_fixtures import STEP_SCALE, export_tiny, image_diff, with_step_index
-from tests.tolerances import RUNTIME_IMAGE_MAX_ABS_LEVELS, RUNTIME_IMAGE_MAX_DIFF_FRACTION
+from tests.runtime.runtime_fixtures import (
+    STEP_SCALE,
+    export_tiny,
+    image_diff,
+    with_step_index,
+)
+from tests.tolerances import (
+    RUNTIME_IMAGE_MAX_ABS_LEVELS,
+    RUNTIME_IMAGE_MAX_DIFF_FRACTION,
+)
 
 PROMPTS = ["a photo of a dress", "a red sneaker"]
 
