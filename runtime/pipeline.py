@@ -282,7 +282,10 @@ class Text2ImagePipeline:
 
         device = torch.device(self.unet.device)
         scheduler = self.scheduler
-        scheduler.set_timesteps(steps)
+        if _accepts(scheduler.set_timesteps, "device"):
+            scheduler.set_timesteps(steps, device=device)
+        else:
+            scheduler.set_timesteps(steps)
         latents = _randn((n, channels, *latent_hw), generator).to(device) * scheduler.init_noise_sigma
         step_kwargs = {}
         if _accepts(scheduler.step, "eta"):

@@ -23,6 +23,8 @@ from tests.runtime.runtime_fixtures import (
 from tests.tolerances import (
     RUNTIME_IMAGE_MAX_ABS_LEVELS,
     RUNTIME_IMAGE_MAX_DIFF_FRACTION,
+    RUNTIME_TRT_IMAGE_MAX_ABS_LEVELS,
+    RUNTIME_TRT_IMAGE_MAX_DIFF_FRACTION,
 )
 
 PROMPTS = ["a photo of a dress", "a red sneaker"]
@@ -248,3 +250,21 @@ def test_fashion_matches_diffusers_and_truncates_at_16_tokens(tmp_path, caplog):
     dropped = len(pipe.tokenizer(prompts[1]).input_ids) - 16
     messages = [r.getMessage() for r in caplog.records if r.name == "runtime.pipeline" and r.levelno == logging.WARNING]
     assert dropped > 0 and len(messages) == 1 and f"{dropped} token(s) dropped" in messages[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@pytest.mark.slow
+def test_tensorrt_pipeline_matches_onnxruntime(tiny, runtime_pipe, tmp_path):
+    from runtime.build import build_engines
+
+    _, folder = tiny
+    build_engines(folder, out_dir=tmp_path)
+    pipe = Text2ImagePipeline.from_export(folder, backend="auto", engine_dir=tmp_path, cuda_graph=True)
+    assert pipe.backend.startswith("tensorrt")
+    with pipe:
+        got = pipe(PROMPTS, seed=[3, 4], steps=4, guidance=5.0)
+    want = runtime_pipe(PROMPTS, seed=[3, 4], steps=4, guidance=5.0)
+    levels, fraction = image_diff(got.images, want.images)
+    assert levels <= RUNTIME_TRT_IMAGE_MAX_ABS_LEVELS and fraction <= RUNTIME_TRT_IMAGE_MAX_DIFF_FRACTION
+    assert len(got.timings.unet_step_s) == 5 and got.timings.unet_median_s > 0
