@@ -173,11 +173,13 @@ def example_inputs(spec: NetworkSpec, seed: int = 0, **dims: int) -> dict[str, t
     out = {}
     for name, shape in spec.example_shapes(**dims).items():
         t = spec.input(name)
-        if t.dtype.startswith("int"):
+        if t.dtype.startswith("int") and name != "step_index":
             vocab_safe = 1000  # below any real vocabulary size
             out[name] = torch.randint(0, vocab_safe, shape, generator=gen, dtype=getattr(torch, t.dtype))
         elif name == "timestep":
             out[name] = torch.tensor(500.0, dtype=torch.float32)
+        elif name == "step_index":
+            out[name] = torch.tensor(0, dtype=torch.int64)
         else:
             out[name] = torch.randn(shape, generator=gen).to(getattr(torch, t.dtype))
     return out
@@ -288,8 +290,13 @@ def export_component(
     *,
     opset: int = DEFAULT_OPSET,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    doc: str | None = None,
+    postprocess: Any = None,
 ) -> Path:
     """Trace the float32 ``module`` (a wrapper from :data:`WRAPPERS`) to ``path`` and check it.
+
+    ``postprocess(model)`` edits the traced ``onnx.ModelProto`` in place before it is saved and
+    checked (the Q/DQ exporter packs 4-bit weights and lints there).
 
     A spec with float16 tensors gets the float32 trace converted to float16 (module docstring).
     """
@@ -328,7 +335,9 @@ def export_component(
     if trace_spec != spec:
         model = _to_fp16(model, spec)
     _check_io(model, spec, path)
-    model.doc_string = f"dgq float export of {spec.name} (IO contract: iospec.json)"
+    model.doc_string = doc or f"dgq float export of {spec.name} (IO contract: iospec.json)"
+    if postprocess is not None:
+        postprocess(model)
     if _external_bytes(model) > external_data_threshold:
         data = path.name + ".data"
         onnx.save_model(

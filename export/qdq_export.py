@@ -1,0 +1,246 @@
+"""Export a pipeline and a DGQ recipe to an export folder: Q/DQ UNet, float text encoder and VAE decoder.
+
+``export_onnx(pipe, out_dir, recipe, target)`` writes, atomically (a failure leaves no folder):
+``unet.onnx`` (Q/DQ, see :mod:`export.qdq`), ``text_encoder.onnx`` and ``vae_decoder.onnx`` (float),
+``iospec.json`` (the UNet's spec gains a ``step_index`` input when the recipe is time-aware),
+``recipe.safetensors``, ``tokenizer/``, ``scheduler/``, ``summary.json`` and ``manifest.json``.
+``target="float"`` writes the float graphs only (the reference for sizes and speed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from dgq.fingerprint import model_identity
+from dgq.fsutil import atomic_dir
+from dgq.quant import PIXEL
+from dgq.recipe import Recipe
+from export.float_export import (
+    COMPONENTS,
+    WRAPPERS,
+    ExportError,
+    export_component,
+    pipeline_specs,
+    versions,
+    write_assets,
+)
+from export.iospec import TensorSpec, specs_to_json
+from export.lint import check_tensorrt
+from export.manifest import MANIFEST, TARGETS, sha256_file, write_manifest
+from export.qdq import STEP_INPUT, Lowered, LoweringError, lower, site_counts
+
+log = logging.getLogger(__name__)
+
+QUANT_TARGETS = ("faithful", "tensorrt")
+INT4_OPSET = 21  # INT4 tensors and block-wise DequantizeLinear
+
+
+@dataclass
+class ExportSummary:
+    target: str
+    opset: int
+    files: dict[str, int]  # file -> bytes
+    float_bytes: dict[str, int]  # component -> bytes of its float32 graph (measured by exporting it)
+    nodes: dict[str, dict[str, int]]  # component -> op type -> count
+    qdq_pairs: int
+    sites: dict[str, int]
+    warnings: list[str]
+    seconds: float
+
+    def size_ratio(self, component: str = "unet") -> float | None:
+        f = self.float_bytes.get(component)
+        return None if not f else self.files[f"{component}.onnx"] / f
+
+    def table(self) -> str:
+        lines = [f"target {self.target}, opset {self.opset}, exported in {self.seconds:.1f} s"]
+        for c, ops in self.nodes.items():
+            top = ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:8])
+            lines.append(f"  {c}: {sum(ops.values())} nodes ({top})")
+        lines.append(f"  Q/DQ pairs {self.qdq_pairs}; sites {self.sites}")
+        for c, fb in self.float_bytes.items():
+            b = self.files.get(f"{c}.onnx")
+            if b:
+                lines.append(f"  {c}.onnx {b / 2**20:.2f} MiB = {b / fb:.3f}x the float32 graph ({fb / 2**20:.2f} MiB)")
+        if self.warnings:
+            lines.append(f"  {len(self.warnings)} TensorRT lint warning(s), e.g. {self.warnings[0]}")
+        return "\n".join(lines)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def _latent_size(pipe: Any, recipe: Recipe) -> int:
+    size = recipe.meta.get("size")
+    if size:
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if getattr(pipe, "vae", None) is not None else 8
+        return int(size) // factor
+    return int(pipe.unet.config.sample_size)
+
+
+def _has_pixel_groups(recipe: Recipe) -> bool:
+    return any(PIXEL in a.axis for a in recipe.acts.values())
+
+
+def pack_int4_weights(model: onnx.ModelProto) -> int:
+    """Store the integer weights of every DequantizeLinear as INT4/UINT4 (with their zero points).
+
+    Called for 4-bit recipes at opset >= 21; values already lie on the 4-bit grid. A zero point
+    shared with an 8-bit node gets its own copy. Returns the number of weights packed.
+    """
+    g = model.graph
+    init = {t.name: t for t in g.initializer}
+    users: dict[str, int] = Counter(i for n in g.node for i in n.input)
+    packed = 0
+    new: dict[str, onnx.TensorProto] = {}
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in init:
+            continue
+        for pos in (0, 2):
+            if pos >= len(n.input) or n.input[pos] not in init:
+                continue
+            src = init[n.input[pos]]
+            if src.data_type not in (TensorProto.INT8, TensorProto.UINT8):
+                continue
+            arr = numpy_helper.to_array(src)
+            signed = src.data_type == TensorProto.INT8
+            lo, hi = (-8, 7) if signed else (0, 15)
+            if arr.size and (arr.min() < lo or arr.max() > hi):
+                raise ExportError(f"weight {src.name!r} has values outside the 4-bit grid; is this a 4-bit recipe?")
+            name = f"{src.name}.int4"
+            if name not in new:
+                new[name] = helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, list(arr.shape),
+                                               arr.astype(np.int8).flatten().tolist())
+            users[n.input[pos]] -= 1
+            n.input[pos] = name
+            packed += pos == 0
+    keep = [t for t in g.initializer if users.get(t.name, 0) > 0]
+    del g.initializer[:]
+    g.initializer.extend(keep + list(new.values()))
+    return packed
+
+
+def export_onnx(
+    pipe: Any,
+    out_dir: str | Path,
+    recipe: Recipe | None = None,
+    target: str = "faithful",
+    *,
+    opset: int | None = None,
+    components: Iterable[str] = COMPONENTS,
+    batch: tuple[int, int, int] = (1, 1, 4),
+    overwrite: bool = False,
+    compare_float: bool = True,
+    progress: bool = False,
+) -> ExportSummary:
+    """Export ``pipe`` (with ``recipe`` for a quantized ``target``) into ``out_dir``; see the module docstring.
+
+    ``opset``: default 17, or 21 for 4-bit weights (INT4 tensors). ``compare_float``: also export
+    the float32 UNet to a temporary folder to report the size ratio. The UNet must be float32.
+    """
+    if target not in TARGETS:
+        raise ExportError(f"target {target!r} is not one of {list(TARGETS)}")
+    components = tuple(components)
+    start = time.perf_counter()
+    if target == "float":
+        from export.float_export import export_float
+
+        written = export_float(pipe, out_dir, opset=opset or 17, components=components, batch=batch, overwrite=overwrite)
+        sizes = {p.name: p.stat().st_size for k, p in written.items() if k in COMPONENTS}
+        nodes = {c: op_counts(onnx.load(str(written[c]), load_external_data=False)) for c in components}
+        return ExportSummary("float", opset or 17, sizes, dict(sizes_by_component(sizes)), nodes, 0, {}, [], time.perf_counter() - start)
+    if recipe is None:
+        raise ExportError(f"target {target!r} needs a recipe (calibrate first: dgq calibrate, or let scripts/export_onnx.py do it)")
+    if "unet" not in components:
+        raise ExportError("a quantized export needs the unet component")
+    recipe.check_model(pipe.unet)
+    four_bit = recipe.config.wbits <= 4
+    opset = opset or (INT4_OPSET if four_bit else 17)
+    if four_bit and opset < INT4_OPSET:
+        raise ExportError(f"4-bit weights need opset >= {INT4_OPSET} (INT4 tensors, block-wise DequantizeLinear); got {opset}")
+    static = _latent_size(pipe, recipe) if _has_pixel_groups(recipe) else None
+    specs = pipeline_specs(pipe, components, static_size=static, batch=batch)
+    try:
+        lowered: Lowered = lower(pipe.unet, recipe, target)
+    except LoweringError as err:
+        raise ExportError(str(err)) from err
+    unet_spec = specs["unet"]
+    meta = {"target": target, "recipe_profile": recipe.config.profile, "wbits": recipe.config.wbits, "abits": recipe.config.abits}
+    if lowered.n_slots > 1:
+        unet_spec = unet_spec.with_inputs(TensorSpec(STEP_INPUT, "int64", ()), slots=list(recipe.slots), **meta)
+    else:
+        unet_spec = unet_spec.with_inputs(**meta)
+    specs["unet"] = unet_spec
+    warnings_found: list[str] = []
+
+    def post(model: onnx.ModelProto) -> None:
+        if four_bit:
+            n = pack_int4_weights(model)
+            log.info("packed %d weights as INT4", n)
+        if target == "tensorrt":
+            warnings_found.extend(str(v) for v in check_tensorrt(model))
+
+    out_dir = Path(out_dir)
+    nodes: dict[str, dict[str, int]] = {}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        steps = [c for c in COMPONENTS if c in components]
+        from tqdm.auto import tqdm
+
+        for c in tqdm(steps, desc=f"export ({target})", unit="graph", disable=not progress):
+            t0 = time.perf_counter()
+            if c == "unet":
+                export_component(lowered.module, unet_spec, tmp / "unet.onnx", opset=opset, postprocess=post,
+                                 doc=f"dgq {target} Q/DQ export of the UNet (recipe: recipe.safetensors; IO: iospec.json)")
+            else:
+                export_component(WRAPPERS[c](getattr(pipe, "vae" if c == "vae_decoder" else c)).eval(), specs[c], tmp / f"{c}.onnx", opset=opset)
+            log.info("exported %s in %.1f s", c, time.perf_counter() - t0)
+            nodes[c] = op_counts(onnx.load(str(tmp / f"{c}.onnx"), load_external_data=False))
+        (tmp / "iospec.json").write_text(specs_to_json(specs))
+        recipe.save(tmp / "recipe.safetensors")
+        write_assets(pipe, tmp)
+        float_bytes = _float_unet_bytes(pipe, specs, opset) if compare_float else {}
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.suffix == ".onnx"}
+        qdq = nodes["unet"].get("QuantizeLinear", 0)
+        summary = ExportSummary(target, opset, files, float_bytes, nodes, qdq, site_counts(lowered.sites),
+                                warnings_found, round(time.perf_counter() - start, 1))
+        (tmp / "summary.json").write_text(json.dumps(asdict(summary) | {"unet_size_ratio": summary.size_ratio()}, indent=2) + "\n")
+        write_manifest(tmp, {
+            "target": target, "components": list(components), "versions": versions(),
+            "model": model_identity(pipe.unet), "slots": list(recipe.slots) if lowered.n_slots > 1 else None,
+            "steps": recipe.meta.get("num_inference_steps"), "guidance": recipe.meta.get("guidance_scale"),
+            "recipe": {"file": "recipe.safetensors", "sha256": sha256_file(tmp / "recipe.safetensors"),
+                       "config": recipe.config.to_dict()},
+        })
+    return summary
+
+
+def sizes_by_component(sizes: dict[str, int]) -> dict[str, int]:
+    return {Path(k).stem: v for k, v in sizes.items()}
+
+
+def _float_unet_bytes(pipe: Any, specs: dict, opset: int) -> dict[str, int]:
+    """Bytes of the float32 UNet graph with the same spec (exported to a temporary folder)."""
+    spec = specs["unet"]
+    base = type(spec)(spec.name, tuple(t for t in spec.inputs if t.name != STEP_INPUT), spec.outputs,
+                      {k: v for k, v in spec.dims.items()}, spec.metadata)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "unet.onnx"
+        with torch.no_grad():
+            export_component(WRAPPERS["unet"](pipe.unet).eval(), base, path, opset=opset)
+        return {"unet": path.stat().st_size + sum(p.stat().st_size for p in Path(tmp).glob("*.data"))}
+
+
+__all__ = ["ExportSummary", "export_onnx", "pack_int4_weights", "QUANT_TARGETS", "MANIFEST"]
