@@ -275,6 +275,15 @@ def _add_report(sub) -> None:
     p.set_defaults(func=_report)
 
 
+def _add_export(sub) -> None:
+    from export.cli import DESCRIPTION, add_arguments, run
+
+    p = sub.add_parser("export", help="export the pipeline (with DGQ Q/DQ) to ONNX", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def _add_build(sub) -> None:
     from runtime.build_cli import DESCRIPTION, add_arguments, run
 
@@ -298,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_inspect(sub)
     _add_report(sub)
+    _add_export(sub)
     _add_build(sub)
     try:
         from dgq.eval import cli as eval_cli
@@ -316,10 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from dgq.zoo.registry import ModelLoadError
+    from export.float_export import ExportError
 
     try:
         return int(args.func(args) or 0)
-    except (ModelLoadError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as err:
+    except (ModelLoadError, ExportError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as err:
         # RecipeError is a ValueError
         log.error("%s", err)
         return 2

@@ -36,8 +36,15 @@ from torch import nn
 
 from dgq.fingerprint import model_identity
 from dgq.fsutil import atomic_dir
+from export.iospec import (
+    ONNX_ELEM_TYPE,
+    NetworkSpec,
+    specs_to_json,
+    text_encoder_spec,
+    unet_spec,
+    vae_decoder_spec,
+)
 from export.manifest import MANIFEST, write_manifest
-from export.iospec import ONNX_ELEM_TYPE, NetworkSpec, specs_to_json, text_encoder_spec, unet_spec, vae_decoder_spec
 
 log = logging.getLogger(__name__)
 

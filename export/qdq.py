@@ -71,7 +71,7 @@ _ZERO_I8 = torch.zeros((), dtype=torch.int8)
 
 
 def _qrange_of(zero_point: torch.Tensor) -> tuple[int, int]:
-    return (0, 255) if zero_point.dtype == torch.uint8 else (-128, 127)
+    return {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767)}[zero_point.dtype]
 
 
 def _axis_view(t: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
@@ -183,24 +183,14 @@ class FaithfulActQuant(_Slotted):
                 gi = act.group_index[s] if kind != LAYER else torch.zeros(1, dtype=torch.long)
                 scale[s], zp[s] = sc[gi], z[gi]
                 qlo[s], qhi[s] = float(qmin), float(qmax)
-            # A group range that excludes 0 has its zero point off the 8-bit grid, which ONNX cannot
-            # store. Such sites quantize u = x / s + m (m even, so round-half-even is unchanged) with
-            # unit scale and zero point z - m, and map back with (y - m) * s: the same integers.
+            # A group range that excludes 0 has its zero point off the 8-bit grid. Such a site keeps
+            # its true zero point in an INT16 container (QuantizeLinear-21) and clips x to its grid
+            # first: the same integers, the same dequantized values.
             shift = bool(((zp < qmin_c) | (zp > qmax_c)).any())
-            m = 2 * torch.div(zp - (qmin_c + qmax_c + 1) // 2, 2, rounding_mode="floor") if shift else torch.zeros_like(zp)
-            z0 = zp - m
             self.shift[kind] = shift
             self.register_buffer(f"{kind}_scale", scale.float())
-            self.register_buffer(f"{kind}_zp", z0.to(_zp_dtype(sym)))
-            if shift:
-                self.register_buffer(f"{kind}_m", m.float())
-            # grid bounds of x (natural form) or of u (shifted form), for bit widths under 8
-            if not self.clip:
-                pass
-            elif shift:
-                self.register_buffer(f"{kind}_lo", (qlo - z0).float())
-                self.register_buffer(f"{kind}_hi", (qhi - z0).float())
-            else:
+            self.register_buffer(f"{kind}_zp", zp.to(torch.int16 if shift else _zp_dtype(sym)))
+            if self.clip or shift:  # bounds of x on the quantizer's own grid
                 self.register_buffer(f"{kind}_lo", ((qlo - zp) * scale).float())
                 self.register_buffer(f"{kind}_hi", ((qhi - zp) * scale).float())
             flag = torch.tensor([a == kind for a in act.axis])
@@ -208,11 +198,12 @@ class FaithfulActQuant(_Slotted):
 
     def _one(self, x: torch.Tensor, kind: str, slot) -> torch.Tensor:
         scale, zp = self.pick(f"{kind}_scale", slot), self.pick(f"{kind}_zp", slot)
-        lo, hi = (self.pick(f"{kind}_lo", slot), self.pick(f"{kind}_hi", slot)) if self.clip else (None, None)
+        clip = self.clip or self.shift[kind]
+        lo, hi = (self.pick(f"{kind}_lo", slot), self.pick(f"{kind}_hi", slot)) if clip else (None, None)
         shape = x.shape
         if kind == LAYER:
             axis, scale, zp = None, scale.reshape(()), zp.reshape(())
-            lo, hi = (lo.reshape(()), hi.reshape(())) if self.clip else (None, None)
+            lo, hi = (lo.reshape(()), hi.reshape(())) if clip else (None, None)
         elif self.layout == CONV:
             if kind == PIXEL:
                 x = x.flatten(2)
@@ -220,18 +211,10 @@ class FaithfulActQuant(_Slotted):
         else:
             axis = x.ndim - 1 if kind == CHANNEL else 1
         if kind == LAYER:
-            view = lambda t: t  # noqa: E731
+            view = lambda t: t
         else:
-            view = lambda t: _axis_view(t, x.ndim, axis)  # noqa: E731
-        if self.shift[kind]:
-            m = self.pick(f"{kind}_m", slot)
-            m = m.reshape(()) if kind == LAYER else m
-            u = x / view(scale) + view(m)
-            if self.clip:
-                u = torch.minimum(torch.maximum(u, view(lo)), view(hi))
-            y = QDQ.apply(u, torch.ones_like(scale), zp, axis)
-            return ((y - view(m)) * view(scale)).reshape(shape)
-        if self.clip:
+            view = lambda t: _axis_view(t, x.ndim, axis)
+        if clip:
             x = torch.minimum(torch.maximum(x, view(lo)), view(hi))
         return QDQ.apply(x, scale, zp, axis).reshape(shape)
 
@@ -380,11 +363,14 @@ class _LoweredLayer(nn.Module):
         self.register_buffer("bias", None if inner.bias is None else inner.bias.detach().float().clone())
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Conv2d, or Linear with an (out, in) weight: the simulator's own calls, so equal bit for bit."""
         if self.is_conv:
             return F.conv2d(x, w, bias, *self.conv_args)
-        # Linear weights are stored transposed (in, out) so the graph is DQ -> MatMul without a Transpose.
-        y = torch.matmul(x, w)
-        return y if bias is None else y + bias
+        return F.linear(x, w, bias)
+
+    def _op_t(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Conv2d, or Linear with an (in, out) weight: DQ -> MatMul with no Transpose between (branches)."""
+        return F.conv2d(x, w, None, *self.conv_args) if self.is_conv else torch.matmul(x, w)
 
 
 class FaithfulLayer(_LoweredLayer):
@@ -395,14 +381,10 @@ class FaithfulLayer(_LoweredLayer):
         self.act = act
         w = inner.weight.detach().float()
         if wq is None:
-            self.register_buffer("w_float", w if self.is_conv else w.t().contiguous())
+            self.register_buffer("w_float", w)
             self.wbits = None
         else:
             q, s, z, axis, block = _int_weight(w, wq)
-            if not self.is_conv:  # transpose to (in, out): per-output-channel axis 0 -> 1, blocks along dim 0
-                q, z = q.t().contiguous(), (z.t().contiguous() if z.ndim == 2 else z)
-                s = s.t().contiguous() if s.ndim == 2 else s
-                axis = None if axis is None else 1 - axis
             self.register_buffer("w_q", q)
             self.register_buffer("w_scale", s)
             self.register_buffer("w_zp", z)
@@ -499,7 +481,7 @@ class BranchedLayer(_LoweredLayer):
                     if (qmin, qmax) != (-128, 127):
                         u = torch.clamp(u, float(qmin), float(qmax))
                     xg = QDQ.apply(u, _ONE, _ZERO_I8, None)
-            y = self._op(xg, self._weight(b), None)
+            y = self._op_t(xg, self._weight(b))
             if s is not None:
                 y = y * s
             out = y if out is None else out + y
@@ -602,7 +584,7 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
     act_cls = FaithfulActQuant if target == "faithful" else UnitScaleActQuant
     holders = nn.ModuleDict()
     for site in attention_sites(unet, config):
-        def act(role):
+        def act(role, site=site):
             a = recipe.acts.get(site.key(role))
             if a is None:
                 return None

@@ -95,19 +95,37 @@ def _has_pixel_groups(recipe: Recipe) -> bool:
     return any(PIXEL in a.axis for a in recipe.acts.values())
 
 
-def pack_int4_weights(model: onnx.ModelProto) -> int:
+def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
     """Store the integer weights of every DequantizeLinear as INT4/UINT4 (with their zero points).
 
     Called for 4-bit recipes at opset >= 21; values already lie on the 4-bit grid. A zero point
-    shared with an 8-bit node gets its own copy. Returns the number of weights packed.
+    shared with an 8-bit node gets its own copy. ``gemm_only`` (TensorRT: INT4 is a weight-only
+    GEMM feature) leaves conv weights in their INT8 container. Returns the number of weights packed.
     """
+    from export.lint import _feeds_gemm, _Graph
+
     g = model.graph
+    lint_graph = _Graph(model) if gemm_only else None
     init = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def source(name: str) -> str:  # through the exporter's Identity nodes for deduplicated initializers
+        while name not in init and name in producer and producer[name].op_type == "Identity":
+            name = producer[name].input[0]
+        return name
+
+    for n in g.node:  # read weights and zero points straight from their initializers
+        if n.op_type == "DequantizeLinear":
+            for pos in (0, 2):
+                if pos < len(n.input) and source(n.input[pos]) in init:
+                    n.input[pos] = source(n.input[pos])
     users: dict[str, int] = Counter(i for n in g.node for i in n.input)
     packed = 0
     new: dict[str, onnx.TensorProto] = {}
     for n in g.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in init:
+            continue
+        if gemm_only and not _feeds_gemm(lint_graph, n.output[0]):
             continue
         for pos in (0, 2):
             if pos >= len(n.input) or n.input[pos] not in init:
@@ -148,7 +166,8 @@ def export_onnx(
 ) -> ExportSummary:
     """Export ``pipe`` (with ``recipe`` for a quantized ``target``) into ``out_dir``; see the module docstring.
 
-    ``opset``: default 17, or 21 for 4-bit weights (INT4 tensors). ``compare_float``: also export
+    ``opset``: default 17 for 8-bit tensorrt graphs, 21 for 4-bit weights (INT4 tensors) and for
+    the faithful target (INT16 zero points). ``compare_float``: also export
     the float32 UNet to a temporary folder to report the size ratio. The UNet must be float32.
     """
     if target not in TARGETS:
@@ -168,9 +187,13 @@ def export_onnx(
         raise ExportError("a quantized export needs the unet component")
     recipe.check_model(pipe.unet)
     four_bit = recipe.config.wbits <= 4
-    opset = opset or (INT4_OPSET if four_bit else 17)
-    if four_bit and opset < INT4_OPSET:
-        raise ExportError(f"4-bit weights need opset >= {INT4_OPSET} (INT4 tensors, block-wise DequantizeLinear); got {opset}")
+    # faithful: INT16 zero points for group ranges that exclude 0 (QuantizeLinear-21)
+    needs_21 = four_bit or target == "faithful"
+    opset = opset or (INT4_OPSET if needs_21 else 17)
+    if needs_21 and opset < INT4_OPSET:
+        why = "4-bit weights need INT4 tensors and block-wise DequantizeLinear" if four_bit else \
+            "the faithful target needs INT16 zero points for group ranges that exclude 0"
+        raise ExportError(f"opset {opset} is too old: {why} (opset >= {INT4_OPSET})")
     static = _latent_size(pipe, recipe) if _has_pixel_groups(recipe) else None
     specs = pipeline_specs(pipe, components, static_size=static, batch=batch)
     try:
@@ -188,7 +211,7 @@ def export_onnx(
 
     def post(model: onnx.ModelProto) -> None:
         if four_bit:
-            n = pack_int4_weights(model)
+            n = pack_int4_weights(model, gemm_only=target == "tensorrt")
             log.info("packed %d weights as INT4", n)
         if target == "tensorrt":
             warnings_found.extend(str(v) for v in check_tensorrt(model))
@@ -243,4 +266,4 @@ def _float_unet_bytes(pipe: Any, specs: dict, opset: int) -> dict[str, int]:
         return {"unet": path.stat().st_size + sum(p.stat().st_size for p in Path(tmp).glob("*.data"))}
 
 
-__all__ = ["ExportSummary", "export_onnx", "pack_int4_weights", "QUANT_TARGETS", "MANIFEST"]
+__all__ = ["MANIFEST", "QUANT_TARGETS", "ExportSummary", "export_onnx", "pack_int4_weights"]

@@ -73,3 +73,18 @@ RUNTIME_IMAGE_MAX_DIFF_FRACTION = 0.01
 TRT_FLOAT_MAX_REL_ERR = 1e-3  # one UNet call, max |trt - ort| / max |ort|
 RUNTIME_TRT_IMAGE_MAX_ABS_LEVELS = 8
 RUNTIME_TRT_IMAGE_MAX_DIFF_FRACTION = 0.05
+
+# --- export: Q/DQ graphs (parity ladder rung 3, tests/export/test_qdq.py) ----------------------------
+# One Conv2d lowered for the faithful target (6-bit channel and pixel groups over two steps, a zero
+# point off the uint8 grid) in ONNX Runtime with optimizations off and in onnx.reference, against
+# the simulator's QuantLayer: the quantized input is exact, the conv sums in another order.
+QDQ_LAYER_EXACT_ATOL = 1e-5
+# Whole tiny UNets (graph vs the PyTorch lowering it was traced from, ONNX Runtime optimizations
+# off; and optimizations on vs off), SQNR in dB. A chain of quantizers turns float32 round-off
+# differences between two runtimes into whole quantization steps where a value sits on a rounding
+# edge, so whole-network parity is a quantization-noise-level bound, not an equality (the exact
+# rung is the one-layer test above).
+QDQ_GRAPH_MIN_SQNR_DB = 30.0
+QDQ_GRAPH_OPT_MIN_SQNR_DB = 25.0
+# tensorrt-target lowering (branches summed, multiply-back after the GEMM) against the simulator.
+QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB = 30.0
