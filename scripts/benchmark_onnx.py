@@ -1,0 +1,142 @@
+"""ONNX Runtime CPU latency per UNet call and file size: float graph vs each Q/DQ export target.
+
+    python scripts/benchmark_onnx.py --out results/benchmark_onnx_sdshape.json
+
+Default network: an SD-shaped UNet (SD v1.5's UNet config with block_out_channels
+(128, 256, 512, 512), cross_attention_dim 768; random seeded weights) at latent 32x32, batch 2
+(classifier-free guidance), calibrated on a few prompts (statistics only matter for the graph
+structure here, not for quality). ``--model fashion`` (or any zoo name/folder) benchmarks that
+model's UNet instead. One process; sessions created once; runs interleaved (float, faithful,
+tensorrt, float, ...) so machine-load drift hits every graph alike; median per graph. This is a
+benchmark, not a test: nothing asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("benchmark_onnx")
+
+
+def sd_shaped_pipeline(seed: int = 0):
+    from diffusers import DDIMScheduler
+
+    from dgq.zoo import configs
+    from dgq.zoo.builders import TINY_VAE, build_sd
+
+    unet = dict(configs.SD15_UNET, block_out_channels=(128, 256, 512, 512), sample_size=32)
+    text = dict(configs.CLIP_L_TEXT, num_hidden_layers=2)  # hidden 768: the UNet's cross-attention width
+    vae = dict(TINY_VAE)  # 2x spatial factor: 64 px images for 32x32 latents
+    return build_sd(unet, text, vae, DDIMScheduler(**configs.SD15_SCHEDULER), seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="zoo name or pipeline folder (default: the SD-shaped UNet)")
+    p.add_argument("--targets", nargs="+", default=["faithful", "tensorrt"], choices=["faithful", "tensorrt"])
+    p.add_argument("--wbits", type=int, default=8, choices=(8, 4))
+    p.add_argument("--groups", type=int, default=4, help="DGQ's K for both targets (default 4)")
+    p.add_argument("--cal-prompts", type=int, default=4, help="calibration prompts (default 4)")
+    p.add_argument("--steps", type=int, default=4, help="calibration steps (default 4)")
+    p.add_argument("--batch", type=int, default=2, help="UNet batch (default 2: guidance doubles one image)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per graph (default 10)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    p.add_argument("--keep", type=Path, default=None, help="keep the export folders here")
+    p.add_argument("--out", type=Path, default=None, help="JSON results file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import onnxruntime as ort
+
+    from dgq import zoo
+    from dgq.calibrate import build_recipe, collect_statistics
+    from dgq.config import preset
+    from dgq.prompts import calibration_prompts
+    from export.qdq_export import export_onnx
+
+    torch.set_num_threads(args.threads)
+    pipe = sd_shaped_pipeline() if args.model is None else zoo.load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    name = args.model or "sd-shaped (128,256,512,512), cross 768"
+    n_params = sum(p.numel() for p in pipe.unet.parameters())
+    t0 = time.perf_counter()
+    stats = collect_statistics(pipe, calibration_prompts(args.model or "sd15", args.cal_prompts), args.steps, 7.5, progress=False)
+    recipes = {
+        "faithful": build_recipe(stats, pipe.unet, preset("dgq", wbits=args.wbits, groups=args.groups), progress=False),
+        "tensorrt": build_recipe(stats, pipe.unet, preset("dgq", wbits=args.wbits, groups=args.groups, profile="tensorrt",
+                                                          outlier_bits=16), progress=False),
+    }
+    log.info("calibrated in %.0f s", time.perf_counter() - t0)
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dgq-bench-"))
+    folders = {"float": root / "float"}
+    export_onnx(pipe, folders["float"], None, "float", components=("unet",), batch=(1, args.batch // 2, args.batch // 2),
+                overwrite=True)
+    summaries = {}
+    for t in args.targets:
+        folders[t] = root / t
+        summaries[t] = export_onnx(pipe, folders[t], recipes[t], t, components=("unet",),
+                                   batch=(1, args.batch // 2, args.batch // 2), overwrite=True, compare_float=False)
+    sessions, feeds = {}, {}
+    g = torch.Generator().manual_seed(0)
+    latent = pipe.unet.config.sample_size
+    sample = torch.randn(args.batch, pipe.unet.config.in_channels, latent, latent, generator=g).numpy()
+    ehs = torch.randn(args.batch, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, generator=g).numpy()
+    for k, folder in folders.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(folder / "unet.optimized.onnx")
+        sessions[k] = ort.InferenceSession(str(folder / "unet.onnx"), so, providers=["CPUExecutionProvider"])
+        names = {i.name for i in sessions[k].get_inputs()}
+        f = {"sample": sample, "timestep": np.array(recipes["faithful"].slots[0], np.float32), "encoder_hidden_states": ehs}
+        if "step_index" in names:
+            f["step_index"] = np.array(0, np.int64)
+        feeds[k] = f
+        sessions[k].run(None, f)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(args.runs):
+        for k, s in sessions.items():
+            t1 = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(time.perf_counter() - t1)
+    import onnx
+
+    rows = {}
+    for k, folder in folders.items():
+        opt = onnx.load(str(folder / "unet.optimized.onnx"), load_external_data=False)
+        ops = {}
+        for n in opt.graph.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        fused = {o: ops[o] for o in ("QLinearConv", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "ConvInteger",
+                                     "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits") if o in ops}
+        size = sum(p.stat().st_size for p in folder.glob("unet.onnx*") if "optimized" not in p.name)
+        rows[k] = {"median_ms": 1000 * statistics.median(times[k]), "min_ms": 1000 * min(times[k]), "bytes": size,
+                   "integer_kernels_after_optimization": fused, "nodes": sum(ops.values())}
+    base = rows["float"]
+    for r in rows.values():
+        r["speedup_vs_float"] = base["median_ms"] / r["median_ms"]
+        r["size_vs_float"] = r["bytes"] / base["bytes"]
+    for t, s in summaries.items():
+        rows[t]["sites"] = s.sites
+    result = {"network": name, "unet_params": n_params, "latent": latent, "batch": args.batch, "wbits": args.wbits,
+              "groups": args.groups, "threads": args.threads, "runs": args.runs, "onnxruntime": ort.__version__,
+              "results": rows}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

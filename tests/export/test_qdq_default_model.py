@@ -1,0 +1,84 @@
+"""The default model through the whole chain: calibrate -> Q/DQ export (faithful, tensorrt INT8 and
+INT4 weights) -> ONNX Runtime images vs the simulator's -> TensorRT (AOT) engine builds."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from dgq import zoo
+from dgq.calibrate import build_recipe, collect_statistics
+from dgq.config import preset
+from dgq.prompts import calibration_prompts
+from export.lint import lint_tensorrt
+from export.qdq_export import export_onnx
+from tests.tolerances import RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
+
+pytestmark = pytest.mark.slow
+STEPS, GUIDANCE = 25, 5.0
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    pipe = zoo.load_pipeline("fashion")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def fashion_exports(fashion, tmp_path_factory):
+    stats = collect_statistics(fashion, calibration_prompts("fashion", 8), STEPS, GUIDANCE, progress=False)
+    root = tmp_path_factory.mktemp("fashion")
+    made = {}
+    for name, target, cfg in (
+        ("faithful", "faithful", preset("dgq", weight_init="minmax")),
+        ("tensorrt", "tensorrt", preset("dgq", groups=4, profile="tensorrt", outlier_bits=16, weight_init="minmax")),
+        ("tensorrt_w4", "tensorrt", preset("dgq", groups=4, profile="tensorrt", outlier_bits=16, wbits=4, weight_init="minmax")),
+    ):
+        recipe = build_recipe(stats, fashion.unet, cfg, progress=False)
+        export_onnx(fashion, root / name, recipe, target, compare_float=False)
+        made[name] = (root / name, recipe)
+    return made
+
+
+def psnr_u8(a, b) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("name", ["faithful", "tensorrt"])
+def test_runtime_image_matches_simulator(fashion, fashion_exports, name):
+    from dgq.simulate import simulate
+    from runtime.pipeline import Text2ImagePipeline
+
+    folder, recipe = fashion_exports[name]
+    rt = Text2ImagePipeline.from_export(folder, backend="onnxruntime")
+    got = rt(["a photo of a sneaker"], seed=7, steps=STEPS, guidance=GUIDANCE).images[0]
+    sim = simulate(fashion, recipe)(["a photo of a sneaker"], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                                    generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    assert psnr_u8(got, np.round(sim * 255)) > RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
+
+
+def test_tensorrt_graphs_pass_the_lint(fashion_exports):
+    import onnx
+
+    for name in ("tensorrt", "tensorrt_w4"):
+        model = onnx.load(str(fashion_exports[name][0] / "unet.onnx"))
+        assert not [v for v in lint_tensorrt(model) if v.severity == "error"], name
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("name,scheme", [("tensorrt", "INT8"), ("tensorrt_w4", "INT4 weights")])
+def test_default_model_engines_build(fashion_exports, name, scheme, tmp_path):
+    if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
+        pytest.skip("needs the tensorrt or tensorrt_rtx module")
+    import json
+
+    from runtime.build import build_engines
+
+    results = build_engines(fashion_exports[name][0], components=["unet"], out_dir=tmp_path, workspace_gib=1)
+    net = json.loads(results["unet"].report.read_text())["network"]
+    assert net["quantized"]["total"] > 0 and scheme in net["quantized"]["by_scheme"], net["summary"]
