@@ -178,6 +178,9 @@ class OnnxRuntimeRunner(Runner):
         )
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
+        # ORT rewrites DQ -> MatMul into MatMulNBits whose default accuracy level 4 quantizes the
+        # activations too; level 0 keeps the graph's own semantics (the export is held to the simulator).
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         providers = self.providers if self.providers is not None else default_ort_providers()
         unknown = [p for p in providers if p not in ort.get_available_providers()]
         if unknown:

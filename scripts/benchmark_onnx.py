@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         so.intra_op_num_threads = args.threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = str(folder / "unet.optimized.onnx")
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as runtime.runners does
         sessions[k] = ort.InferenceSession(str(folder / "unet.onnx"), so, providers=["CPUExecutionProvider"])
         names = {i.name for i in sessions[k].get_inputs()}
         f = {"sample": sample, "timestep": np.array(recipes["faithful"].slots[0], np.float32), "encoder_hidden_states": ehs}
