@@ -29,7 +29,7 @@ log = logging.getLogger("benchmark_onnx")
 
 
 def sd_shaped_pipeline(seed: int = 0):
-    from diffusers import DDIMScheduler
+    from diffusers import PNDMScheduler
 
     from dgq.zoo import configs
     from dgq.zoo.builders import TINY_VAE, build_sd
@@ -37,7 +37,7 @@ def sd_shaped_pipeline(seed: int = 0):
     unet = dict(configs.SD15_UNET, block_out_channels=(128, 256, 512, 512), sample_size=32)
     text = dict(configs.CLIP_L_TEXT, num_hidden_layers=2)  # hidden 768: the UNet's cross-attention width
     vae = dict(TINY_VAE)  # 2x spatial factor: 64 px images for 32x32 latents
-    return build_sd(unet, text, vae, DDIMScheduler(**configs.SD15_SCHEDULER), seed)
+    return build_sd(unet, text, vae, PNDMScheduler(**configs.SD15_SCHEDULER), seed)
 
 
 def main(argv: list[str] | None = None) -> int:
