@@ -87,13 +87,17 @@ def _fmt(v, digits=2):
     return f"{v:.{digits}f}"
 
 
+def _bits(row: dict) -> str:
+    return "float" if row["method"] == NOISE_FLOOR else f"W{row['wbits']}A{row['abits']}"
+
+
 def markdown(rows: list[dict], header: str) -> str:
     fid = any(r.get("fid_vs_reference") is not None for r in rows)
     lines = [header, "", "| W/A | method | noise SQNR (dB) | worst step (dB) | image PSNR (dB) | SSIM | judge acc. | flips |"
              + (" FID vs float |" if fid else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if fid else "")]
     for r in rows:
         lines.append(
-            f"| W{r['wbits']}A{r['abits']} | {r['method']} | {_fmt(r['noise_sqnr_db'])} | {_fmt(r['noise_sqnr_db_worst_step'])} | "
+            f"| {_bits(r)} | {r['method']} | {_fmt(r['noise_sqnr_db'])} | {_fmt(r['noise_sqnr_db_worst_step'])} | "
             f"{_fmt(r['image_psnr_db'])} | {_fmt(r['ssim'], 3)} | {_fmt(r['judge_accuracy'], 3)} | {_fmt(r['flip_rate'], 3)} |"
             + (f" {_fmt(r.get('fid_vs_reference'))} |" if fid else "")
         )
@@ -119,7 +123,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a row 'float, other seeds': the float model with new seeds against itself, the "
                              "floor that distribution metrics (FID, judge accuracy) of a quantized model are read against")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="output folder")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="only re-render table.md from an earlier results.json (no calibration, no sampling)")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        data = json.loads(args.render.read_text())
+        m = data["meta"]
+        header = (f"Model `{m['model']}`, {m['cal_prompts']} calibration prompts, {m['steps']} steps, guidance {m['guidance']}; "
+                  f"evaluated on {m['eval_prompts']} prompts x {m['seeds']} seeds against the float model.")
+        table = markdown(data["rows"], header)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(table)
+        sys.stdout.write(table)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from dgq import zoo
