@@ -32,6 +32,7 @@ from export.iospec import FeedError, NetworkSpec, read_specs
 from export.manifest import ManifestError, read_manifest, step_index
 from runtime.runners import (
     BackendUnavailable,
+    DeviceMemoryPool,
     OnnxRuntimeRunner,
     Runner,
     TensorRTRunner,
@@ -158,8 +159,9 @@ class Text2ImagePipeline:
         chosen, reason = _choose_backend(backend, engines)
         if chosen == "tensorrt":
             modules = {c: _check_engine(engines[c], manifest, folder) for c in COMPONENTS}
-            runners = {c: TensorRTRunner(engines[c], specs[c], cuda_graph=cuda_graph and c == "unet", module=modules[c])
-                       for c in COMPONENTS}
+            pool = DeviceMemoryPool()  # one scratch buffer for the three engines (they run in turn)
+            runners = {c: TensorRTRunner(engines[c], specs[c], cuda_graph=cuda_graph and c == "unet", module=modules[c],
+                                         memory_pool=pool) for c in COMPONENTS}
             label = f"tensorrt ({modules['unet'] or tensorrt_module_name()})"
         else:
             runners = {c: OnnxRuntimeRunner(folder / f"{c}.onnx", specs[c], providers=providers,

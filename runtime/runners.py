@@ -269,6 +269,37 @@ def _trt_to_torch(trt_dtype: Any) -> torch.dtype:
     return table[name]
 
 
+class DeviceMemoryPool:
+    """One CUDA scratch buffer shared by the execution contexts of several engines.
+
+    The pipeline runs its engines one after another (each call synchronizes its stream), so the text
+    encoder, UNet and VAE decoder can share the activation memory TensorRT would otherwise allocate
+    per context: the pool grows to the largest engine's need. ``generation`` changes when it grows,
+    which tells a runner to rebind (and to drop a captured CUDA graph that holds the old address).
+    """
+
+    def __init__(self, device: str = "cuda:0"):
+        self.device = device
+        self.buffer: torch.Tensor | None = None
+        self.generation = 0
+
+    def reserve(self, nbytes: int) -> None:
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=self.device)
+            self.generation += 1
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else int(self.buffer.numel())
+
+
+def _engine_scratch_bytes(engine: Any) -> int:
+    for attr in ("device_memory_size_v2", "device_memory_size"):
+        if hasattr(engine, attr):
+            return int(getattr(engine, attr))
+    return 0
+
+
 class TensorRTRunner(Runner):
     """A serialized TensorRT (or TensorRT-RTX) engine, run on a torch CUDA stream.
 
@@ -285,8 +316,11 @@ class TensorRTRunner(Runner):
     """
 
     def __init__(self, engine_path: str | os.PathLike, spec: NetworkSpec, cuda_graph: bool = False,
-                 device: int = 0, module: str | None = None, name: str | None = None):
+                 device: int = 0, module: str | None = None, name: str | None = None,
+                 memory_pool: DeviceMemoryPool | None = None):
         super().__init__(spec, name or f"tensorrt({spec.name})")
+        self.memory_pool = memory_pool
+        self._pool_generation = -1
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
             raise FileNotFoundError(f"{self.name}: no TensorRT engine at {self.engine_path} (build it first)")
@@ -321,11 +355,37 @@ class TensorRTRunner(Runner):
             )
         self._check_engine_io(engine)
         self.engine = engine
-        self.context = engine.create_execution_context()
+        self.context = self._create_context(trt, engine)
         if self.context is None:
             raise RunnerError(f"{self.name}: could not create an execution context (out of GPU memory?)")
         self.stream = torch.cuda.Stream(device=self.device)
         self._runtime = runtime  # the engine must not outlive its runtime
+
+    def _create_context(self, trt: Any, engine: Any) -> Any:
+        """A context that uses the shared pool when one is given and this TensorRT can (10.x:
+        ``ExecutionContextAllocationStrategy.USER_MANAGED``, older: ``..._without_device_memory``)."""
+        pool = self.memory_pool
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        if pool is not None and strategy is not None and hasattr(strategy, "USER_MANAGED"):
+            context = engine.create_execution_context(strategy.USER_MANAGED)
+        elif pool is not None and hasattr(engine, "create_execution_context_without_device_memory"):
+            context = engine.create_execution_context_without_device_memory()
+        else:
+            self.memory_pool = None  # this TensorRT cannot share: the context owns its memory
+            return engine.create_execution_context()
+        pool.reserve(_engine_scratch_bytes(engine))
+        return context
+
+    def _bind_pool(self) -> None:
+        pool = self.memory_pool
+        if pool is None or pool.generation == self._pool_generation:
+            return
+        if hasattr(self.context, "set_device_memory"):
+            self.context.set_device_memory(pool.buffer.data_ptr(), pool.nbytes)
+        else:
+            self.context.device_memory = pool.buffer.data_ptr()
+        self._pool_generation = pool.generation
+        self._graph = None  # a captured graph holds the old address
 
     def _check_engine_io(self, engine: Any) -> None:
         trt = self.trt
@@ -346,6 +406,7 @@ class TensorRTRunner(Runner):
         out_shapes = self.spec.output_shapes(dims)
         signature = tuple(sorted(shapes.items()))
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            self._bind_pool()
             if self.cuda_graph and self._graph is not None and self._graph[0] == signature:
                 _, graph, in_bufs, out_bufs = self._graph
                 for n in in_bufs:
