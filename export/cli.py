@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # e.g. exports/ on a fresh checkout
+    except OSError as err:
+        raise PermissionError(f"cannot create the folder {out.parent} for {out}: {err.strerror}") from err
     check_writable_parent(out)
     if args.recipe is not None and not args.recipe.is_file():
         raise FileNotFoundError(f"recipe {args.recipe} does not exist (run dgq calibrate, or leave --recipe out to calibrate now)")

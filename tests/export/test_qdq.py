@@ -328,8 +328,8 @@ def test_cli_export_writes_folder_and_refuses_missing_recipe(tmp_path, capsys):
     assert main(["export", "--model", "tiny", "--recipe", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert main(["export", "--model", str(tmp_path / "no-such-model"), "--target", "float", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
-    assert main(["export", "--model", "tiny", "--target", "float", "--out", str(tmp_path / "f")]) == 0
-    assert read_manifest(tmp_path / "f", verify=True)["target"] == "float"
+    assert main(["export", "--model", "tiny", "--target", "float", "--out", str(tmp_path / "new" / "f")]) == 0  # parents made
+    assert read_manifest(tmp_path / "new" / "f", verify=True)["target"] == "float"
 
 
 
