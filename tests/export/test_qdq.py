@@ -357,3 +357,47 @@ def test_tensorrt_target_builds_and_reports_quantized_layers(exports, name, tmp_
         assert "INT4 weights" in schemes, schemes
     else:
         assert "INT8" in schemes, schemes
+
+
+def test_one_branched_layer_graph_matches_the_simulator(tmp_path):
+    """tensorrt target, one Conv2d with 3 channel groups over 2 steps (per-step unit-scale form), the
+    widest group a float branch: ONNX Runtime (optimizations off) equals the simulator's QuantLayer
+    up to the branches' float summation order."""
+    from export.qdq import BranchedLayer
+
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(6, 4, 3, padding=1)
+    gi = torch.tensor([0, 0, 1, 1, 2, 2])
+    ranges = [torch.tensor([[-1.0, 1.0], [-2.0, 2.0], [-9.0, 9.0]]), torch.tensor([[-0.5, 0.5], [-3.0, 3.0], [-7.0, 7.0]])]
+    act = ActQuant("conv", ["channel", "channel"], [gi, gi], ranges)
+    config = preset("dgq", groups=3, profile="tensorrt", outlier_bits=16)
+    w = conv.weight.detach()
+    from dgq.quant import symmetric_scale_from_absmax
+
+    s = symmetric_scale_from_absmax(w.abs().amax((1, 2, 3)), 8)
+    wq = WeightQuant(8, "channel", None, True, s, torch.zeros_like(s))
+    ctx, low_ctx = StepContext(), StepContext()
+    sim = QuantLayer(conv, fake_quantize_weight(w, wq), ActFakeQuant(act, 8, config), ctx)
+    low = BranchedLayer("conv", conv, wq, act, 8, config, low_ctx)
+    assert len(low.branches) == 3 and low.branches[-1]["scale"] is None  # the outlier group is a float branch
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = low
+
+        def forward(self, x, step):
+            low_ctx.slot = step
+            return self.layer(x)
+
+    x = torch.randn(2, 6, 4, 4) * 4
+    path = tmp_path / "branched.onnx"
+    torch.onnx.export(Wrap(), (x, torch.tensor(0)), str(path), input_names=["x", "step_index"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+    assert not [v for v in lint_tensorrt(onnx.load(str(path))) if v.severity == "error"]
+    for slot in (0, 1):
+        ctx.slot = slot
+        with torch.no_grad():
+            expected = sim(x).numpy()
+        got = run_graph(path, {"x": x.numpy(), "step_index": np.array(slot, np.int64)}, "off")
+        np.testing.assert_allclose(got, expected, atol=QDQ_LAYER_EXACT_ATOL, rtol=0)
