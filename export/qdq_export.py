@@ -95,6 +95,17 @@ def _has_pixel_groups(recipe: Recipe) -> bool:
     return any(PIXEL in a.axis for a in recipe.acts.values())
 
 
+def int4_tensor(name: str, values: np.ndarray, signed: bool) -> onnx.TensorProto:
+    """An INT4/UINT4 initializer in raw_data, two values per byte, first in the low nibble (the
+    ONNX layout; ``helper.make_tensor`` from a list stores varints, ~1.4 bytes per pair)."""
+    flat = (values.astype(np.int16).flatten() & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    packed = flat[0::2] | (flat[1::2] << 4)
+    return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, list(values.shape),
+                              packed.tobytes(), raw=True)
+
+
 def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
     """Store the integer weights of every DequantizeLinear as INT4/UINT4 (with their zero points).
 
@@ -140,8 +151,7 @@ def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
                 raise ExportError(f"weight {src.name!r} has values outside the 4-bit grid; is this a 4-bit recipe?")
             name = f"{src.name}.int4"
             if name not in new:
-                new[name] = helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, list(arr.shape),
-                                               arr.astype(np.int8).flatten().tolist())
+                new[name] = int4_tensor(name, arr, signed)
             users[n.input[pos]] -= 1
             n.input[pos] = name
             packed += pos == 0

@@ -401,3 +401,15 @@ def test_one_branched_layer_graph_matches_the_simulator(tmp_path):
             expected = sim(x).numpy()
         got = run_graph(path, {"x": x.numpy(), "step_index": np.array(slot, np.int64)}, "off")
         np.testing.assert_allclose(got, expected, atol=QDQ_LAYER_EXACT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("signed,lo,hi", [(True, -8, 7), (False, 0, 15)])
+def test_int4_initializers_hold_half_a_byte_per_weight(signed, lo, hi):
+    from onnx import numpy_helper
+
+    from export.qdq_export import int4_tensor
+
+    values = np.random.default_rng(0).integers(lo, hi + 1, (7, 9, 3)).astype(np.int8)  # odd count: padded
+    t = int4_tensor("w", values, signed)
+    assert len(t.raw_data) == (values.size + 1) // 2
+    assert np.array_equal(numpy_helper.to_array(t).astype(np.int8), values)
