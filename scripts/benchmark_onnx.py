@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           outlier_bits=16), progress=False),
     }
     log.info("calibrated in %.0f s", time.perf_counter() - t0)
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dgq-bench-"))
+    scratch = None if args.keep else tempfile.TemporaryDirectory(prefix="dgq-bench-")  # removed on exit
+    root = Path(args.keep) if args.keep else Path(scratch.name)
     folders = {"float": root / "float"}
     export_onnx(pipe, folders["float"], None, "float", components=("unet",), batch=(1, args.batch // 2, args.batch // 2),
                 overwrite=True)
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         r["size_vs_float"] = r["bytes"] / base["bytes"]
     for t, s in summaries.items():
         rows[t]["sites"] = s.sites
+    if scratch is not None:
+        sessions.clear()
+        scratch.cleanup()
     result = {"network": name, "unet_params": n_params, "latent": latent, "batch": args.batch, "wbits": args.wbits,
               "groups": args.groups, "threads": args.threads, "runs": args.runs, "onnxruntime": ort.__version__,
               "results": rows}
