@@ -72,6 +72,10 @@ def _generate(args: argparse.Namespace) -> int:
     if args.onnx is not None:
         if args.model is not None:
             raise ValueError("--model and --onnx both name what to run; give one")
+        if args.steps is None:
+            from export.manifest import read_manifest
+
+            args.steps = int(read_manifest(args.onnx).get("steps") or 25)
         images, timings = generate_from_export(args.onnx, [args.prompt] * len(seeds), seeds, args.steps, args.guidance,
                                                args.size, backend=args.backend)
         sys.stdout.write(f"backend: {timings['backend']}\n")
@@ -86,7 +90,7 @@ def _generate(args: argparse.Namespace) -> int:
 
         pipe = zoo.load_pipeline(args.model, seed=args.seed)
         pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
-        images, timings = generate(pipe, [args.prompt] * len(seeds), seeds, args.steps, args.guidance, args.size), None
+        images, timings = generate(pipe, [args.prompt] * len(seeds), seeds, args.steps or 25, args.guidance, args.size), None
     for path in save_images(images, args.out):
         sys.stdout.write(f"{path}\n")
     if timings is not None:
@@ -110,7 +114,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
     p.add_argument("--image-seed", type=int, default=0, help="noise seed of the first image (default 0)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default 25; with --onnx of a quantized export: the steps it was calibrated with)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--out", type=Path, default=Path("outputs/images"), help="output folder (default outputs/images)")
