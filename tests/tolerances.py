@@ -94,3 +94,9 @@ QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB = 30.0
 # 41.5 dB tensorrt W8A8, as far from the simulator as the simulator is from float (44.8 / 43.6 dB):
 # rounding-edge flips between two float runtimes, accumulated over 25 steps.
 RUNTIME_QUANT_IMAGE_MIN_PSNR_DB = 33.0
+# ONNX Runtime optimizations on vs off on the same Q/DQ graph (Polygraphy's comparator), median
+# absolute error of the UNet output (outputs of magnitude ~1). Measured: default model faithful
+# W8A8 median 1.2e-7, max 1.4e-6 (MatMulNBits at accuracy level 0); tiny tensorrt W8A8 median 2.8e-4,
+# max 0.042, where ORT's MatMulIntegerToFloat fusion rounds differently and moves a few values across
+# a quantizer's rounding edge.
+QDQ_ORT_OPT_MEDIAN_ATOL = 1e-3

@@ -28,6 +28,7 @@ from tests.tolerances import (
     QDQ_GRAPH_MIN_SQNR_DB,
     QDQ_GRAPH_OPT_MIN_SQNR_DB,
     QDQ_LAYER_EXACT_ATOL,
+    QDQ_ORT_OPT_MEDIAN_ATOL,
     QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB,
 )
 
@@ -413,3 +414,29 @@ def test_int4_initializers_hold_half_a_byte_per_weight(signed, lo, hi):
     t = int4_tensor("w", values, signed)
     assert len(t.raw_data) == (values.size + 1) // 2
     assert np.array_equal(numpy_helper.to_array(t).astype(np.int8), values)
+
+
+@pytest.mark.parametrize("name", ["faithful", "tensorrt", "tensorrt_w4", "faithful_w4"])
+def test_onnxruntime_optimizations_keep_the_graph_semantics_polygraphy(exports, recipes, name):
+    """Rung 3, optimizations on vs off, through Polygraphy's comparator (graph vs graph). With
+    MatMulNBits held at accuracy level 0 (as runtime.runners does) the optimized graph is the same model."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    folder, _ = exports[name]
+    x, e = unet_inputs(2)
+    slots = recipes[name].slots
+    feed = feeds_for(x, slots[-1], e, len(slots) - 1, len(slots))
+
+    def session(level):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.intra_op_num_threads = 1
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        return ort.InferenceSession(str(folder / "unet.onnx"), so, providers=["CPUExecutionProvider"])
+
+    runners = [OnnxrtRunner(session(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), name="ort-off"),
+               OnnxrtRunner(session(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), name="ort-on")]
+    results = Comparator.run(runners, data_loader=[feed])
+    check = CompareFunc.simple(atol=QDQ_ORT_OPT_MEDIAN_ATOL, rtol=0.0, check_error_stat="median")
+    assert bool(Comparator.compare_accuracy(results, compare_func=check))
