@@ -1,7 +1,11 @@
-"""Model + recipe to ONNX: float export of the SD networks and the IO contract they share.
+"""Model + recipe to ONNX: float export of the SD networks, the Q/DQ export of a DGQ recipe, the
+TensorRT rule lint, and the IO contract and manifest the runtime reads.
 
-``export.iospec`` imports only numpy, so runtime code on a Jetson can read ``iospec.json``;
-``export.float_export`` needs torch and diffusers and is imported on use.
+- :mod:`export.iospec` (numpy only) and :mod:`export.manifest` (stdlib only): what a runtime on a
+  device reads; imported here.
+- :mod:`export.float_export`, :mod:`export.qdq` (lowering modules), :mod:`export.qdq_export`
+  (``export_onnx``), :mod:`export.lint`, :mod:`export.cli` need torch/diffusers/onnx and are
+  imported on use.
 """
 
 from export.iospec import (
