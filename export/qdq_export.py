@@ -59,6 +59,7 @@ class ExportSummary:
     sites: dict[str, int]
     warnings: list[str]
     seconds: float
+    ort_integer_kernels: dict[str, int] | None = None  # fused integer ops in ORT CPU's optimized UNet graph
 
     def size_ratio(self, component: str = "unet") -> float | None:
         f = self.float_bytes.get(component)
@@ -70,6 +71,8 @@ class ExportSummary:
             top = ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:8])
             lines.append(f"  {c}: {sum(ops.values())} nodes ({top})")
         lines.append(f"  Q/DQ pairs {self.qdq_pairs}; sites {self.sites}")
+        if self.ort_integer_kernels is not None:
+            lines.append(f"  ONNX Runtime CPU integer kernels after its optimizer: {self.ort_integer_kernels or 'none'}")
         for c, fb in self.float_bytes.items():
             b = self.files.get(f"{c}.onnx")
             if b:
@@ -172,13 +175,15 @@ def export_onnx(
     batch: tuple[int, int, int] = (1, 1, 4),
     overwrite: bool = False,
     compare_float: bool = True,
+    inspect_ort: bool = True,
     progress: bool = False,
 ) -> ExportSummary:
     """Export ``pipe`` (with ``recipe`` for a quantized ``target``) into ``out_dir``; see the module docstring.
 
-    ``opset``: default 17 for 8-bit tensorrt graphs, 21 for 4-bit weights (INT4 tensors) and for
-    the faithful target (INT16 zero points). ``compare_float``: also export
-    the float32 UNet to a temporary folder to report the size ratio. The UNet must be float32.
+    ``opset``: default 17 for 8-bit tensorrt graphs, 21 for 4-bit weights (INT4 tensors) and for the
+    faithful target (INT16 zero points). ``compare_float``: also export the float32 UNet to a
+    temporary folder to report the size ratio. ``inspect_ort``: report the integer kernels ONNX
+    Runtime CPU fuses the UNet into (``ort_integer_kernels``). The UNet must be float32.
     """
     if target not in TARGETS:
         raise ExportError(f"target {target!r} is not one of {list(TARGETS)}")
@@ -247,8 +252,9 @@ def export_onnx(
         float_bytes = _float_unet_bytes(pipe, specs, opset) if compare_float else {}
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.suffix == ".onnx"}
         qdq = nodes["unet"].get("QuantizeLinear", 0)
+        kernels = ort_integer_kernels(tmp / "unet.onnx") if inspect_ort else None
         summary = ExportSummary(target, opset, files, float_bytes, nodes, qdq, site_counts(lowered.sites),
-                                warnings_found, round(time.perf_counter() - start, 1))
+                                warnings_found, round(time.perf_counter() - start, 1), kernels)
         (tmp / "summary.json").write_text(json.dumps(asdict(summary) | {"unet_size_ratio": summary.size_ratio()}, indent=2) + "\n")
         write_manifest(tmp, {
             "target": target, "components": list(components), "versions": versions(),
@@ -262,6 +268,25 @@ def export_onnx(
 
 def sizes_by_component(sizes: dict[str, int]) -> dict[str, int]:
     return {Path(k).stem: v for k, v in sizes.items()}
+
+
+ORT_INTEGER_OPS = ("QLinearConv", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                   "DynamicQuantizeMatMul", "MatMulNBits", "QAttention")
+
+
+def ort_integer_kernels(path: Path) -> dict[str, int]:
+    """Counts of integer ops in ONNX Runtime CPU's optimized version of the graph at ``path``
+    (MatMulNBits at accuracy level 0, as the runtime runs it)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
+    return {k: ops[k] for k in ORT_INTEGER_OPS if ops.get(k)}
 
 
 def _float_unet_bytes(pipe: Any, specs: dict, opset: int) -> dict[str, int]:

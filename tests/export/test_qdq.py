@@ -440,3 +440,10 @@ def test_onnxruntime_optimizations_keep_the_graph_semantics_polygraphy(exports, 
     results = Comparator.run(runners, data_loader=[feed])
     check = CompareFunc.simple(atol=QDQ_ORT_OPT_MEDIAN_ATOL, rtol=0.0, check_error_stat="median")
     assert bool(Comparator.compare_accuracy(results, compare_func=check))
+
+
+def test_summary_reports_onnxruntime_integer_kernels(exports):
+    """ONNX Runtime fuses the tensorrt graph's DQ -> MatMul pairs into integer GEMMs; the summary says how many."""
+    _, summary = exports["tensorrt"]
+    assert summary.ort_integer_kernels.get("MatMulIntegerToFloat", 0) > 0
+    assert "integer kernels" in summary.table()
