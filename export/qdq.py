@@ -19,16 +19,17 @@ Targets (``TARGETS``):
   parameter tables gathered by the ``step_index`` input; a step whose axis differs from another
   step's (channel vs pixel vs layer) gets both paths and a ``Where`` on a per-step flag; bit widths
   below 8 clip to their grid first (ONNX has no 6-bit type: ``Max``/``Min`` on the grid's bounds,
-  then the 8-bit Q/DQ, which is exactly the narrower quantizer); log2 attention probabilities,
-  real-time max and BOS handling as float ops (the processor's own code, traced).
+  then the 8-bit Q/DQ, which is exactly the narrower quantizer); a group range that excludes 0 keeps
+  its zero point in an INT16 container (opset 21) with the same clip; log2/uniform attention
+  probabilities, real-time max and BOS handling as float ops (the processor's own code, traced).
 - ``tensorrt`` (a ``tensorrt``-profile recipe): symmetric int8, zero-points 0, constant Q/DQ scales.
   Channel groups of a Conv/Linear input become branches (Gather the group's channels, Q/DQ, the
   conv/GEMM on the matching weight slice, sum the branches, add the bias once); the outlier group
   (``outlier_bits``) is its own branch in float (16) or at its bits. Per-step scales use the
   "divide, unit-scale Q/DQ, multiply back" form: ``x / s[step]`` -> Q/DQ(scale 1) -> conv -> ``* s[step]``
   (the multiply moves after the conv/GEMM wherever it commutes: per-tensor, per-branch and per-row
-  scales), so the Q/DQ scales stay build-time constants. INT4 weights are block-wise DQ (opset 21)
-  on MatMul; convs keep per-output-channel weights.
+  scales), so the Q/DQ scales stay build-time constants. INT4 weights are packed only where they
+  feed a MatMul/Gemm (TensorRT's INT4 is weight-only GEMM); convs keep 4-bit values in INT8.
 
 Weights are integer initializers (int8/uint8, or int4/uint4 at opset >= 21) with a
 DequantizeLinear, so the file holds 1 byte (or half a byte) per weight. The ``step_index`` input is
@@ -168,7 +169,7 @@ class FaithfulActQuant(_Slotted):
         self.kinds = sorted(set(act.axis))
         qmin_c, qmax_c = (-128, 127) if sym else (0, 255)  # the 8-bit container's grid
         self.clip = quant_range(bits, sym) != (qmin_c, qmax_c)  # narrower grid than the 8-bit container
-        self.shift: dict[str, bool] = {}
+        self.shift: dict[str, bool] = {}  # kind -> zero points off the 8-bit grid (INT16 container)
         for kind in self.kinds:
             sizes = {int(act.group_index[s].numel()) for s in range(n) if act.axis[s] == kind}
             size = 1 if kind == LAYER else sizes.pop()
