@@ -85,10 +85,6 @@ def _name(n: onnx.NodeProto) -> str:
     return n.name or f"{n.op_type}->{n.output[0]}"
 
 
-def _values(t: onnx.TensorProto) -> np.ndarray:
-    if t.data_type in INT4_TYPES:
-        return onnx.numpy_helper.to_array(t).astype(np.int8)
-    return numpy_helper.to_array(t)
 
 
 def _feeds_gemm(g: _Graph, name: str, depth: int = 3) -> bool:
@@ -117,7 +113,7 @@ def lint_tensorrt(model: onnx.ModelProto) -> list[Violation]:
             if zt is None:
                 out.append(Violation("constant-scale", name, f"zero point {zp!r} is computed in the graph"))
             else:
-                if np.any(_values(zt) != 0):
+                if np.any(numpy_helper.to_array(zt) != 0):
                     out.append(Violation("zero-point", name, "zero point is not 0 (TensorRT quantizes symmetrically)"))
                 if zt.data_type == TensorProto.UINT8:
                     out.append(Violation("int8-container", name, "UINT8 Q/DQ; TensorRT takes INT8 only"))

@@ -495,25 +495,19 @@ class BranchedLayer(_LoweredLayer):
                                                    "slots": self.n_slots})
 
 
-class UnitLayer(_LoweredLayer):
-    """``tensorrt`` Conv2d/Linear whose input is pixel/token-grouped or layer-wise (``UnitScaleActQuant``)."""
-
-    def __init__(self, name: str, inner: nn.Module, wq: WeightQuant | None, act: UnitScaleActQuant | None, ctx: StepContext):
-        super().__init__(name, inner, ctx)
-        self.act = act
-        self.inner_weight = FaithfulLayer(name, inner, wq, None, ctx)  # holds the DQ'd weight
+class UnitLayer(FaithfulLayer):
+    """``tensorrt`` Conv2d/Linear whose input is pixel/token-grouped or layer-wise (``UnitScaleActQuant``):
+    the faithful layer's DQ'd weight, with ``* s`` moved past the conv/GEMM where it commutes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None and self.act.commutes_with(self.is_conv):
-            # x / s -> unit Q/DQ -> conv/GEMM -> * s -> + bias: the Q/DQ feeds the layer directly.
-            u, s = self.act.unit_domain(x, self.ctx.current())
-            y = self._op(u, self.inner_weight.weight(), None) * s
-            if self.bias is not None:
-                y = y + (self.bias.view(1, -1, 1, 1) if self.is_conv else self.bias)
-            return y
-        if self.act is not None:
-            x = self.act(x, self.ctx.current())
-        return self._op(x.float(), self.inner_weight.weight(), self.bias)
+        if self.act is None or not self.act.commutes_with(self.is_conv):
+            return super().forward(x)
+        # x / s -> unit Q/DQ -> conv/GEMM -> * s -> + bias: the Q/DQ feeds the layer directly.
+        u, s = self.act.unit_domain(x, self.ctx.current())
+        y = self._op(u, self.weight(), None) * s
+        if self.bias is not None:
+            y = y + (self.bias.view(1, -1, 1, 1) if self.is_conv else self.bias)
+        return y
 
 
 # ---------------------------------------------------------------------------- the UNet

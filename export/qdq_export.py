@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -292,8 +292,7 @@ def ort_integer_kernels(path: Path) -> dict[str, int]:
 def _float_unet_bytes(pipe: Any, specs: dict, opset: int) -> dict[str, int]:
     """Bytes of the float32 UNet graph with the same spec (exported to a temporary folder)."""
     spec = specs["unet"]
-    base = type(spec)(spec.name, tuple(t for t in spec.inputs if t.name != STEP_INPUT), spec.outputs,
-                      {k: v for k, v in spec.dims.items()}, spec.metadata)
+    base = replace(spec, inputs=tuple(t for t in spec.inputs if t.name != STEP_INPUT))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "unet.onnx"
         with torch.no_grad():

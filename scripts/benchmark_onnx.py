@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from dgq.calibrate import build_recipe, collect_statistics
     from dgq.config import preset
     from dgq.prompts import calibration_prompts
-    from export.qdq_export import export_onnx
+    from export.qdq_export import ORT_INTEGER_OPS, export_onnx
 
     torch.set_num_threads(args.threads)
     pipe = sd_shaped_pipeline() if args.model is None else zoo.load_pipeline(args.model)
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         ops = {}
         for n in opt.graph.node:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
-        fused = {o: ops[o] for o in ("QLinearConv", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "ConvInteger",
-                                     "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits") if o in ops}
+        fused = {o: ops[o] for o in ORT_INTEGER_OPS if o in ops}
         size = sum(p.stat().st_size for p in folder.glob("unet.onnx*") if "optimized" not in p.name)
         rows[k] = {"median_ms": 1000 * statistics.median(times[k]), "min_ms": 1000 * min(times[k]), "bytes": size,
                    "integer_kernels_after_optimization": fused, "nodes": sum(ops.values())}
@@ -137,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
               "results": rows}
     text = json.dumps(result, indent=2)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        from dgq.fsutil import atomic_file
+
+        with atomic_file(args.out, "w") as f:
+            f.write(text + "\n")
     sys.stdout.write(text + "\n")
     return 0
 

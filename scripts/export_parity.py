@@ -24,8 +24,11 @@ log = logging.getLogger("export_parity")
 
 
 def psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    """PSNR of two uint8 images (H, W, C) with dgq's metric."""
+    from dgq.eval import metrics
+
+    as_batch = lambda img: torch.as_tensor(img, dtype=torch.float64)[None]
+    return metrics.psnr(as_batch(a), as_batch(b), data_range=255.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for prompt in prompts:
         for seed in range(args.seeds):
-            kw = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np")
+            kw = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}
             f = pipe([prompt], generator=torch.Generator().manual_seed(seed), **kw).images[0]
             s = qpipe([prompt], generator=torch.Generator().manual_seed(seed), **kw).images[0]
             r = rt([prompt], seed=seed, steps=steps, guidance=guidance).images[0]
@@ -83,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = json.dumps(result, indent=2)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        from dgq.fsutil import atomic_file
+
+        with atomic_file(args.out, "w") as f:
+            f.write(text + "\n")
     sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2) + "\n")
     return 0
 

@@ -15,6 +15,7 @@ import torch
 from dgq.attention import StepContext
 from dgq.calibrate import build_recipe, collect_statistics
 from dgq.config import preset
+from dgq.eval import metrics
 from dgq.quant import CHANNEL
 from dgq.recipe import ActQuant, WeightQuant
 from dgq.simulate import ActFakeQuant, QuantLayer, apply_recipe, fake_quantize_weight
@@ -37,8 +38,23 @@ STEPS = 3
 
 
 def sqnr_db(ref, x) -> float:
-    ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
-    return float(10 * np.log10((ref**2).sum() / max(((ref - x) ** 2).sum(), 1e-30)))
+    return metrics.sqnr_db(torch.as_tensor(np.asarray(ref, np.float64)), torch.as_tensor(np.asarray(x, np.float64)))
+
+
+def export_layer(layer: torch.nn.Module, ctx: StepContext, x: torch.Tensor, path, opset: int) -> None:
+    """Export one lowered layer with a ``step_index`` input that sets its step context."""
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, step):
+            ctx.slot = step
+            return self.layer(x)
+
+    torch.onnx.export(Wrap(), (x, torch.tensor(0)), str(path), input_names=["x", "step_index"], output_names=["y"],
+                      opset_version=opset, dynamo=False)
 
 
 @pytest.fixture(scope="module")
@@ -157,19 +173,9 @@ def test_one_layer_graph_is_exact_in_onnxruntime_and_onnx_reference(tmp_path):
     low_ctx = StepContext()
     low = FaithfulLayer("conv", conv, wq, FaithfulActQuant("conv.input", act, 6, config), low_ctx)
 
-    class Wrap(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = low
-
-        def forward(self, x, step):
-            low_ctx.slot = step
-            return self.layer(x)
-
     x = torch.randn(2, 8, 4, 4) * 3
     path = tmp_path / "layer.onnx"
-    torch.onnx.export(Wrap(), (x, torch.tensor(0)), str(path), input_names=["x", "step_index"], output_names=["y"],
-                      opset_version=21, dynamo=False)
+    export_layer(low, low_ctx, x, path, opset=21)
     onnx.checker.check_model(str(path))
     ref_eval = ReferenceEvaluator(str(path))
     for slot in (0, 1):
@@ -189,7 +195,7 @@ def test_one_layer_graph_is_exact_in_onnxruntime_and_onnx_reference(tmp_path):
 
 @pytest.mark.parametrize("name", ["faithful", "tensorrt", "tensorrt_w4", "faithful_w4"])
 def test_graph_matches_lowering_in_onnxruntime(tiny_pipe, recipes, exports, name):
-    folder, summary = exports[name]
+    folder, _ = exports[name]
     onnx.checker.check_model(str(folder / "unet.onnx"))
     recipe = recipes[name]
     low = lower(tiny_pipe.unet, recipe, name.split("_")[0])
@@ -382,19 +388,9 @@ def test_one_branched_layer_graph_matches_the_simulator(tmp_path):
     low = BranchedLayer("conv", conv, wq, act, 8, config, low_ctx)
     assert len(low.branches) == 3 and low.branches[-1]["scale"] is None  # the outlier group is a float branch
 
-    class Wrap(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = low
-
-        def forward(self, x, step):
-            low_ctx.slot = step
-            return self.layer(x)
-
     x = torch.randn(2, 6, 4, 4) * 4
     path = tmp_path / "branched.onnx"
-    torch.onnx.export(Wrap(), (x, torch.tensor(0)), str(path), input_names=["x", "step_index"], output_names=["y"],
-                      opset_version=17, dynamo=False)
+    export_layer(low, low_ctx, x, path, opset=17)
     assert not [v for v in lint_tensorrt(onnx.load(str(path))) if v.severity == "error"]
     for slot in (0, 1):
         ctx.slot = slot

@@ -12,6 +12,7 @@ import torch
 from dgq import zoo
 from dgq.calibrate import build_recipe, collect_statistics
 from dgq.config import preset
+from dgq.eval import metrics
 from dgq.prompts import calibration_prompts
 from export.lint import lint_tensorrt
 from export.qdq_export import export_onnx
@@ -45,8 +46,7 @@ def fashion_exports(fashion, tmp_path_factory):
 
 
 def psnr_u8(a, b) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return metrics.psnr(torch.as_tensor(a, dtype=torch.float64)[None], torch.as_tensor(b, dtype=torch.float64)[None], 255.0)
 
 
 @pytest.mark.parametrize("name", ["faithful", "tensorrt"])
