@@ -22,10 +22,20 @@ from tqdm.auto import tqdm
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.config import QuantConfig
 from dgq.fingerprint import model_identity
-from dgq.quant import LAYER, AxisStats, group_ranges, kmeans_groups, minmax_range, mse_search_range, search_groups
-from dgq.quant import affine_params_from_range, symmetric_scale_from_absmax
-from dgq.recipe import ActQuant, ProbsQuant, Recipe, WeightQuant
-from dgq.simulate import slot_hook
+from dgq.quant import (
+    CHANNEL,
+    LAYER,
+    AxisStats,
+    affine_params_from_range,
+    group_ranges,
+    kmeans_groups,
+    minmax_range,
+    mse_search_range,
+    search_groups,
+    symmetric_scale_from_absmax,
+)
+from dgq.recipe import ActQuant, OutputQuant, ProbsQuant, Recipe, WeightQuant
+from dgq.simulate import apply_recipe, slot_hook
 from dgq.sites import CONV, LINEAR, QKV, attention_sites, layer_sites
 
 log = logging.getLogger(__name__)
@@ -91,6 +101,18 @@ def _group_one(stats: AxisStats, config: QuantConfig, axis: str | None = None, g
     return config.act_axis, gi, torch.stack([gmin, gmax], 1)
 
 
+def _onnxruntime_grouping(layout: str, merged: AxisStats, config: QuantConfig) -> tuple[str, torch.Tensor]:
+    """``onnxruntime`` profile: a conv input gets K channel groups (one QLinearConv branch each),
+    fixed across steps; every other input one range (a per-channel scale cannot feed
+    MatMulIntegerToFloat, and a Gather of channel groups along a MatMul's last axis cost more than
+    the integer kernel saves: README, ONNX Runtime target)."""
+    k = config.effective_groups
+    if layout != CONV or k == 1:
+        return LAYER, torch.zeros(1, dtype=torch.long)
+    amin, amax = merged.axis(CHANNEL)
+    return CHANNEL, kmeans_groups(amin, amax, k, seed=config.seed)
+
+
 def build_act_quant(layout: str, per_slot: dict[int, AxisStats], n_slots: int, config: QuantConfig) -> ActQuant:
     """Steps 2-4 of METHOD.md 3 for one site over its slots.
 
@@ -101,6 +123,12 @@ def build_act_quant(layout: str, per_slot: dict[int, AxisStats], n_slots: int, c
     missing = [s for s in range(n_slots) if s not in per_slot]
     if missing:
         raise RuntimeError(f"site saw no data in slots {missing}; was the UNet called with other timesteps?")
+    if config.profile == "onnxruntime":
+        merged = _merge([per_slot[s] for s in range(n_slots)])
+        axis, gi = _onnxruntime_grouping(layout, merged, config)
+        slots = [_group_one(merged, config, axis, gi)] if not config.time_aware else \
+            [_group_one(per_slot[s], config, axis, gi) for s in range(n_slots)]
+        return ActQuant(layout, [a for a, _, _ in slots], [g for _, g, _ in slots], [r for _, _, r in slots])
     if not config.time_aware:
         axis, gi, rg = _group_one(_merge([per_slot[s] for s in range(n_slots)]), config)
         return ActQuant(layout, [axis], [gi], [rg])
@@ -120,7 +148,7 @@ def weight_quant(weight: torch.Tensor, kind: str, config: QuantConfig) -> Weight
         granularity = "channel"  # block-wise INT4 exists for MatMul/Gemm only; convs stay per channel
     axis = {"tensor": None, "channel": 0, "block": 1}[granularity]
     block = config.weight_block if granularity == "block" else None
-    sym = config.is_symmetric
+    sym = config.weights_symmetric
     if config.weight_init == "mse":
         lo, hi = mse_search_range(w, config.wbits, axis=axis, symmetric=sym, block_size=block)
     else:
@@ -302,6 +330,81 @@ def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantCo
     return recipe
 
 
+class _OutputObserver:
+    """Running (min, max) per (slot, branch) of one conv's bias-free branch outputs."""
+
+    def __init__(self, n_slots: int, k: int) -> None:
+        self.ranges = torch.zeros(n_slots, k, 2)
+        self.seen = torch.zeros(n_slots, k, dtype=torch.bool)
+
+    def __call__(self, branch: int, y: torch.Tensor, slot: int) -> None:
+        lo, hi = float(y.amin()), float(y.amax())
+        if self.seen[slot, branch]:
+            lo, hi = min(lo, float(self.ranges[slot, branch, 0])), max(hi, float(self.ranges[slot, branch, 1]))
+        self.ranges[slot, branch] = torch.tensor([lo, hi])
+        self.seen[slot, branch] = True
+
+
+def calibrate_outputs(
+    pipe: DiffusionPipeline,
+    recipe: Recipe,
+    prompts: Sequence[str],
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    size: int | None = None,
+    seed: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Recipe:
+    """``onnxruntime`` profile: the per-step output range of every quantized conv branch.
+
+    ONNX Runtime's QLinearConv writes a quantized output, so the graph quantizes each branch's
+    bias-free conv output; its range is observed here on the quantized model (inputs and weights as
+    the recipe says) running the pipeline on ``prompts``. Sampling settings default to the
+    recipe's calibration settings. Returns a copy of ``recipe`` with ``outputs`` set.
+    """
+    if recipe.config.profile != "onnxruntime":
+        raise ValueError(f"output ranges belong to the onnxruntime profile, not {recipe.config.profile!r}")
+    if not prompts:
+        raise ValueError("output calibration needs at least one prompt")
+    meta = recipe.meta
+    steps = num_inference_steps or int(meta.get("num_inference_steps", 25))
+    guidance = guidance_scale if guidance_scale is not None else float(meta.get("guidance_scale", 7.5))
+    size = size or meta.get("size") or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    seed = int(meta.get("seed", 0)) if seed is None else seed
+    t0 = time.perf_counter()
+    bare = Recipe(config=recipe.config, model=recipe.model, slots=list(recipe.slots), acts=recipe.acts,
+                  probs=recipe.probs, weights=recipe.weights, meta=dict(recipe.meta))
+    observers: dict[str, _OutputObserver] = {}
+
+    def observe(name: str) -> _OutputObserver:
+        act = recipe.acts[next(s.input_key for s in layer_sites(pipe.unet, recipe.config) if s.name == name)]
+        observers[name] = _OutputObserver(len(act.axis), act.k(0))
+        return observers[name]
+
+    handle = apply_recipe(pipe.unet, bare, observe_outputs=observe)
+    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+        with torch.inference_mode():
+            for idx in tqdm(batches, desc="output calibration batches", disable=not progress):
+                pipe([prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                     generator=[torch.Generator().manual_seed(seed + i) for i in idx], output_type="latent")
+    finally:
+        pipe.set_progress_bar_config(disable=was_disabled)
+        handle.remove()
+    out = Recipe(config=recipe.config, model=recipe.model, slots=list(recipe.slots), acts=dict(recipe.acts),
+                 probs=dict(recipe.probs), weights=dict(recipe.weights), meta=dict(recipe.meta))
+    for name, obs in observers.items():
+        if not obs.seen.any(dim=1).all():
+            raise RuntimeError(f"{name}: no output observed in some timestep slots; generate with the calibrated steps")
+        out.outputs[name] = OutputQuant(obs.ranges.clone())
+    out.meta["output_calibration"] = {"prompts": len(prompts), "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("observed the outputs of %d convs in %.1f s", len(observers), time.perf_counter() - t0)
+    return out
+
+
 def calibrate(
     pipe: DiffusionPipeline,
     prompts: Sequence[str],
@@ -317,6 +420,8 @@ def calibrate(
     t0 = time.perf_counter()
     stats = collect_statistics(pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress)
     recipe = build_recipe(stats, pipe.unet, config, progress)
+    if config.profile == "onnxruntime":
+        recipe = calibrate_outputs(pipe, recipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress)
     log.info("calibration finished in %.1f s", time.perf_counter() - t0)
     return recipe
 
@@ -327,6 +432,9 @@ def with_bits(recipe: Recipe, unet: torch.nn.Module, wbits: int, abits: int, pro
     Groups and activation ranges do not depend on the bit width (min/max statistics); only the
     weight parameters (their MSE search) do, so those are recomputed.
     """
+    if recipe.outputs:
+        raise ValueError("an onnxruntime-profile recipe's output ranges depend on the bit widths; "
+                         "use build_recipe + calibrate_outputs for other bits")
     config = recipe.config.replace(wbits=wbits, abits=abits)
     out = Recipe(config=config, model=recipe.model, slots=list(recipe.slots), acts=dict(recipe.acts),
                  probs=dict(recipe.probs), meta=dict(recipe.meta))

@@ -209,7 +209,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--wbits", type=int, choices=(8, 4), help="weight bits (default 8)")
     p.add_argument("--abits", type=int, choices=(8, 6, 4), help="activation bits (default 8)")
     p.add_argument("--groups", type=int, help="K, groups per activation (default 16; 1 = layer-wise)")
-    p.add_argument("--profile", choices=PROFILES, help="faithful (paper semantics) or tensorrt (default faithful)")
+    p.add_argument("--profile", choices=PROFILES, help="faithful (paper semantics), tensorrt or onnxruntime (what those runtimes execute; default faithful)")
     p.add_argument("--act-axis", choices=ACT_AXES, help="grouping axis rule (default auto = spread rule)")
     p.add_argument("--attn-probs", choices=ATTN_PROBS, help="attention-probability quantizer (default uniform; log2 is the paper's, preset dgq-paper)")
     p.add_argument("--attn-scale", choices=ATTN_SCALES, help="probability scale: per prompt, per batch, static")

@@ -14,7 +14,7 @@ from typing import Any
 
 CONFIG_VERSION = 1
 
-PROFILES = ("faithful", "tensorrt")
+PROFILES = ("faithful", "tensorrt", "onnxruntime")
 WEIGHT_INITS = ("mse", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "block", "tensor")
 ACT_AXES = ("auto", "channel", "pixel", "layer")
@@ -43,7 +43,11 @@ class QuantConfig:
     ``groups`` is DGQ's K (1 = one layer-wise range per timestep). ``profile`` selects the semantics
     (see DESIGN.md): ``faithful`` = asymmetric per-group ranges on the chosen axis; ``tensorrt`` =
     symmetric per-group scales with group membership fixed across timesteps (one branch per group in
-    the exported graph) and the widest (outlier) group kept at ``outlier_bits`` (16 = float).
+    the exported graph) and the widest (outlier) group kept at ``outlier_bits`` (16 = float);
+    ``onnxruntime`` = what ONNX Runtime's CPU integer kernels run: asymmetric (uint8) per-step
+    activation ranges, symmetric int8 weights, conv inputs in channel groups fixed across timesteps
+    (one QLinearConv branch per group) whose outputs are quantized too (a calibrated per-step range
+    per branch, ``Recipe.outputs``), Linear inputs one range per step (MatMulIntegerToFloat).
     """
 
     wbits: int = 8
@@ -90,10 +94,20 @@ class QuantConfig:
             f"outlier_bits must be None, 4, 6, 8 or 16, got {self.outlier_bits}",
         )
         check(isinstance(self.keep_float, tuple), "keep_float must be a tuple of patterns")
+        check(
+            self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),
+            "the onnxruntime profile is asymmetric (uint8 activations) and has no outlier_bits",
+        )
 
     @property
     def is_symmetric(self) -> bool:
+        """Activations symmetric (zero point 0)."""
         return self.symmetric or self.profile == "tensorrt"
+
+    @property
+    def weights_symmetric(self) -> bool:
+        """Weights symmetric: ONNX Runtime's QLinearConv wants int8 weights with zero points 0."""
+        return self.is_symmetric or self.profile == "onnxruntime"
 
     @property
     def effective_groups(self) -> int:

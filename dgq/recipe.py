@@ -70,6 +70,17 @@ class WeightQuant:
 
 
 @dataclass
+class OutputQuant:
+    """Quantized outputs of one conv (``onnxruntime`` profile: QLinearConv writes uint8).
+
+    ``ranges``: float32 ``(S, G, 2)``, the (min, max) of each input-channel branch's bias-free conv
+    output per timestep slot (``S`` = 1 when not time-aware), observed on the quantized model.
+    """
+
+    ranges: torch.Tensor
+
+
+@dataclass
 class Recipe:
     config: QuantConfig
     model: dict[str, str]  # model_identity(unet)
@@ -77,6 +88,7 @@ class Recipe:
     acts: dict[str, ActQuant] = field(default_factory=dict)
     probs: dict[str, ProbsQuant] = field(default_factory=dict)
     weights: dict[str, WeightQuant] = field(default_factory=dict)
+    outputs: dict[str, OutputQuant] = field(default_factory=dict)  # conv name -> output ranges (onnxruntime)
     meta: dict[str, Any] = field(default_factory=dict)  # calibration settings, versions
 
     # ---- lookups ------------------------------------------------------------------------------
@@ -123,6 +135,7 @@ class Recipe:
                 k: {"bits": w.bits, "granularity": w.granularity, "block": w.block, "symmetric": w.symmetric}
                 for k, w in self.weights.items()
             },
+            "outputs": {k: {"shape": list(o.ranges.shape)} for k, o in self.outputs.items()},
             "meta": self.meta,
         }
 
@@ -138,6 +151,8 @@ class Recipe:
         for key, w in self.weights.items():
             out[f"weight/{key}/scale"] = w.scale.float().contiguous()
             out[f"weight/{key}/zero_point"] = w.zero_point.float().contiguous()
+        for key, o in self.outputs.items():
+            out[f"output/{key}/ranges"] = o.ranges.float().contiguous()
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -204,4 +219,9 @@ def load(path: str | Path) -> Recipe:
             info["bits"], info["granularity"], info["block"], info["symmetric"],
             take(f"weight/{key}/scale"), take(f"weight/{key}/zero_point"),
         )
+    for key, info in header.get("outputs", {}).items():
+        ranges = take(f"output/{key}/ranges")
+        if list(ranges.shape) != info["shape"] or ranges.ndim != 3 or ranges.shape[-1] != 2:
+            raise RecipeError(f"{path}: output quantizer {key!r} has inconsistent ranges")
+        recipe.outputs[key] = OutputQuant(ranges)
     return recipe

@@ -28,7 +28,14 @@ from dgq.quant import (
     quant_range,
     symmetric_scale_from_absmax,
 )
-from dgq.recipe import ActQuant, ProbsQuant, Recipe, WeightQuant
+from dgq.recipe import (
+    ActQuant,
+    OutputQuant,
+    ProbsQuant,
+    Recipe,
+    RecipeError,
+    WeightQuant,
+)
 from dgq.sites import CONV, attention_sites, layer_sites, set_module
 
 log = logging.getLogger(__name__)
@@ -56,7 +63,8 @@ def group_params(ranges: torch.Tensor, bits: int, config: QuantConfig, axis: str
         qmin, qmax = quant_range(bits, signed=True)
         return symmetric_scale_from_absmax(amax, bits), torch.zeros_like(amax), qmin, qmax
     qmin, qmax = quant_range(bits, signed=False)
-    scale, zp = affine_params_from_range(lo, hi, bits, include_zero=axis == LAYER)
+    # onnxruntime: every zero point on the uint8 grid (its kernels have no INT16 zero points)
+    scale, zp = affine_params_from_range(lo, hi, bits, include_zero=axis == LAYER or config.profile == "onnxruntime")
     return scale, zp, qmin, qmax
 
 
@@ -163,10 +171,14 @@ def fake_quantize_weight(weight: torch.Tensor, wq: WeightQuant) -> torch.Tensor:
 class QuantLayer(torch.nn.Module):
     """A Conv2d or Linear with a fake-quantized input and weight (the module-swap seam)."""
 
-    def __init__(self, inner: torch.nn.Module, weight_hat: torch.Tensor, act: ActFakeQuant | None, ctx: StepContext):
+    def __init__(self, inner: torch.nn.Module, weight_hat: torch.Tensor, act: ActFakeQuant | None, ctx: StepContext,
+                 matmul: bool = False):
         super().__init__()
         self.inner = inner
-        self.register_buffer("weight_hat", weight_hat.to(inner.weight.dtype), persistent=False)
+        # matmul (onnxruntime profile Linear): x @ W^T + b as MatMul and Add, the exported graph's ops
+        self.matmul = matmul and not isinstance(inner, torch.nn.Conv2d)
+        w = weight_hat.to(inner.weight.dtype)
+        self.register_buffer("weight_hat", w.t().contiguous() if self.matmul else w, persistent=False)
         self.act, self.ctx = act, ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +187,86 @@ class QuantLayer(torch.nn.Module):
         m = self.inner
         if isinstance(m, torch.nn.Conv2d):
             return F.conv2d(x, self.weight_hat, m.bias, m.stride, m.padding, m.dilation, m.groups)
+        if self.matmul:
+            y = torch.matmul(x, self.weight_hat)
+            return y if m.bias is None else y + m.bias
         return F.linear(x, self.weight_hat, m.bias)
+
+
+OUTPUT_BITS = 8  # onnxruntime profile: QLinearConv writes uint8 whatever the activation bits
+
+
+class BranchConvLayer(torch.nn.Module):
+    """``onnxruntime``-profile Conv2d: one branch per input-channel group, each a whole
+    QLinearConv unit, summed, then the float bias.
+
+    Branch g: the group's channels -> per-step uint8 Q/DQ of the group's range -> conv with the
+    matching input slice of the fake-quantized weight -> per-step uint8 Q/DQ of the branch's own
+    output range (``OutputQuant``). A layer-wise site is one branch over every channel. With
+    ``observe`` set and no output ranges, each branch's bias-free output is passed to
+    ``observe(branch, y, slot)`` instead of being quantized (the output calibration pass).
+    """
+
+    def __init__(self, name: str, inner: torch.nn.Conv2d, weight_hat: torch.Tensor, act: ActQuant, bits: int,
+                 config: QuantConfig, out: OutputQuant | None, ctx: StepContext, observe=None):
+        super().__init__()
+        self.name, self.inner, self.ctx, self.observe = name, inner, ctx, observe
+        gi = act.group_index[0]
+        self.branches = branch_channels(act, inner.in_channels)
+        self.whole = len(self.branches) == 1
+        n = len(act.axis)
+        k = act.k(0)
+        scale, zp = torch.zeros(n, k), torch.zeros(n, k)
+        for s in range(n):
+            if not torch.equal(act.group_index[s], gi) or act.axis[s] != act.axis[0]:
+                raise RecipeError(f"{name}: group membership changes across steps; this layer needs an onnxruntime-profile recipe")
+            sc, z, self.qmin, self.qmax = group_params(act.ranges[s], bits, config, act.axis[s])
+            scale[s], zp[s] = sc, z
+        self.scale, self.zp = scale, zp
+        self.weights = [weight_hat[:, idx].contiguous() for _, idx in self.branches]
+        self.out = None
+        if out is not None:
+            if out.ranges.shape[:2] != (n, k):
+                raise RecipeError(f"{name}: output ranges of shape {tuple(out.ranges.shape)} do not match {n} slots x {k} groups")
+            params = [group_params(out.ranges[s], OUTPUT_BITS, config, LAYER) for s in range(n)]
+            self.out = (torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params]), params[0][2], params[0][3])
+        elif observe is None:
+            raise RecipeError(f"{name}: the onnxruntime profile quantizes conv outputs and this recipe has no output "
+                              "ranges for it (calibrate with dgq.calibrate.calibrate, or add them with calibrate_outputs)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.ctx.current()
+        si = slot if self.scale.shape[0] > 1 else 0
+        m = self.inner
+        dtype, x = x.dtype, x.float()
+        out = None
+        for j, (g, idx) in enumerate(self.branches):
+            xg = x if self.whole else torch.index_select(x, 1, idx)
+            xg = fake_quantize_affine(xg, self.scale[si, g], self.zp[si, g], self.qmin, self.qmax)
+            y = F.conv2d(xg, self.weights[j], None, m.stride, m.padding, m.dilation, m.groups)
+            if self.out is None:
+                self.observe(g, y, si)
+            else:
+                oscale, ozp, qmin, qmax = self.out
+                y = fake_quantize_affine(y, oscale[si, g], ozp[si, g], qmin, qmax)
+            out = y if out is None else out + y
+        if m.bias is not None:
+            out = out + m.bias.detach().float().view(1, -1, 1, 1)
+        return out.to(dtype)
+
+
+def branch_channels(act: ActQuant, channels: int) -> list[tuple[int, torch.Tensor]]:
+    """``[(group, channel indices)]`` of the non-empty input-channel groups of a conv site (one
+    group of every channel for a layer-wise site)."""
+    if act.axis[0] == LAYER:
+        return [(0, torch.arange(channels))]
+    gi = act.group_index[0]
+    out = []
+    for g in range(act.k(0)):
+        idx = torch.nonzero(gi == g).flatten()
+        if idx.numel():
+            out.append((g, idx))
+    return out
 
 
 class SimulationHandle:
@@ -207,14 +298,8 @@ def slot_hook(unet: torch.nn.Module, ctx: StepContext, slot_of) -> torch.utils.h
     return unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def apply_recipe(unet: torch.nn.Module, recipe: Recipe, check_model: bool = True) -> SimulationHandle:
-    """Quantize ``unet`` in place as ``recipe`` says. Returns a handle whose ``remove()`` undoes it."""
-    if check_model:
-        recipe.check_model(unet)
+def _swap_layers(unet: torch.nn.Module, recipe: Recipe, ctx: StepContext, handle: SimulationHandle, observe_outputs) -> None:
     config = recipe.config
-    ctx = StepContext()
-    handle = SimulationHandle(unet)
-    handle.hooks.append(slot_hook(unet, ctx, recipe.slot_of))
     for site in layer_sites(unet, config):
         module = unet.get_submodule(site.name)
         wq = recipe.weights.get(site.name)
@@ -224,7 +309,32 @@ def apply_recipe(unet: torch.nn.Module, recipe: Recipe, check_model: bool = True
         if wq is None and act_q is None:
             continue
         handle.swapped[site.name] = module
-        set_module(unet, site.name, QuantLayer(module, weight_hat, act_q, ctx))
+        if config.profile == "onnxruntime" and act is not None and isinstance(module, torch.nn.Conv2d):
+            observe = None if observe_outputs is None or site.name in recipe.outputs else observe_outputs(site.name)
+            new = BranchConvLayer(site.name, module, weight_hat, act, config.abits, config,
+                                  recipe.outputs.get(site.name), ctx, observe)
+        else:
+            new = QuantLayer(module, weight_hat, act_q, ctx, matmul=config.profile == "onnxruntime")
+        set_module(unet, site.name, new)
+
+
+def apply_recipe(unet: torch.nn.Module, recipe: Recipe, check_model: bool = True, observe_outputs=None) -> SimulationHandle:
+    """Quantize ``unet`` in place as ``recipe`` says. Returns a handle whose ``remove()`` undoes it.
+
+    ``observe_outputs(layer_name) -> callable(branch, y, slot)``: the output calibration pass of the
+    ``onnxruntime`` profile (conv outputs are observed instead of quantized where the recipe has no
+    range for them)."""
+    if check_model:
+        recipe.check_model(unet)
+    config = recipe.config
+    ctx = StepContext()
+    handle = SimulationHandle(unet)
+    handle.hooks.append(slot_hook(unet, ctx, recipe.slot_of))
+    try:
+        _swap_layers(unet, recipe, ctx, handle, observe_outputs)
+    except Exception:
+        handle.remove()
+        raise
     handle.processors = dict(unet.attn_processors)
     new = dict(handle.processors)
     for site in attention_sites(unet, config):

@@ -22,10 +22,14 @@ Targets:
              step_index input); the reference graph, runs in ONNX Runtime
   tensorrt   what TensorRT executes: symmetric INT8, constant Q/DQ scales, channel groups as
              branches, per-step scales as x/s -> unit Q/DQ -> *s; linted against TensorRT's rules
+  onnxruntime  what ONNX Runtime's CPU integer kernels run: each conv input channel group is a
+             QLinearConv branch (uint8 activations with per-step ranges, int8 weights, a
+             quantized output), Linear layers fuse to MatMulIntegerToFloat; attention stays float
   float      the float graphs only (baseline for size and speed)
 
-Without --recipe the model is calibrated first (DGQ preset; the tensorrt profile for the tensorrt
-target), which takes minutes on CPU for the default model.
+Without --recipe the model is calibrated first (DGQ preset with the target's profile), which takes
+minutes on CPU for the default model; the onnxruntime target also observes the conv outputs on the
+quantized model (a second pass).
 
 Examples:
   python scripts/export_onnx.py --out exports/fashion-trt --target tensorrt
@@ -33,16 +37,20 @@ Examples:
 """
 
 
+BRANCH_GROUPS = 4  # default K where each group is a branch of the graph (README: what the branches cost)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="zoo name, diffusers pipeline folder or hub id (default: the built-in default model)")
     p.add_argument("--recipe", type=Path, default=None, help="recipe from dgq calibrate (default: calibrate now)")
-    p.add_argument("--target", choices=("faithful", "tensorrt", "float"), default="tensorrt", help="export target (default tensorrt)")
+    p.add_argument("--target", choices=("faithful", "tensorrt", "onnxruntime", "float"), default="tensorrt",
+                   help="export target (default tensorrt)")
     p.add_argument("--out", type=Path, required=True, help="export folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.add_argument("--wbits", type=int, choices=(8, 4), default=8, help="weight bits when calibrating (default 8)")
     p.add_argument("--abits", type=int, choices=(8, 6, 4), default=8, help="activation bits when calibrating (default 8)")
-    p.add_argument("--groups", type=int, default=None, help="DGQ's K when calibrating (default 16; 4 for the tensorrt target, "
-                   "where every group of a channel-grouped layer is a branch)")
+    p.add_argument("--groups", type=int, default=None, help="DGQ's K when calibrating (default 16; for the tensorrt and "
+                   f"onnxruntime targets, where every group of a channel-grouped layer is a branch, {BRANCH_GROUPS})")
     p.add_argument("--outlier-bits", type=int, choices=(8, 16), default=16,
                    help="tensorrt target when calibrating: bits of the outlier group (default 16 = float branch)")
     p.add_argument("--num-prompts", type=int, default=64, help="calibration prompts (default 64)")
@@ -95,8 +103,12 @@ def _calibrate(pipe, model: str, args: argparse.Namespace):
     from dgq.prompts import calibration_prompts
 
     if args.target == "tensorrt":
-        config = preset("dgq", wbits=args.wbits, abits=args.abits, groups=args.groups or 4, profile="tensorrt",
+        config = preset("dgq", wbits=args.wbits, abits=args.abits, groups=args.groups or BRANCH_GROUPS, profile="tensorrt",
                         outlier_bits=args.outlier_bits)
+    elif args.target == "onnxruntime":
+        from export.qdq_export import ORT_PRESET
+
+        config = preset("dgq", wbits=args.wbits, abits=args.abits, groups=args.groups or BRANCH_GROUPS, **ORT_PRESET)
     else:
         config = preset("dgq", wbits=args.wbits, abits=args.abits, groups=args.groups or 16)
     log.info("no --recipe: calibrating %s with %s (%d prompts, %d steps)", model, config.profile, args.num_prompts, args.steps)

@@ -31,6 +31,16 @@ Targets (``TARGETS``):
   scales), so the Q/DQ scales stay build-time constants. INT4 weights are packed only where they
   feed a MatMul/Gemm (TensorRT's INT4 is weight-only GEMM); convs keep 4-bit values in INT8.
 
+- ``onnxruntime`` (an ``onnxruntime``-profile recipe): what ONNX Runtime's CPU integer kernels fuse.
+  Every quantized conv is a sum of branches, one per input-channel group (one branch for a
+  layer-wise site), each a whole QLinearConv node unit: uint8 Q/DQ of the group with the step's
+  scale and zero point (Gathered from per-step tables: ONNX Runtime fuses those), the DQ'd int8
+  weight slice, the conv without bias, and a uint8 Q/DQ of the branch's calibrated per-step output
+  range (``Recipe.outputs``); the float bias is added after the sum (a bias inside the unit would
+  need a constant scale). Linear layers: a per-step per-tensor uint8 Q/DQ feeding MatMul with an
+  (in, out) DQ'd weight, which fuses into MatMulIntegerToFloat. Weights stay in INT8 containers
+  (4-bit values included): the integer kernels take int8.
+
 Weights are integer initializers (int8/uint8, or int4/uint4 at opset >= 21) with a
 DequantizeLinear, so the file holds 1 byte (or half a byte) per weight. The ``step_index`` input is
 added only when the recipe has more than one timestep slot.
@@ -50,13 +60,19 @@ from torch import nn
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.config import QuantConfig
 from dgq.quant import CHANNEL, LAYER, PIXEL, quant_range
-from dgq.recipe import ActQuant, Recipe, WeightQuant
-from dgq.simulate import FLOAT_BITS, ProbsFakeQuant, group_params
+from dgq.recipe import ActQuant, OutputQuant, Recipe, WeightQuant
+from dgq.simulate import (
+    FLOAT_BITS,
+    OUTPUT_BITS,
+    ProbsFakeQuant,
+    branch_channels,
+    group_params,
+)
 from dgq.sites import CONV, attention_sites, layer_sites, set_module
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("faithful", "tensorrt")
+TARGETS = ("faithful", "tensorrt", "onnxruntime")
 STEP_INPUT = "step_index"
 
 
@@ -217,7 +233,12 @@ class FaithfulActQuant(_Slotted):
             view = lambda t: _axis_view(t, x.ndim, axis)
         if clip:
             x = torch.minimum(torch.maximum(x, view(lo)), view(hi))
-        return QDQ.apply(x, scale, zp, axis).reshape(shape)
+        y = QDQ.apply(x, scale, zp, axis)
+        # Per tensor: no Reshape node, so the DQ feeds the MatMul directly and ONNX Runtime fuses it
+        # into MatMulIntegerToFloat. Per axis the (no-op) Reshape stays on purpose: ORT 1.32 fuses a
+        # per-channel activation DQ into MatMulIntegerToFloat too, which then fails at run time
+        # ("Per-Channel is not supported yet").
+        return y if kind == LAYER else y.reshape(shape)
 
     def forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         x32 = x.float()
@@ -510,6 +531,98 @@ class UnitLayer(FaithfulLayer):
         return y
 
 
+class OrtConvLayer(_LoweredLayer):
+    """``onnxruntime`` Conv2d (:class:`dgq.simulate.BranchConvLayer` lowered): per input-channel
+    group a whole QLinearConv node unit, the branches summed in float, then the float bias.
+
+    Branch g: Gather the group's channels (none for a single branch) -> uint8 Q/DQ with the step's
+    scale and zero point (Gather of a per-step table by ``step_index``) -> Conv with the DQ'd int8
+    weight slice (per output channel, zero points 0) and no bias -> uint8 Q/DQ with the branch's
+    per-step output range. ONNX Runtime fuses each branch into QLinearConv; it does not fuse a unit
+    with a bias whose scale is not a constant, so the bias is added after the sum.
+    """
+
+    def __init__(self, name: str, inner: nn.Module, wq: WeightQuant, act: ActQuant, out: OutputQuant,
+                 bits: int, config: QuantConfig, ctx: StepContext):
+        super().__init__(name, inner, ctx)
+        if wq is None or not wq.symmetric or wq.granularity == "block":
+            raise LoweringError(f"{name}: the onnxruntime target needs symmetric per-channel or per-tensor int8 conv weights")
+        if out is None:
+            raise LoweringError(f"{name}: the recipe has no output ranges for this conv (calibrate with --profile onnxruntime)")
+        n = len(act.axis)
+        if any(not torch.equal(act.group_index[s], act.group_index[0]) or act.axis[s] != act.axis[0] for s in range(n)):
+            raise LoweringError(f"{name}: group membership changes across steps; calibrate with --profile onnxruntime")
+        self.n_slots, self.bits = n, bits
+        q_full, s, z, axis, _ = _int_weight(inner.weight.detach().float(), wq)
+        self.register_buffer("w_scale", s)
+        self.register_buffer("w_zp", z)
+        self.w_axis = axis
+        self.branches = branch_channels(act, inner.in_channels)
+        self.whole = len(self.branches) == 1
+        for g, idx in self.branches:
+            params = [group_params(act.ranges[t][g:g + 1], bits, config, act.axis[t]) for t in range(n)]
+            xs = torch.stack([p[0].reshape(()) for p in params]).float()
+            xz = torch.stack([p[1].reshape(()) for p in params])
+            self.qmin, self.qmax = params[0][2], params[0][3]
+            outs = [group_params(out.ranges[t][g:g + 1], OUTPUT_BITS, config, LAYER) for t in range(n)]
+            self.register_buffer(f"b{g}_idx", idx)
+            self.register_buffer(f"b{g}_w", q_full[:, idx].contiguous())
+            self.register_buffer(f"b{g}_xs", xs)
+            self.register_buffer(f"b{g}_xz", xz.to(torch.uint8))
+            self.register_buffer(f"b{g}_ys", torch.stack([o[0].reshape(()) for o in outs]).float())
+            self.register_buffer(f"b{g}_yz", torch.stack([o[1].reshape(()) for o in outs]).to(torch.uint8))
+            if (self.qmin, self.qmax) != (0, 255):  # bounds of x on the narrower grid
+                self.register_buffer(f"b{g}_lo", ((self.qmin - xz) * xs).float())
+                self.register_buffer(f"b{g}_hi", ((self.qmax - xz) * xs).float())
+
+    def _pick(self, name: str, slot) -> torch.Tensor:
+        t = getattr(self, name)
+        return t[0] if self.n_slots == 1 else t[slot]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.ctx.current()
+        x = x.float()
+        out = None
+        for g, _ in self.branches:
+            xg = x if self.whole else torch.index_select(x, 1, getattr(self, f"b{g}_idx"))
+            if (self.qmin, self.qmax) != (0, 255):
+                xg = torch.minimum(torch.maximum(xg, self._pick(f"b{g}_lo", slot)), self._pick(f"b{g}_hi", slot))
+            xg = QDQ.apply(xg, self._pick(f"b{g}_xs", slot), self._pick(f"b{g}_xz", slot), None)
+            w = WeightDQ.apply(getattr(self, f"b{g}_w"), self.w_scale, self.w_zp, self.w_axis, None)
+            y = F.conv2d(xg, w, None, *self.conv_args)
+            y = QDQ.apply(y, self._pick(f"b{g}_ys", slot), self._pick(f"b{g}_yz", slot), None)
+            out = y if out is None else out + y
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def summary(self) -> SiteSummary:
+        return SiteSummary(self.name, "branches", {"branches": [{"channels": int(i.numel()), "bits": self.bits} for _, i in self.branches],
+                                                   "slots": self.n_slots, "quantized_output": True})
+
+
+class OrtLinearLayer(FaithfulLayer):
+    """``onnxruntime`` Linear: Q/DQ'd input, then MatMul with an (in, out) DQ'd int8 weight (per
+    output column) and the bias as an Add, the form ONNX Runtime fuses into MatMulIntegerToFloat
+    (a Transpose between the weight's DQ and the MatMul would leave a weight-only MatMulNBits)."""
+
+    def __init__(self, name: str, inner: nn.Module, wq: WeightQuant | None, act: nn.Module | None, ctx: StepContext):
+        super().__init__(name, inner, wq, act, ctx)
+        if self.wbits is None:
+            self.w_float = self.w_float.t().contiguous()
+        else:
+            if self.w_axis == 1:
+                raise LoweringError(f"{name}: block-wise weights cannot feed MatMulIntegerToFloat; use per-channel weights")
+            self.w_q = self.w_q.t().contiguous()
+            self.w_axis = None if self.w_axis is None else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x, self.ctx.current())
+        y = torch.matmul(x.float(), self.weight())
+        return y if self.bias is None else y + self.bias
+
+
 # ---------------------------------------------------------------------------- the UNet
 
 
@@ -545,6 +658,9 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
     if target == "tensorrt" and config.profile != "tensorrt":
         raise LoweringError("the tensorrt target needs a recipe calibrated with --profile tensorrt "
                             f"(symmetric, one grouping across steps); this recipe's profile is {config.profile!r}")
+    if (target == "onnxruntime") != (config.profile == "onnxruntime"):
+        raise LoweringError(f"the {target} target cannot run a recipe calibrated with --profile {config.profile} "
+                            "(the onnxruntime target and profile go together: quantized conv outputs, uint8 zero points on the grid)")
     recipe.check_model(unet)
     unet = copy.deepcopy(unet).float().eval()
     ctx = StepContext()
@@ -559,9 +675,13 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
         act = recipe.acts.get(site.input_key)
         if wq is None and act is None:
             continue
-        if target == "faithful":
+        if target == "onnxruntime" and act is not None and isinstance(module, nn.Conv2d):
+            new = OrtConvLayer(site.name, module, wq, act, recipe.outputs.get(site.name), config.abits, config, ctx)
+            sites.append(new.summary())
+        elif target in ("faithful", "onnxruntime"):
             aq = None if act is None else FaithfulActQuant(site.input_key, act, config.abits, config)
-            new = FaithfulLayer(site.name, module, wq, aq, ctx)
+            cls = OrtLinearLayer if target == "onnxruntime" and isinstance(module, nn.Linear) else FaithfulLayer
+            new = cls(site.name, module, wq, aq, ctx)
             if aq is not None:
                 sites.append(aq.summary())
         elif act is not None and set(act.axis) == {CHANNEL} and act.k(0) > 1:
@@ -576,7 +696,7 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
             sites.append(SiteSummary(site.name, "weight", {"bits": wq.bits, "granularity": wq.granularity, "block": wq.block}))
         set_module(unet, site.name, new)
     processors = dict(unet.attn_processors)
-    act_cls = FaithfulActQuant if target == "faithful" else UnitScaleActQuant
+    act_cls = UnitScaleActQuant if target == "tensorrt" else FaithfulActQuant
     holders = nn.ModuleDict()
     for site in attention_sites(unet, config):
         def act(role, site=site):

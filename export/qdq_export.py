@@ -44,8 +44,13 @@ from export.qdq import STEP_INPUT, Lowered, LoweringError, lower, site_counts
 
 log = logging.getLogger(__name__)
 
-QUANT_TARGETS = ("faithful", "tensorrt")
+QUANT_TARGETS = ("faithful", "tensorrt", "onnxruntime")
 INT4_OPSET = 21  # INT4 tensors and block-wise DequantizeLinear
+# The onnxruntime profile's calibration defaults (export CLI, benchmark): attention q/k/v and
+# probabilities stay float, because ONNX Runtime CPU runs quantized attention BMMs slower than
+# float at SD latent sizes (its QDQ MatMul fusion needs constant scales and the probabilities' scale
+# is per prompt), and the linear/conv integer kernels carry the speed-up.
+ORT_PRESET = {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float"}
 
 
 @dataclass
@@ -180,8 +185,8 @@ def export_onnx(
 ) -> ExportSummary:
     """Export ``pipe`` (with ``recipe`` for a quantized ``target``) into ``out_dir``; see the module docstring.
 
-    ``opset``: default 17 for 8-bit tensorrt graphs, 21 for 4-bit weights (INT4 tensors) and for the
-    faithful target (INT16 zero points). ``compare_float``: also export the float32 UNet to a
+    ``opset``: default 17 for 8-bit tensorrt graphs and the onnxruntime target, 21 for 4-bit weights
+    (INT4 tensors) and for the faithful target (INT16 zero points). ``compare_float``: also export the float32 UNet to a
     temporary folder to report the size ratio. ``inspect_ort``: report the integer kernels ONNX
     Runtime CPU fuses the UNet into (``ort_integer_kernels``). The UNet must be float32.
     """
@@ -201,7 +206,8 @@ def export_onnx(
     if "unet" not in components:
         raise ExportError("a quantized export needs the unet component")
     recipe.check_model(pipe.unet)
-    four_bit = recipe.config.wbits <= 4
+    # onnxruntime: its integer kernels take int8 weights, so 4-bit values stay in INT8 containers
+    four_bit = recipe.config.wbits <= 4 and target != "onnxruntime"
     # faithful: INT16 zero points for group ranges that exclude 0 (QuantizeLinear-21)
     needs_21 = four_bit or target == "faithful"
     opset = opset or (INT4_OPSET if needs_21 else 17)
@@ -300,4 +306,4 @@ def _float_unet_bytes(pipe: Any, specs: dict, opset: int) -> dict[str, int]:
         return {"unet": path.stat().st_size + sum(p.stat().st_size for p in Path(tmp).glob("*.data"))}
 
 
-__all__ = ["MANIFEST", "QUANT_TARGETS", "ExportSummary", "export_onnx", "pack_int4_weights"]
+__all__ = ["MANIFEST", "ORT_PRESET", "QUANT_TARGETS", "ExportSummary", "export_onnx", "pack_int4_weights"]

@@ -6,7 +6,8 @@ Default network: an SD-shaped UNet (SD v1.5's UNet config with block_out_channel
 (128, 256, 512, 512), cross_attention_dim 768; random seeded weights) at latent 32x32, batch 2
 (classifier-free guidance), calibrated on a few prompts (statistics only matter for the graph
 structure here, not for quality). ``--model fashion`` (or any zoo name/folder) benchmarks that
-model's UNet instead. One process; sessions created once; runs interleaved (float, faithful,
+model's UNet instead. The ``onnxruntime`` target is exported once per ``--ort-groups`` value (rows
+``onnxruntime K=...``): K=1 has no branches, so the rows show what DGQ's channel-group branches cost. One process; sessions created once; runs interleaved (float, faithful,
 tensorrt, float, ...) so machine-load drift hits every graph alike; median per graph. This is a
 benchmark, not a test: nothing asserts a speed.
 """
@@ -43,7 +44,10 @@ def sd_shaped_pipeline(seed: int = 0):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="zoo name or pipeline folder (default: the SD-shaped UNet)")
-    p.add_argument("--targets", nargs="+", default=["faithful", "tensorrt"], choices=["faithful", "tensorrt"])
+    p.add_argument("--targets", nargs="+", default=["faithful", "tensorrt", "onnxruntime"],
+                   choices=["faithful", "tensorrt", "onnxruntime"])
+    p.add_argument("--ort-groups", nargs="+", type=int, default=None,
+                   help="K values for the onnxruntime target (default: --groups only), e.g. 1 2 4")
     p.add_argument("--wbits", type=int, default=8, choices=(8, 4))
     p.add_argument("--groups", type=int, default=4, help="DGQ's K for both targets (default 4)")
     p.add_argument("--cal-prompts", type=int, default=4, help="calibration prompts (default 4)")
@@ -58,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     from dgq import zoo
-    from dgq.calibrate import build_recipe, collect_statistics
+    from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics
     from dgq.config import preset
     from dgq.prompts import calibration_prompts
-    from export.qdq_export import ORT_INTEGER_OPS, export_onnx
+    from export.qdq_export import ORT_INTEGER_OPS, ORT_PRESET, export_onnx
 
     torch.set_num_threads(args.threads)
     pipe = sd_shaped_pipeline() if args.model is None else zoo.load_pipeline(args.model)
@@ -69,12 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model or "sd-shaped (128,256,512,512), cross 768"
     n_params = sum(p.numel() for p in pipe.unet.parameters())
     t0 = time.perf_counter()
-    stats = collect_statistics(pipe, calibration_prompts(args.model or "sd15", args.cal_prompts), args.steps, 7.5, progress=False)
+    prompts = calibration_prompts(args.model or "sd15", args.cal_prompts)
+    stats = collect_statistics(pipe, prompts, args.steps, 7.5, progress=False)
     recipes = {
         "faithful": build_recipe(stats, pipe.unet, preset("dgq", wbits=args.wbits, groups=args.groups), progress=False),
         "tensorrt": build_recipe(stats, pipe.unet, preset("dgq", wbits=args.wbits, groups=args.groups, profile="tensorrt",
                                                           outlier_bits=16), progress=False),
     }
+    targets = {t: t for t in args.targets if t != "onnxruntime"}  # row name -> export target
+    if "onnxruntime" in args.targets:
+        for k in args.ort_groups or [args.groups]:
+            row = f"onnxruntime K={k}"
+            config = preset("dgq", wbits=args.wbits, groups=k, **ORT_PRESET)
+            recipes[row] = calibrate_outputs(pipe, build_recipe(stats, pipe.unet, config, progress=False), prompts,
+                                             args.steps, 7.5, progress=False)
+            targets[row] = "onnxruntime"
     log.info("calibrated in %.0f s", time.perf_counter() - t0)
     scratch = None if args.keep else tempfile.TemporaryDirectory(prefix="dgq-bench-")  # removed on exit
     root = Path(args.keep) if args.keep else Path(scratch.name)
@@ -82,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     export_onnx(pipe, folders["float"], None, "float", components=("unet",), batch=(1, args.batch // 2, args.batch // 2),
                 overwrite=True)
     summaries = {}
-    for t in args.targets:
-        folders[t] = root / t
-        summaries[t] = export_onnx(pipe, folders[t], recipes[t], t, components=("unet",),
-                                   batch=(1, args.batch // 2, args.batch // 2), overwrite=True, compare_float=False)
+    for row, t in targets.items():
+        folders[row] = root / row.replace(" ", "_").replace("=", "")
+        summaries[row] = export_onnx(pipe, folders[row], recipes[row], t, components=("unet",),
+                                     batch=(1, args.batch // 2, args.batch // 2), overwrite=True, compare_float=False)
     sessions, feeds = {}, {}
     g = torch.Generator().manual_seed(0)
     latent = pipe.unet.config.sample_size

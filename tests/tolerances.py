@@ -86,6 +86,16 @@ QDQ_LAYER_EXACT_ATOL = 1e-5
 # rung is the one-layer test above).
 QDQ_GRAPH_MIN_SQNR_DB = 30.0
 QDQ_GRAPH_OPT_MIN_SQNR_DB = 25.0
+# onnxruntime target, whole tiny UNet (random weights) vs its lowering, optimizations off. Its conv
+# outputs are quantized too (QLinearConv), twice the quantizers of the faithful graph, so float32
+# round-off flips more rounding edges. Measured: 26.3-28.2 dB over 3 steps; the PyTorch lowering
+# against itself with a 1e-6 relative perturbation of its input gives 28.9-34.5 dB (the network's
+# own sensitivity, not a graph difference). The one-layer test is the exact rung.
+QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB = 23.0
+# One onnxruntime-target conv (3 branches, quantized outputs): fraction of output values that may
+# differ from the simulator by more than QDQ_LAYER_EXACT_ATOL (a value on an output rounding edge
+# moved one step by the conv's float32 summation order, or by QLinearConv's fixed-point requantize).
+QDQ_OUTPUT_FLIP_MAX_FRACTION = 0.01
 # tensorrt-target lowering (branches summed, multiply-back after the GEMM) against the simulator.
 QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB = 30.0
 # The default model, 25 steps: the Q/DQ export through runtime.Text2ImagePipeline (ONNX Runtime CPU,

@@ -1,5 +1,6 @@
 """The default model through the whole chain: calibrate -> Q/DQ export (faithful, tensorrt INT8 and
-INT4 weights) -> ONNX Runtime images vs the simulator's -> TensorRT (AOT) engine builds."""
+INT4 weights, onnxruntime) -> ONNX Runtime images vs the simulator's -> ONNX Runtime's integer
+kernels -> TensorRT (AOT) engine builds."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import pytest
 import torch
 
 from dgq import zoo
-from dgq.calibrate import build_recipe, collect_statistics
+from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics
 from dgq.config import preset
 from dgq.eval import metrics
 from dgq.prompts import calibration_prompts
 from export.lint import lint_tensorrt
-from export.qdq_export import export_onnx
+from export.qdq_export import ORT_PRESET, export_onnx
 from tests.tolerances import RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
 
 pytestmark = pytest.mark.slow
@@ -31,17 +32,21 @@ def fashion():
 
 @pytest.fixture(scope="module")
 def fashion_exports(fashion, tmp_path_factory):
-    stats = collect_statistics(fashion, calibration_prompts("fashion", 8), STEPS, GUIDANCE, progress=False)
+    prompts = calibration_prompts("fashion", 8)
+    stats = collect_statistics(fashion, prompts, STEPS, GUIDANCE, progress=False)
     root = tmp_path_factory.mktemp("fashion")
     made = {}
     for name, target, cfg in (
         ("faithful", "faithful", preset("dgq", weight_init="minmax")),
         ("tensorrt", "tensorrt", preset("dgq", groups=4, profile="tensorrt", outlier_bits=16, weight_init="minmax")),
         ("tensorrt_w4", "tensorrt", preset("dgq", groups=4, profile="tensorrt", outlier_bits=16, wbits=4, weight_init="minmax")),
+        ("onnxruntime", "onnxruntime", preset("dgq", groups=4, weight_init="minmax", **ORT_PRESET)),
     ):
         recipe = build_recipe(stats, fashion.unet, cfg, progress=False)
-        export_onnx(fashion, root / name, recipe, target, compare_float=False)
-        made[name] = (root / name, recipe)
+        if target == "onnxruntime":
+            recipe = calibrate_outputs(fashion, recipe, prompts, STEPS, GUIDANCE, progress=False)
+        summary = export_onnx(fashion, root / name, recipe, target, compare_float=False)
+        made[name] = (root / name, recipe, summary)
     return made
 
 
@@ -49,17 +54,26 @@ def psnr_u8(a, b) -> float:
     return metrics.psnr(torch.as_tensor(a, dtype=torch.float64)[None], torch.as_tensor(b, dtype=torch.float64)[None], 255.0)
 
 
-@pytest.mark.parametrize("name", ["faithful", "tensorrt"])
+@pytest.mark.parametrize("name", ["faithful", "tensorrt", "onnxruntime"])
 def test_runtime_image_matches_simulator(fashion, fashion_exports, name):
     from dgq.simulate import simulate
     from runtime.pipeline import Text2ImagePipeline
 
-    folder, recipe = fashion_exports[name]
+    folder, recipe, _ = fashion_exports[name]
     rt = Text2ImagePipeline.from_export(folder, backend="onnxruntime")
     got = rt(["a photo of a sneaker"], seed=7, steps=STEPS, guidance=GUIDANCE).images[0]
     sim = simulate(fashion, recipe)(["a photo of a sneaker"], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                                     generator=torch.Generator().manual_seed(7), output_type="np").images[0]
     assert psnr_u8(got, np.round(sim * 255)) > RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
+
+
+def test_onnxruntime_target_runs_integer_kernels(fashion_exports):
+    """Acceptance: ONNX Runtime CPU's optimized graph of the default model's onnxruntime export runs
+    every quantized conv branch as QLinearConv and the token Linear layers as MatMulIntegerToFloat."""
+    _, recipe, summary = fashion_exports["onnxruntime"]
+    kernels = summary.ort_integer_kernels
+    assert kernels["QLinearConv"] == summary.sites["branches"] and summary.sites["branch_layers"] == len(recipe.outputs)
+    assert kernels.get("MatMulIntegerToFloat", 0) > 0 and "MatMulNBits" not in kernels
 
 
 def test_tensorrt_graphs_pass_the_lint(fashion_exports):
