@@ -29,6 +29,10 @@ def recipe_summary(recipe: Recipe, top: int = 10) -> str:
         f"guidance {recipe.meta.get('guidance_scale', '?')}, {recipe.meta.get('scheduler', '?')}, {recipe.meta.get('size', '?')} px",
         f"quantized layers (weights): {len(recipe.weights)}; activation sites: {len(recipe.acts)}; probability sites: {len(recipe.probs)}",
     ]
+    if recipe.outputs:
+        branches = sum(int(o.ranges.shape[1]) for o in recipe.outputs.values())
+        lines.append(f"quantized conv outputs (onnxruntime profile): {len(recipe.outputs)} convs, {branches} branches"
+                     + (f", observed on {recipe.meta['output_calibration']['prompts']} prompts" if "output_calibration" in recipe.meta else ""))
     axes = Counter(a for act in recipe.acts.values() for a in act.axis)
     total = sum(axes.values()) or 1
     lines.append("axis chosen (site x slot): " + ", ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in sorted(axes.items())))

@@ -168,6 +168,21 @@ class _Slotted(nn.Module):
             return t[0]
         return t[slot]
 
+    # One quantizer shared by sibling layers that read the same tensor (q/k/v projections): the
+    # first call of a UNet forward computes the Q/DQ, the siblings reuse it, so the graph has one
+    # Q/DQ pair that feeds three GEMMs. ``QuantUNetForExport`` clears the memo at every call.
+    def memo(self, what: str, x: torch.Tensor, compute):
+        memo = self.__dict__.setdefault("_memo", {})
+        hit = memo.get(what)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        out = compute()
+        memo[what] = (x, out)
+        return out
+
+    def clear_memo(self) -> None:
+        self.__dict__.pop("_memo", None)
+
 
 class FaithfulActQuant(_Slotted):
     """The ``faithful`` activation quantizer of one site: per-axis asymmetric Q/DQ with per-slot tables.
@@ -241,6 +256,9 @@ class FaithfulActQuant(_Slotted):
         return y if kind == LAYER else y.reshape(shape)
 
     def forward(self, x: torch.Tensor, slot) -> torch.Tensor:
+        return self.memo("forward", x, lambda: self._forward(x, slot))
+
+    def _forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         x32 = x.float()
         out = None
         for kind in self.kinds:
@@ -310,6 +328,9 @@ class UnitScaleActQuant(_Slotted):
 
     def unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q/DQ(x / s) on the unit grid, s shaped to multiply the layer's output)`` (see commutes_with)."""
+        return self.memo("unit", x, lambda: self._unit_domain(x, slot))
+
+    def _unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
         dim = self._dim(x)
         s = self.pick("scale", slot)
@@ -317,6 +338,9 @@ class UnitScaleActQuant(_Slotted):
         return self._grid(x / sv, self.qmin, self.qmax), sv
 
     def forward(self, x: torch.Tensor, slot) -> torch.Tensor:
+        return self.memo("forward", x, lambda: self._forward(x, slot))
+
+    def _forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x = x.float()
         if self.layout == CONV and self.axis == PIXEL:
@@ -636,6 +660,9 @@ class QuantUNetForExport(nn.Module):
         self.sdxl = unet.config.get("addition_embed_type") == "text_time"
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        for m in self.unet.modules():
+            if isinstance(m, _Slotted):
+                m.clear_memo()
         rest = list(rest)
         step = rest.pop() if self.n_slots > 1 else 0
         self.ctx.slot = step
@@ -669,6 +696,20 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
     for key in recipe.weights:
         if key not in known:
             raise LoweringError(f"recipe layer {key!r} is not in this UNet")
+    siblings: dict[str, list[tuple[ActQuant, nn.Module]]] = {}
+
+    def act_module(cls, site, act: ActQuant) -> tuple[nn.Module, bool]:
+        """The site's input quantizer; q/k/v projections of one attention block whose recipe entries
+        are equal (the same tensor's statistics) share one module, hence one Q/DQ in the graph."""
+        parent, _, leaf = site.name.rpartition(".")
+        group = siblings.setdefault(parent, []) if leaf in QKV_PROJECTIONS else []
+        for other, m in group:
+            if type(m) is cls and _same_act(other, act):
+                return m, True
+        m = cls(site.input_key, act, config.abits, config)
+        group.append((act, m))
+        return m, False
+
     for site in layer_sites(unet, config):
         module = unet.get_submodule(site.name)
         wq = recipe.weights.get(site.name)
@@ -679,19 +720,19 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
             new = OrtConvLayer(site.name, module, wq, act, recipe.outputs.get(site.name), config.abits, config, ctx)
             sites.append(new.summary())
         elif target in ("faithful", "onnxruntime"):
-            aq = None if act is None else FaithfulActQuant(site.input_key, act, config.abits, config)
+            aq, shared = (None, False) if act is None else act_module(FaithfulActQuant, site, act)
             cls = OrtLinearLayer if target == "onnxruntime" and isinstance(module, nn.Linear) else FaithfulLayer
             new = cls(site.name, module, wq, aq, ctx)
             if aq is not None:
-                sites.append(aq.summary())
+                sites.append(_shared_summary(aq, site.input_key) if shared else aq.summary())
         elif act is not None and set(act.axis) == {CHANNEL} and act.k(0) > 1:
             new = BranchedLayer(site.name, module, wq, act, config.abits, config, ctx)
             sites.append(new.summary())
         else:
-            aq = None if act is None else UnitScaleActQuant(site.input_key, act, config.abits, config)
+            aq, shared = (None, False) if act is None else act_module(UnitScaleActQuant, site, act)
             new = UnitLayer(site.name, module, wq, aq, ctx)
             if aq is not None:
-                sites.append(aq.summary())
+                sites.append(_shared_summary(aq, site.input_key) if shared else aq.summary())
         if wq is not None:
             sites.append(SiteSummary(site.name, "weight", {"bits": wq.bits, "granularity": wq.granularity, "block": wq.block}))
         set_module(unet, site.name, new)
@@ -718,6 +759,19 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
     unet.dgq_act_quant = holders  # registered so their buffers move and trace with the UNet
     n_slots = len(recipe.slots) if config.time_aware else 1
     return Lowered(QuantUNetForExport(unet, ctx, n_slots), sites, n_slots)
+
+
+QKV_PROJECTIONS = ("to_q", "to_k", "to_v")
+
+
+def _same_act(a: ActQuant, b: ActQuant) -> bool:
+    return (a.layout == b.layout and a.axis == b.axis
+            and all(torch.equal(x, y) for x, y in zip(a.group_index, b.group_index, strict=True))
+            and all(torch.equal(x, y) for x, y in zip(a.ranges, b.ranges, strict=True)))
+
+
+def _shared_summary(m: nn.Module, key: str) -> SiteSummary:
+    return SiteSummary(key, "shared_act", {"shares": m.key})
 
 
 def site_counts(sites: list[SiteSummary]) -> dict[str, int]:

@@ -552,6 +552,27 @@ def test_onnxruntime_target_runs_integer_kernels(recipes, exports):
     assert "MatMulNBits" not in kernels  # a weight-only fusion would mean the activation Q/DQ was cut off
 
 
+@pytest.mark.parametrize("name", ["onnxruntime", "tensorrt"])
+def test_qkv_projections_share_one_qdq(exports, name):
+    """q/k/v projections reading one tensor share one Q/DQ: in self-attention to_q, to_k and to_v
+    (and in cross-attention to_k and to_v) take the same dequantized tensor, where no channel
+    branches split them."""
+    folder, summary = exports[name]
+    model = onnx.load(str(folder / "unet.onnx"), load_external_data=False)
+    inputs: dict[tuple[str, str], str] = {}
+    for n in model.graph.node:
+        parts = n.name.split("/")
+        if n.op_type == "MatMul" and len(parts) > 3 and parts[-2] in ("to_q", "to_k", "to_v"):
+            inputs[("/".join(parts[:-2]), parts[-2])] = n.input[0]
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    by_block: dict[str, list[str]] = {}
+    for (attn, _), tensor in inputs.items():
+        by_block.setdefault(attn, []).append(tensor)
+    shared = sum(len(t) - len(set(t)) for t in by_block.values())  # projections reusing another's input
+    assert shared == summary.sites.get("shared_act", 0) > 0
+    assert {producers[t] for t in inputs.values()} == {"DequantizeLinear"}
+
+
 def manifest_target(folder) -> str:
     return read_manifest(folder, verify=True)["target"]
 
@@ -581,6 +602,9 @@ def test_onnxruntime_recipe_round_trips_its_output_ranges(recipes, tmp_path):
     recipe.save(tmp_path / "r.safetensors")
     back = load(tmp_path / "r.safetensors")
     assert back.outputs.keys() == recipe.outputs.keys()
+    from dgq.summary import recipe_summary
+
+    assert f"quantized conv outputs (onnxruntime profile): {len(recipe.outputs)} convs" in recipe_summary(back)
     assert all(torch.equal(back.outputs[k].ranges, recipe.outputs[k].ranges) for k in recipe.outputs)
     with pytest.raises(ValueError, match="output ranges"):
         from dgq.calibrate import with_bits

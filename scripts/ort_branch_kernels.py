@@ -1,0 +1,153 @@
+"""What DGQ's channel-group branches cost in ONNX Runtime CPU's integer kernels, one layer at a time.
+
+    python scripts/ort_branch_kernels.py --out results/ort_branch_kernels.json
+
+Two layers of an SD-shaped UNet at latent 32x32, batch 2: a 3x3 conv (320 -> 320 channels, 2 x 320
+x 32 x 32) and a token Linear (2 x 1024 tokens x 640 -> 640). Each as a float32 graph and as the
+``onnxruntime`` export target writes it with K = 1, 2, 4 input-channel branches: per branch a
+Gather of the group's channels (none for K=1), uint8 Q/DQ with per-step scale/zero-point tables
+selected by a ``step`` input, the int8 weight slice's DQ, the conv (bias-free) or MatMul, and for
+the conv a uint8 Q/DQ of the output; branches summed, float bias added. ONNX Runtime's optimizer
+fuses each conv branch into QLinearConv and each MatMul branch into MatMulIntegerToFloat (the
+fused op counts are reported). Median of interleaved runs in one process. Random weights and
+ranges: only the speed is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+STEPS = 25
+
+
+def _const(name: str, value: np.ndarray, inits: list) -> str:
+    inits.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _qdq(x: str, tag: str, nodes: list, inits: list, scale: float) -> str:
+    """uint8 Q/DQ of ``x`` with per-step tables gathered by the ``step`` input."""
+    s = _const(f"{tag}_s_table", np.full(STEPS, scale, np.float32), inits)
+    z = _const(f"{tag}_z_table", np.full(STEPS, 128, np.uint8), inits)
+    nodes += [helper.make_node("Gather", [s, "step"], [f"{tag}_s"], axis=0),
+              helper.make_node("Gather", [z, "step"], [f"{tag}_z"], axis=0),
+              helper.make_node("QuantizeLinear", [x, f"{tag}_s", f"{tag}_z"], [f"{tag}_q"]),
+              helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_s", f"{tag}_z"], [f"{tag}_dq"])]
+    return f"{tag}_dq"
+
+
+def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], seed: int = 0) -> onnx.ModelProto:
+    """``kind`` "conv" or "matmul"; ``k`` branches, or None for the float32 graph."""
+    rng = np.random.default_rng(seed)
+    conv = kind == "conv"
+    w_shape = (o, c, 3, 3) if conv else (c, o)
+    out_shape = [x_shape[0], o, *x_shape[2:]] if conv else [*x_shape[:-1], o]
+    nodes: list = []
+    inits: list = []
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
+    bias_shape = (1, o, 1, 1) if conv else (o,)
+    bias = _const("bias", rng.standard_normal(bias_shape).astype(np.float32), inits)
+    w_scale = (rng.random(o).astype(np.float32) + 0.5) * 0.01
+    w_int = rng.integers(-127, 128, w_shape).astype(np.int8)
+    if k is None:
+        view = w_scale[:, None, None, None] if conv else w_scale[None, :]
+        w = _const("w", w_int.astype(np.float32) * view, inits)
+        op = helper.make_node("Conv", ["x", w], ["y"], pads=[1, 1, 1, 1]) if conv else helper.make_node("MatMul", ["x", w], ["y"])
+        nodes += [op, helper.make_node("Add", ["y", bias], ["out"])]
+    else:
+        inputs.append(helper.make_tensor_value_info("step", TensorProto.INT64, []))
+        groups = np.array_split(rng.permutation(c), k)
+        outs = []
+        for g, idx in enumerate(groups):
+            x = "x"
+            if k > 1:
+                nodes.append(helper.make_node("Gather", ["x", _const(f"b{g}_idx", np.sort(idx).astype(np.int64), inits)],
+                                              [f"b{g}_x"], axis=1 if conv else len(x_shape) - 1))
+                x = f"b{g}_x"
+            xdq = _qdq(x, f"b{g}_in", nodes, inits, 0.02)
+            w_slice = w_int[:, np.sort(idx)] if conv else w_int[np.sort(idx), :]
+            wq = _const(f"b{g}_w", np.ascontiguousarray(w_slice), inits)
+            ws = _const(f"b{g}_ws", w_scale, inits)
+            wz = _const(f"b{g}_wz", np.zeros(o, np.int8), inits)
+            nodes.append(helper.make_node("DequantizeLinear", [wq, ws, wz], [f"b{g}_wdq"], axis=0 if conv else 1))
+            if conv:
+                nodes.append(helper.make_node("Conv", [xdq, f"b{g}_wdq"], [f"b{g}_y"], pads=[1, 1, 1, 1]))
+                outs.append(_qdq(f"b{g}_y", f"b{g}_out", nodes, inits, 0.05))
+            else:
+                nodes.append(helper.make_node("MatMul", [xdq, f"b{g}_wdq"], [f"b{g}_y"]))
+                outs.append(f"b{g}_y")
+        nodes += [helper.make_node("Sum", outs, ["sum"]), helper.make_node("Add", ["sum", bias], ["out"])]
+    graph = helper.make_graph(nodes, kind, inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def session(model: onnx.ModelProto, threads: int, tmp: Path, name: str) -> tuple[ort.InferenceSession, dict[str, int]]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp / f"{name}.onnx")
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return s, {op: ops[op] for op in ("QLinearConv", "MatMulIntegerToFloat", "Conv", "MatMul", "Gemm") if ops.get(op)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--branches", nargs="+", type=int, default=[1, 2, 4], help="K values (default 1 2 4)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per graph (default 20)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    p.add_argument("--out", type=Path, default=None, help="JSON results file")
+    args = p.parse_args(argv)
+    layers = {"conv 3x3 320->320, 2x320x32x32": ("conv", 320, 320, [2, 320, 32, 32]),
+              "linear 640->640, 2x1024x640": ("matmul", 640, 640, [2, 1024, 640])}
+    rng = np.random.default_rng(1)
+    result: dict = {"onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs, "layers": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (kind, c, o, shape) in layers.items():
+            graphs = {"float": layer_graph(kind, None, c, o, shape)}
+            graphs |= {f"K={k}": layer_graph(kind, k, c, o, shape) for k in args.branches}
+            feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+            sessions, fused = {}, {}
+            for name, model in graphs.items():
+                sessions[name], fused[name] = session(model, args.threads, Path(tmp), f"{kind}_{name}")
+            times: dict[str, list[float]] = {name: [] for name in sessions}
+            step = {"step": np.array(3, np.int64)}
+            for name, s in sessions.items():  # warm-up
+                s.run(None, feeds if name == "float" else feeds | step)
+            for _ in range(args.runs):
+                for name, s in sessions.items():
+                    t = time.perf_counter()
+                    s.run(None, feeds if name == "float" else feeds | step)
+                    times[name].append(time.perf_counter() - t)
+            base = statistics.median(times["float"])
+            result["layers"][label] = {
+                name: {"median_ms": 1000 * statistics.median(t), "speedup_vs_float": base / statistics.median(t),
+                       "ops_after_optimization": fused[name]}
+                for name, t in times.items()
+            }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from dgq.fsutil import atomic_file
+
+        with atomic_file(args.out, "w") as f:
+            f.write(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
