@@ -98,6 +98,10 @@ class QuantConfig:
             self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),
             "the onnxruntime profile is asymmetric (uint8 activations) and has no outlier_bits",
         )
+        check(
+            self.profile != "onnxruntime" or self.weight_granularity != "block",
+            "the onnxruntime profile needs per-channel or per-tensor weights (its integer kernels have no block-wise weights)",
+        )
 
     @property
     def is_symmetric(self) -> bool:

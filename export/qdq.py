@@ -139,6 +139,16 @@ class WeightDQ(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero_point, **kw)
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 without a no-op Cast node in the trace (a Cast between a DQ and its
+    MatMul/Conv is one more node the runtimes' Q/DQ fusions must look through)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 # ---------------------------------------------------------------------------- activations
 
 
@@ -259,12 +269,12 @@ class FaithfulActQuant(_Slotted):
         return self.memo("forward", x, lambda: self._forward(x, slot))
 
     def _forward(self, x: torch.Tensor, slot) -> torch.Tensor:
-        x32 = x.float()
+        x32 = _f32(x)
         out = None
         for kind in self.kinds:
             y = self._one(x32, kind, slot)
             out = y if out is None else torch.where(self.pick(f"{kind}_flag", slot), y, out)
-        return out.to(x.dtype)
+        return _as(out, x.dtype)
 
     def summary(self) -> SiteSummary:
         return SiteSummary(self.key, "act", {"axes": self.kinds, "bits": self.bits, "slots": self.n_slots})
@@ -331,7 +341,7 @@ class UnitScaleActQuant(_Slotted):
         return self.memo("unit", x, lambda: self._unit_domain(x, slot))
 
     def _unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.float()
+        x = _f32(x)
         dim = self._dim(x)
         s = self.pick("scale", slot)
         sv = _axis_view(s, x.ndim, dim) if (dim is not None and s.numel() > 1) else s.reshape(())
@@ -342,7 +352,7 @@ class UnitScaleActQuant(_Slotted):
 
     def _forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x = x.float()
+        x = _f32(x)
         if self.layout == CONV and self.axis == PIXEL:
             x = x.flatten(2)
         dim = self._dim(x)
@@ -362,7 +372,7 @@ class UnitScaleActQuant(_Slotted):
                 so = self.pick("outlier_scale", slot).reshape(())
                 kept = self._grid(x / so, self.oqmin, self.oqmax) * so
             y = torch.where(mask, kept, y)
-        return y.reshape(shape).to(dtype)
+        return _as(y if y.shape == shape else y.reshape(shape), dtype)  # no no-op Reshape before the GEMM
 
     def summary(self) -> SiteSummary:
         return SiteSummary(self.key, "act", {"axes": [self.axis], "bits": self.bits, "slots": self.n_slots,
@@ -444,7 +454,7 @@ class FaithfulLayer(_LoweredLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x, self.ctx.current())
-        return self._op(x.float(), self.weight(), self.bias)
+        return self._op(_f32(x), self.weight(), self.bias)
 
 
 class BranchedLayer(_LoweredLayer):
@@ -507,7 +517,7 @@ class BranchedLayer(_LoweredLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.ctx.current()
-        x = x.float()
+        x = _f32(x)
         dim = 1 if self.is_conv else x.ndim - 1
         out = None
         for b in self.branches:
@@ -605,7 +615,7 @@ class OrtConvLayer(_LoweredLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.ctx.current()
-        x = x.float()
+        x = _f32(x)
         out = None
         for g, _ in self.branches:
             xg = x if self.whole else torch.index_select(x, 1, getattr(self, f"b{g}_idx"))
@@ -643,7 +653,7 @@ class OrtLinearLayer(FaithfulLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x, self.ctx.current())
-        y = torch.matmul(x.float(), self.weight())
+        y = torch.matmul(_f32(x), self.weight())
         return y if self.bias is None else y + self.bias
 
 

@@ -36,6 +36,10 @@ ABLATIONS = {
     "DGQ, static probs scale": ("dgq", {"attn_scale": "static"}),
     "DGQ, batch-wide probs scale": ("dgq", {"attn_scale": "batch"}),
     "DGQ, tensorrt profile (outlier group float)": ("dgq", {"profile": "tensorrt", "outlier_bits": 16}),
+    # The onnxruntime export target's semantics (quantized conv outputs, float attention; ORT_PRESET),
+    # with its default K=4 channel branches per conv and without branches.
+    "DGQ, onnxruntime profile K=4": ("dgq", {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4}),
+    "DGQ, onnxruntime profile K=1": ("dgq", {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 1}),
 }
 BITS = [(8, 8), (4, 8), (8, 6), (4, 6)]
 
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from dgq import zoo
-    from dgq.calibrate import build_recipe, collect_statistics, with_bits
+    from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics, with_bits
     from dgq.config import preset
     from dgq.eval.data import default_prompts
     from dgq.eval.yardstick import YardstickConfig, evaluate
@@ -155,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
     # Calibration seeds start past the evaluation seeds so no evaluated image was seen in calibration.
-    stats = collect_statistics(pipe, calibration_prompts(model, args.cal_prompts), args.steps, args.guidance,
-                               seed=10_000, progress=sys.stderr.isatty())
+    cal_prompts = calibration_prompts(model, args.cal_prompts)
+    stats = collect_statistics(pipe, cal_prompts, args.steps, args.guidance, seed=10_000, progress=sys.stderr.isatty())
     cal_seconds = time.perf_counter() - t0
     prompts = default_prompts(args.num_prompts)
     ycfg = YardstickConfig(seeds=tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance,
@@ -168,12 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     for wbits, abits in bits:
         for method, (name, overrides) in variants.items():
             t1 = time.perf_counter()
-            if method not in searched:
-                kw = dict(overrides, wbits=wbits, abits=abits)
-                if name == "dgq":
-                    kw["groups"] = args.groups
-                searched[method] = build_recipe(stats, pipe.unet, preset(name, **kw), progress=False)
-            recipe = with_bits(searched[method], pipe.unet, wbits, abits)
+            kw = dict(overrides, wbits=wbits, abits=abits)
+            if name == "dgq":
+                kw.setdefault("groups", args.groups)
+            if kw.get("profile") == "onnxruntime":  # output ranges depend on the bits: a search and a pass per width
+                recipe = calibrate_outputs(pipe, build_recipe(stats, pipe.unet, preset(name, **kw), progress=False),
+                                           cal_prompts, args.steps, args.guidance, seed=10_000, progress=False)
+            else:
+                if method not in searched:
+                    searched[method] = build_recipe(stats, pipe.unet, preset(name, **kw), progress=False)
+                recipe = with_bits(searched[method], pipe.unet, wbits, abits)
             build_s = time.perf_counter() - t1
             result = evaluate(pipe, simulate(pipe, recipe), prompts, ycfg)
             row = _row(method, wbits, abits, result.results) | {"recipe_build_s": round(build_s, 1)}

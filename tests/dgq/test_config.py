@@ -8,12 +8,17 @@ def test_defaults_are_the_paper_setting():
     assert (c.wbits, c.abits, c.groups, c.profile, c.attn_probs, c.bos_fp) == (8, 8, 16, "faithful", "uniform", True)
     assert c.keep_float == ("conv_in", "conv_out")
     assert not c.is_symmetric and QuantConfig(profile="tensorrt").is_symmetric
+    # onnxruntime: uint8 activations with zero points, int8 weights with zero points 0
+    ort = QuantConfig(profile="onnxruntime")
+    assert not ort.is_symmetric and ort.weights_symmetric and not c.weights_symmetric
 
 
 @pytest.mark.parametrize(
     "bad",
     [dict(wbits=9), dict(abits=1), dict(groups=0), dict(profile="onnx"), dict(act_axis="row"),
-     dict(attn_probs="log10"), dict(outlier_bits=12), dict(version=99), dict(weight_block=100)],
+     dict(attn_probs="log10"), dict(outlier_bits=12), dict(version=99), dict(weight_block=100),
+     dict(profile="onnxruntime", symmetric=True), dict(profile="onnxruntime", outlier_bits=16),
+     dict(profile="onnxruntime", weight_granularity="block")],
 )
 def test_invalid_fields_are_refused(bad):
     with pytest.raises(ValueError, match="invalid QuantConfig"):

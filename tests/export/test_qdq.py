@@ -570,7 +570,10 @@ def test_qkv_projections_share_one_qdq(exports, name):
         by_block.setdefault(attn, []).append(tensor)
     shared = sum(len(t) - len(set(t)) for t in by_block.values())  # projections reusing another's input
     assert shared == summary.sites.get("shared_act", 0) > 0
-    assert {producers[t] for t in inputs.values()} == {"DequantizeLinear"}
+    reused = [t for ts in by_block.values() for t in set(ts) if ts.count(t) > 1]
+    # the quantizer's output feeds the GEMMs directly: its DQ (or the Where keeping float outliers),
+    # no no-op Cast/Reshape in between for the runtimes' Q/DQ fusions to look through
+    assert {producers[t] for t in reused} <= {"DequantizeLinear", "Where"}
 
 
 def manifest_target(folder) -> str:
@@ -617,7 +620,7 @@ def test_onnxruntime_recipe_round_trips_its_output_ranges(recipes, tmp_path):
     with safe_open(str(tmp_path / "r.safetensors"), framework="pt") as f:
         meta = f.metadata()
     key = next(k for k in tensors if k.startswith("output/"))
-    tensors[key] = tensors[key][:, :1]
+    tensors[key] = tensors[key][:, :1].contiguous()
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(RecipeError, match="inconsistent"):
         load(tmp_path / "bad.safetensors")
