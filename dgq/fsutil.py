@@ -19,6 +19,18 @@ def check_writable_parent(path: Path) -> None:
         raise PermissionError(f"cannot write {path}: folder {parent} is not writable")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(is_dir: bool) -> int:
+    """The permissions ``open``/``mkdir`` would give under the process umask (mkstemp/mkdtemp
+    create 0600/0700, which would leave results readable by their owner only)."""
+    return (0o777 if is_dir else 0o666) & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``path`` only if the block succeeds."""
@@ -28,6 +40,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     check_writable_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, _default_mode(True))
     try:
         yield tmp
     except BaseException:
@@ -50,6 +63,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     check_writable_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, _default_mode(False))
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -41,6 +41,23 @@ def sd_shaped_pipeline(seed: int = 0):
     return build_sd(unet, text, vae, PNDMScheduler(**configs.SD15_SCHEDULER), seed)
 
 
+def markdown(result: dict) -> str:
+    """The results file as the README's table: one row per graph."""
+    lines = ["| graph | median per UNet call | vs float | file | vs float32 graph | integer kernels after ORT's optimizer |",
+             "|---|---|---|---|---|---|"]
+    for name, r in result["results"].items():
+        label = "float32" if name == "float" else f"{name} W{result['wbits']}A8"
+        sites = r.get("sites") or {}
+        if name.startswith("onnxruntime"):
+            label += f" ({sites['branch_layers']} convs, {sites['branches']} conv branches)"
+        elif sites.get("branch_layers"):
+            label += f" ({sites['branch_layers']} branched layers, {sites['branches']} branches)"
+        kernels = ", ".join(f"{k} {v}" for k, v in r["integer_kernels_after_optimization"].items()) or "-"
+        lines.append(f"| {label} | {r['median_ms']:,.0f} ms | {r['speedup_vs_float']:.2f}x | {r['bytes'] / 2**20:.1f} MiB | "
+                     f"{r['size_vs_float']:.3f}x | {kernels} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="zoo name or pipeline folder (default: the SD-shaped UNet)")
@@ -57,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     p.add_argument("--keep", type=Path, default=None, help="keep the export folders here")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
+    p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="only print an earlier results file as a markdown table (no export, no timing)")
     args = p.parse_args(argv)
+    if args.render is not None:
+        sys.stdout.write(markdown(json.loads(args.render.read_text())))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import onnxruntime as ort
 
