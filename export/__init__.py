@@ -4,8 +4,8 @@ TensorRT rule lint, and the IO contract and manifest the runtime reads.
 - :mod:`export.iospec` (numpy only) and :mod:`export.manifest` (stdlib only): what a runtime on a
   device reads; imported here.
 - :mod:`export.float_export`, :mod:`export.qdq` (lowering modules), :mod:`export.qdq_export`
-  (``export_onnx``), :mod:`export.lint`, :mod:`export.cli` need torch/diffusers/onnx and are
-  imported on use.
+  (``export_onnx``), :mod:`export.lint`, :mod:`export.parity` (per-layer graph vs lowering, first
+  divergence), :mod:`export.cli` need torch/diffusers/onnx and are imported on use.
 """
 
 from export.iospec import (

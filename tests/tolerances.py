@@ -92,6 +92,10 @@ QDQ_GRAPH_OPT_MIN_SQNR_DB = 25.0
 # against itself with a 1e-6 relative perturbation of its input gives 28.9-34.5 dB (the network's
 # own sensitivity, not a graph difference). The one-layer test is the exact rung.
 QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB = 23.0
+# Per-layer diagnosis (export.parity): a layer whose output is below this SQNR against the lowering
+# counts as diverged. Measured on the tiny onnxruntime graph: lowest honest layer 23.6 dB (rounding
+# flips accumulated by the last layers); one conv with tripled weight scales: -3.8 dB.
+QDQ_LAYER_DIVERGED_DB = 15.0
 # One onnxruntime-target conv (3 branches, quantized outputs): fraction of output values that may
 # differ from the simulator by more than QDQ_LAYER_EXACT_ATOL (a value on an output rounding edge
 # moved one step by the conv's float32 summation order, or by QLinearConv's fixed-point requantize).
