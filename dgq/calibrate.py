@@ -8,6 +8,7 @@ per-element min/max along both candidate axes for each (site, timestep slot), so
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -39,6 +40,22 @@ from dgq.simulate import apply_recipe, slot_hook
 from dgq.sites import CONV, LINEAR, QKV, attention_sites, layer_sites
 
 log = logging.getLogger(__name__)
+
+
+def _run_prompts(pipe: DiffusionPipeline, prompts: Sequence[str], steps: int, guidance: float, size: int, seed: int,
+                 batch_size: int, progress: bool, desc: str) -> None:
+    """Run the pipeline on ``prompts`` for its hooks' sake (latents discarded): prompt ``i`` gets noise
+    seed ``seed + i``, ``batch_size`` prompts per call, the pipeline's own progress bar restored."""
+    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+        with torch.inference_mode():
+            for idx in tqdm(batches, desc=desc, disable=not progress):
+                pipe([prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                     generator=[torch.Generator().manual_seed(seed + i) for i in idx], output_type="latent")
+    finally:
+        pipe.set_progress_bar_config(disable=was_disabled)
 
 
 class ActObserver:
@@ -266,23 +283,9 @@ def collect_statistics(
         o = qkv[a.name]
         procs[f"{a.name}.processor"] = DGQAttnProcessor(ctx, q=o["q"], k=o["k"], v=o["v"], probs=probs[a.name])
     unet.set_attn_processor(procs)
-    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     try:
-        pipe.set_progress_bar_config(disable=True)
-        batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
-        with torch.inference_mode():
-            for idx in tqdm(batches, desc="calibration batches", disable=not progress):
-                pipe(
-                    [prompts[i] for i in idx],
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    height=size,
-                    width=size,
-                    generator=[torch.Generator().manual_seed(seed + i) for i in idx],
-                    output_type="latent",
-                )
+        _run_prompts(pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress, "calibration batches")
     finally:
-        pipe.set_progress_bar_config(disable=was_disabled)
         for h in hooks:
             h.remove()
         unet.set_attn_processor(original)
@@ -373,29 +376,21 @@ def calibrate_outputs(
     size = size or meta.get("size") or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     seed = int(meta.get("seed", 0)) if seed is None else seed
     t0 = time.perf_counter()
-    bare = Recipe(config=recipe.config, model=recipe.model, slots=list(recipe.slots), acts=recipe.acts,
-                  probs=recipe.probs, weights=recipe.weights, meta=dict(recipe.meta))
+    input_keys = {s.name: s.input_key for s in layer_sites(pipe.unet, recipe.config)}
     observers: dict[str, _OutputObserver] = {}
 
     def observe(name: str) -> _OutputObserver:
-        act = recipe.acts[next(s.input_key for s in layer_sites(pipe.unet, recipe.config) if s.name == name)]
+        act = recipe.acts[input_keys[name]]
         observers[name] = _OutputObserver(len(act.axis), act.k(0))
         return observers[name]
 
-    handle = apply_recipe(pipe.unet, bare, observe_outputs=observe)
-    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    handle = apply_recipe(pipe.unet, dataclasses.replace(recipe, outputs={}), observe_outputs=observe)
     try:
-        pipe.set_progress_bar_config(disable=True)
-        batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
-        with torch.inference_mode():
-            for idx in tqdm(batches, desc="output calibration batches", disable=not progress):
-                pipe([prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                     generator=[torch.Generator().manual_seed(seed + i) for i in idx], output_type="latent")
+        _run_prompts(pipe, prompts, steps, guidance, size, seed, batch_size, progress, "output calibration batches")
     finally:
-        pipe.set_progress_bar_config(disable=was_disabled)
         handle.remove()
-    out = Recipe(config=recipe.config, model=recipe.model, slots=list(recipe.slots), acts=dict(recipe.acts),
-                 probs=dict(recipe.probs), weights=dict(recipe.weights), meta=dict(recipe.meta))
+    out = dataclasses.replace(recipe, slots=list(recipe.slots), acts=dict(recipe.acts), probs=dict(recipe.probs),
+                              weights=dict(recipe.weights), outputs={}, meta=dict(recipe.meta))
     for name, obs in observers.items():
         if not obs.seen.any(dim=1).all():
             raise RuntimeError(f"{name}: no output observed in some timestep slots; generate with the calibrated steps")

@@ -72,3 +72,15 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def emit_json(result, out: str | os.PathLike | None) -> str:
+    """A measurement script's result: indented JSON written atomically to ``out`` (when given) and
+    returned for printing."""
+    import json
+
+    text = json.dumps(result, indent=2) + "\n"
+    if out:
+        with atomic_file(out, "w") as f:
+            f.write(text)
+    return text

@@ -165,6 +165,11 @@ class SiteSummary:
     detail: dict = field(default_factory=dict)
 
 
+def _at_slot(table: torch.Tensor, n_slots: int, slot) -> torch.Tensor:
+    """Row ``slot`` of a per-step table (a Gather by ``step_index`` in the graph); row 0 with one slot."""
+    return table[0] if n_slots == 1 else table[slot]
+
+
 class _Slotted(nn.Module):
     """Buffers with a leading slot dim, looked up by the step index (a tensor while tracing)."""
 
@@ -173,10 +178,7 @@ class _Slotted(nn.Module):
         self.n_slots = n_slots
 
     def pick(self, name: str, slot) -> torch.Tensor:
-        t = getattr(self, name)
-        if self.n_slots == 1:
-            return t[0]
-        return t[slot]
+        return _at_slot(getattr(self, name), self.n_slots, slot)
 
     # One quantizer shared by sibling layers that read the same tensor (q/k/v projections): the
     # first call of a UNet forward computes the Q/DQ, the siblings reuse it, so the graph has one
@@ -525,7 +527,7 @@ class BranchedLayer(_LoweredLayer):
             s = None
             if b["scale"] is not None:
                 table = getattr(self, b["scale"])
-                s = table[0] if self.n_slots == 1 else table[slot]
+                s = _at_slot(table, self.n_slots, slot)
                 qmin, qmax = quant_range(b["bits"], signed=True)
                 if self.n_slots == 1:
                     if (qmin, qmax) != (-128, 127):
@@ -610,8 +612,7 @@ class OrtConvLayer(_LoweredLayer):
                 self.register_buffer(f"b{g}_hi", ((self.qmax - xz) * xs).float())
 
     def _pick(self, name: str, slot) -> torch.Tensor:
-        t = getattr(self, name)
-        return t[0] if self.n_slots == 1 else t[slot]
+        return _at_slot(getattr(self, name), self.n_slots, slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.ctx.current()

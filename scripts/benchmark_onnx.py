@@ -169,13 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"network": name, "unet_params": n_params, "latent": latent, "batch": args.batch, "wbits": args.wbits,
               "groups": args.groups, "threads": args.threads, "runs": args.runs, "onnxruntime": ort.__version__,
               "results": rows}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        from dgq.fsutil import atomic_file
+    from dgq.fsutil import emit_json
 
-        with atomic_file(args.out, "w") as f:
-            f.write(text + "\n")
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(emit_json(result, args.out))
     return 0
 
 

@@ -16,7 +16,6 @@ ranges: only the speed is measured.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -139,13 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                        "ops_after_optimization": fused[name]}
                 for name, t in times.items()
             }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        from dgq.fsutil import atomic_file
+    from dgq.fsutil import emit_json
 
-        with atomic_file(args.out, "w") as f:
-            f.write(text + "\n")
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(emit_json(result, args.out))
     return 0
 
 

@@ -12,7 +12,6 @@ float output, no output quantization). Median of interleaved runs. It measures w
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -82,13 +81,9 @@ def main(argv: list[str] | None = None) -> int:
               "threads": args.threads, "runs": args.runs,
               "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
               "speedup_vs_float": {k: base / statistics.median(v) for k, v in times.items()}}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        from dgq.fsutil import atomic_file
+    from dgq.fsutil import emit_json
 
-        with atomic_file(args.out, "w") as f:
-            f.write(text + "\n")
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(emit_json(result, args.out))
     return 0
 
 

@@ -88,13 +88,15 @@ QDQ_GRAPH_MIN_SQNR_DB = 30.0
 QDQ_GRAPH_OPT_MIN_SQNR_DB = 25.0
 # onnxruntime target, whole tiny UNet (random weights) vs its lowering, optimizations off. Its conv
 # outputs are quantized too (QLinearConv), twice the quantizers of the faithful graph, so float32
-# round-off flips more rounding edges. Measured: 26.3-28.2 dB over 3 steps; the PyTorch lowering
-# against itself with a 1e-6 relative perturbation of its input gives 28.9-34.5 dB (the network's
-# own sensitivity, not a graph difference). The one-layer test is the exact rung.
+# round-off flips more rounding edges. Seen in ad-hoc checks while building it (no repo script
+# prints them): 26.3-28.2 dB over 3 steps; the PyTorch lowering against itself with a 1e-6 relative
+# perturbation of its input gave 28.9-34.5 dB (the network's own sensitivity, not a graph
+# difference). The one-layer test is the exact rung.
 QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB = 23.0
 # Per-layer diagnosis (export.parity): a layer whose output is below this SQNR against the lowering
-# counts as diverged. Measured on the tiny onnxruntime graph: lowest honest layer 23.6 dB (rounding
-# flips accumulated by the last layers); one conv with tripled weight scales: -3.8 dB.
+# counts as diverged. Seen in an ad-hoc check on the tiny onnxruntime graph (the test reruns the
+# check, it does not print the figures): lowest honest layer 23.6 dB (rounding flips accumulated by
+# the last layers); one conv with tripled weight scales: -3.8 dB.
 QDQ_LAYER_DIVERGED_DB = 15.0
 # One onnxruntime-target conv (3 branches, quantized outputs): fraction of output values that may
 # differ from the simulator by more than QDQ_LAYER_EXACT_ATOL (a value on an output rounding edge

@@ -121,54 +121,50 @@ def feeds_for(x, t, e, slot, n_slots):
 # ---------------------------------------------------------------------------- rung 3a: lowering == simulator
 
 
+def simulator_and_lowering(unet, recipe, target):
+    sim = copy.deepcopy(unet)
+    apply_recipe(sim, recipe)
+    return sim, lower(unet, recipe, target)
+
+
+def every_step(sim, low, recipe):
+    """``(slot, simulator output, lowering output)`` for each of the recipe's steps, same inputs."""
+    x, e = unet_inputs()
+    with torch.no_grad():
+        for slot, t in enumerate(recipe.slots):
+            yield slot, sim(x, torch.tensor(t), e).sample, low.module(x, torch.tensor(t), e, torch.tensor(slot))
+
+
 @pytest.mark.parametrize("name", ["faithful", "faithful_a6"])
 def test_faithful_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
     recipe = recipes[name]
-    sim = copy.deepcopy(tiny_pipe.unet)
-    apply_recipe(sim, recipe)
-    low = lower(tiny_pipe.unet, recipe, "faithful")
+    sim, low = simulator_and_lowering(tiny_pipe.unet, recipe, "faithful")
     # the awkward paths are exercised: a zero point off the 8-bit grid (shifted form), both axes
     quants = [m for m in low.module.modules() if isinstance(m, FaithfulActQuant)]
     assert any(any(q.shift.values()) for q in quants)
     assert {k for q in quants for k in q.kinds} >= {"channel", "pixel"}
-    x, e = unet_inputs()
-    with torch.no_grad():
-        for slot, t in enumerate(recipe.slots):
-            ref = sim(x, torch.tensor(t), e).sample
-            got = low.module(x, torch.tensor(t), e, torch.tensor(slot))
-            assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
+    for slot, ref, got in every_step(sim, low, recipe):
+        assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
 
 @pytest.mark.parametrize("name", ["onnxruntime", "onnxruntime_a6"])
 def test_onnxruntime_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
     """Conv branches with quantized outputs, MatMul-form Linear layers, 6-bit clipping, q/k/v Q/DQ."""
     recipe = recipes[name]
-    sim = copy.deepcopy(tiny_pipe.unet)
-    apply_recipe(sim, recipe)
-    low = lower(tiny_pipe.unet, recipe, "onnxruntime")
+    sim, low = simulator_and_lowering(tiny_pipe.unet, recipe, "onnxruntime")
     convs = [m for m in low.module.modules() if isinstance(m, OrtConvLayer)]
     assert convs and any(len(c.branches) > 1 for c in convs) and len(convs) == len(recipe.outputs)
-    x, e = unet_inputs()
-    with torch.no_grad():
-        for slot, t in enumerate(recipe.slots):
-            ref = sim(x, torch.tensor(t), e).sample
-            got = low.module(x, torch.tensor(t), e, torch.tensor(slot))
-            assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
+    for slot, ref, got in every_step(sim, low, recipe):
+        assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
 
 def test_tensorrt_lowering_matches_simulator(tiny_pipe, recipes):
     """Branches sum in another order than one conv, so float rounding moves a few values across a
     rounding edge downstream: close, not bit-equal (the graph is checked against this lowering)."""
     recipe = recipes["tensorrt"]
-    sim = copy.deepcopy(tiny_pipe.unet)
-    apply_recipe(sim, recipe)
-    low = lower(tiny_pipe.unet, recipe, "tensorrt")
-    x, e = unet_inputs()
-    with torch.no_grad():
-        for slot, t in enumerate(recipe.slots):
-            ref = sim(x, torch.tensor(t), e).sample
-            got = low.module(x, torch.tensor(t), e, torch.tensor(slot))
-            assert sqnr_db(ref, got) > QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB
+    sim, low = simulator_and_lowering(tiny_pipe.unet, recipe, "tensorrt")
+    for _, ref, got in every_step(sim, low, recipe):
+        assert sqnr_db(ref, got) > QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB
 
 
 # ---------------------------------------------------------------------------- rung 3b: one layer, exact
