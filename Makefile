@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dgq-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test
+.PHONY: setup quickstart test lint format
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -15,5 +15,14 @@ setup: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/dgq quickstart --out outputs/quickstart
 
-test: $(STAMP)
+# Lint and format check first (configuration in pyproject.toml), then the suite.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .

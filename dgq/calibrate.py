@@ -42,8 +42,17 @@ from dgq.sites import CONV, LINEAR, QKV, attention_sites, layer_sites
 log = logging.getLogger(__name__)
 
 
-def _run_prompts(pipe: DiffusionPipeline, prompts: Sequence[str], steps: int, guidance: float, size: int, seed: int,
-                 batch_size: int, progress: bool, desc: str) -> None:
+def _run_prompts(
+    pipe: DiffusionPipeline,
+    prompts: Sequence[str],
+    steps: int,
+    guidance: float,
+    size: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> None:
     """Run the pipeline on ``prompts`` for its hooks' sake (latents discarded): prompt ``i`` gets noise
     seed ``seed + i``, ``batch_size`` prompts per call, the pipeline's own progress bar restored."""
     was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
@@ -52,8 +61,15 @@ def _run_prompts(pipe: DiffusionPipeline, prompts: Sequence[str], steps: int, gu
         batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
         with torch.inference_mode():
             for idx in tqdm(batches, desc=desc, disable=not progress):
-                pipe([prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                     generator=[torch.Generator().manual_seed(seed + i) for i in idx], output_type="latent")
+                pipe(
+                    [prompts[i] for i in idx],
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=size,
+                    width=size,
+                    generator=[torch.Generator().manual_seed(seed + i) for i in idx],
+                    output_type="latent",
+                )
     finally:
         pipe.set_progress_bar_config(disable=was_disabled)
 
@@ -143,8 +159,11 @@ def build_act_quant(layout: str, per_slot: dict[int, AxisStats], n_slots: int, c
     if config.profile == "onnxruntime":
         merged = _merge([per_slot[s] for s in range(n_slots)])
         axis, gi = _onnxruntime_grouping(layout, merged, config)
-        slots = [_group_one(merged, config, axis, gi)] if not config.time_aware else \
-            [_group_one(per_slot[s], config, axis, gi) for s in range(n_slots)]
+        slots = (
+            [_group_one(merged, config, axis, gi)]
+            if not config.time_aware
+            else [_group_one(per_slot[s], config, axis, gi) for s in range(n_slots)]
+        )
         return ActQuant(layout, [a for a, _, _ in slots], [g for _, g, _ in slots], [r for _, _, r in slots])
     if not config.time_aware:
         axis, gi, rg = _group_one(_merge([per_slot[s] for s in range(n_slots)]), config)
@@ -202,9 +221,12 @@ class KeyObserver:
         for slot, rest in self.rest.stats.items():
             b = self.bos.stats[slot]
             out[slot] = AxisStats(
-                rest.layout, rest.ndim,
-                torch.minimum(rest.channel_amin, b.channel_amin), torch.maximum(rest.channel_amax, b.channel_amax),
-                torch.cat([b.pixel_amin, rest.pixel_amin]), torch.cat([b.pixel_amax, rest.pixel_amax]),
+                rest.layout,
+                rest.ndim,
+                torch.minimum(rest.channel_amin, b.channel_amin),
+                torch.maximum(rest.channel_amax, b.channel_amax),
+                torch.cat([b.pixel_amin, rest.pixel_amin]),
+                torch.cat([b.pixel_amax, rest.pixel_amax]),
                 rest.samples,
             )
         return out
@@ -275,8 +297,11 @@ def collect_statistics(
     hooks = [slot_hook(unet, ctx, table)]
     for s in layers:
         obs = layer_obs[s.name]
-        hooks.append(unet.get_submodule(s.name).register_forward_pre_hook(
-            lambda m, args, obs=obs: (obs(args[0], ctx.current()),)))
+        hooks.append(
+            unet.get_submodule(s.name).register_forward_pre_hook(
+                lambda m, args, obs=obs: (obs(args[0], ctx.current()),)
+            )
+        )
     original = dict(unet.attn_processors)
     procs = dict(original)
     for a in attns:
@@ -284,13 +309,20 @@ def collect_statistics(
         procs[f"{a.name}.processor"] = DGQAttnProcessor(ctx, q=o["q"], k=o["k"], v=o["v"], probs=probs[a.name])
     unet.set_attn_processor(procs)
     try:
-        _run_prompts(pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress, "calibration batches")
+        _run_prompts(
+            pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress, "calibration batches"
+        )
     finally:
         for h in hooks:
             h.remove()
         unet.set_attn_processor(original)
-    log.info("collected statistics of %d layers and %d attention blocks over %d timestep slots in %.1f s",
-             len(layers), len(attns), len(table.values), time.perf_counter() - t0)
+    log.info(
+        "collected statistics of %d layers and %d attention blocks over %d timestep slots in %.1f s",
+        len(layers),
+        len(attns),
+        len(table.values),
+        time.perf_counter() - t0,
+    )
     meta = {
         "prompts": len(prompts),
         "num_inference_steps": num_inference_steps,
@@ -298,11 +330,20 @@ def collect_statistics(
         "size": size,
         "seed": seed,
         "scheduler": type(pipe.scheduler).__name__,
-        "versions": {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__.split("+")[0],
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
     }
-    return CalibrationStats(model_identity(unet), list(table.values),
-                            {s.name: (s.kind, layer_obs[s.name].stats) for s in layers}, qkv, probs, meta)
+    return CalibrationStats(
+        model_identity(unet),
+        list(table.values),
+        {s.name: (s.kind, layer_obs[s.name].stats) for s in layers},
+        qkv,
+        probs,
+        meta,
+    )
 
 
 def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantConfig, progress: bool = True) -> Recipe:
@@ -389,8 +430,15 @@ def calibrate_outputs(
         _run_prompts(pipe, prompts, steps, guidance, size, seed, batch_size, progress, "output calibration batches")
     finally:
         handle.remove()
-    out = dataclasses.replace(recipe, slots=list(recipe.slots), acts=dict(recipe.acts), probs=dict(recipe.probs),
-                              weights=dict(recipe.weights), outputs={}, meta=dict(recipe.meta))
+    out = dataclasses.replace(
+        recipe,
+        slots=list(recipe.slots),
+        acts=dict(recipe.acts),
+        probs=dict(recipe.probs),
+        weights=dict(recipe.weights),
+        outputs={},
+        meta=dict(recipe.meta),
+    )
     for name, obs in observers.items():
         if not obs.seen.any(dim=1).all():
             raise RuntimeError(f"{name}: no output observed in some timestep slots; generate with the calibrated steps")
@@ -416,7 +464,9 @@ def calibrate(
     stats = collect_statistics(pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress)
     recipe = build_recipe(stats, pipe.unet, config, progress)
     if config.profile == "onnxruntime":
-        recipe = calibrate_outputs(pipe, recipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress)
+        recipe = calibrate_outputs(
+            pipe, recipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress
+        )
     log.info("calibration finished in %.1f s", time.perf_counter() - t0)
     return recipe
 
@@ -428,11 +478,19 @@ def with_bits(recipe: Recipe, unet: torch.nn.Module, wbits: int, abits: int, pro
     weight parameters (their MSE search) do, so those are recomputed.
     """
     if recipe.outputs:
-        raise ValueError("an onnxruntime-profile recipe's output ranges depend on the bit widths; "
-                         "use build_recipe + calibrate_outputs for other bits")
+        raise ValueError(
+            "an onnxruntime-profile recipe's output ranges depend on the bit widths; "
+            "use build_recipe + calibrate_outputs for other bits"
+        )
     config = recipe.config.replace(wbits=wbits, abits=abits)
-    out = Recipe(config=config, model=recipe.model, slots=list(recipe.slots), acts=dict(recipe.acts),
-                 probs=dict(recipe.probs), meta=dict(recipe.meta))
+    out = Recipe(
+        config=config,
+        model=recipe.model,
+        slots=list(recipe.slots),
+        acts=dict(recipe.acts),
+        probs=dict(recipe.probs),
+        meta=dict(recipe.meta),
+    )
     kinds = {s.name: s.kind for s in layer_sites(unet, config)}
     for name in tqdm(recipe.weights, desc="weights", disable=not progress):
         out.weights[name] = weight_quant(unet.get_submodule(name).weight, kinds[name], config)

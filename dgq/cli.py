@@ -76,13 +76,16 @@ def _generate(args: argparse.Namespace) -> int:
             from export.manifest import read_manifest
 
             args.steps = int(read_manifest(args.onnx).get("steps") or 25)
-        images, timings = generate_from_export(args.onnx, [args.prompt] * len(seeds), seeds, args.steps, args.guidance,
-                                               args.size, backend=args.backend)
+        images, timings = generate_from_export(
+            args.onnx, [args.prompt] * len(seeds), seeds, args.steps, args.guidance, args.size, backend=args.backend
+        )
         sys.stdout.write(f"backend: {timings['backend']}\n")
         for i, call in enumerate(timings["calls"]):
-            sys.stdout.write(f"call {i} ({call['images']} image(s)): text encoder {call['text_encoder_s'] * 1e3:.1f} ms, "
-                             f"UNet {call['unet_median_s'] * 1e3:.1f} ms/step median over {len(call['unet_step_s'])} steps, "
-                             f"VAE decoder {call['vae_decoder_s'] * 1e3:.1f} ms, total {call['total_s']:.2f} s\n")
+            sys.stdout.write(
+                f"call {i} ({call['images']} image(s)): text encoder {call['text_encoder_s'] * 1e3:.1f} ms, "
+                f"UNet {call['unet_median_s'] * 1e3:.1f} ms/step median over {len(call['unet_step_s'])} steps, "
+                f"VAE decoder {call['vae_decoder_s'] * 1e3:.1f} ms, total {call['total_s']:.2f} s\n"
+            )
     else:
         if args.backend != "auto":
             raise ValueError("--backend applies to --onnx export folders; the PyTorch pipeline has no backend choice")
@@ -90,7 +93,10 @@ def _generate(args: argparse.Namespace) -> int:
 
         pipe = zoo.load_pipeline(args.model, seed=args.seed)
         pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
-        images, timings = generate(pipe, [args.prompt] * len(seeds), seeds, args.steps or 25, args.guidance, args.size), None
+        images, timings = (
+            generate(pipe, [args.prompt] * len(seeds), seeds, args.steps or 25, args.guidance, args.size),
+            None,
+        )
     for path in save_images(images, args.out):
         sys.stdout.write(f"{path}\n")
     if timings is not None:
@@ -106,16 +112,29 @@ def _add_generate(sub) -> None:
         "with an export folder through ONNX Runtime or TensorRT engines (timings.json is written next to the PNGs).",
     )
     _add_model_arg(p)
-    p.add_argument("--onnx", type=Path, default=None, metavar="DIR",
-                   help="export folder (export_onnx output) to run instead of a PyTorch pipeline")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
-                   help="with --onnx: TensorRT engines (<component>.engine in DIR), ONNX Runtime, or auto: "
-                   "TensorRT when engines, CUDA and TensorRT are all there, else ONNX Runtime (default auto)")
+    p.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="export folder (export_onnx output) to run instead of a PyTorch pipeline",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "onnxruntime", "tensorrt"),
+        default="auto",
+        help="with --onnx: TensorRT engines (<component>.engine in DIR), ONNX Runtime, or auto: "
+        "TensorRT when engines, CUDA and TensorRT are all there, else ONNX Runtime (default auto)",
+    )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
     p.add_argument("--image-seed", type=int, default=0, help="noise seed of the first image (default 0)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default 25; with --onnx of a quantized export: the steps it was calibrated with)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default 25; with --onnx of a quantized export: the steps it was calibrated with)",
+    )
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--out", type=Path, default=Path("outputs/images"), help="output folder (default outputs/images)")
@@ -167,9 +186,16 @@ def _calibrate(args: argparse.Namespace) -> int:
     overrides = {
         k: v
         for k, v in dict(
-            wbits=args.wbits, abits=args.abits, groups=args.groups, profile=args.profile, act_axis=args.act_axis,
-            attn_probs=args.attn_probs, attn_scale=args.attn_scale, weight_init=args.weight_init,
-            weight_granularity=args.weight_granularity, outlier_bits=args.outlier_bits,
+            wbits=args.wbits,
+            abits=args.abits,
+            groups=args.groups,
+            profile=args.profile,
+            act_axis=args.act_axis,
+            attn_probs=args.attn_probs,
+            attn_scale=args.attn_scale,
+            weight_init=args.weight_init,
+            weight_granularity=args.weight_granularity,
+            outlier_bits=args.outlier_bits,
         ).items()
         if v is not None
     }
@@ -182,8 +208,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     prompts = calibration_prompts(model, args.num_prompts, args.prompts)
     pipe = zoo.load_pipeline(model, seed=args.seed)
     t0 = time.perf_counter()
-    recipe = calibrate(pipe, prompts, config, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                       size=args.size, batch_size=args.batch_size)
+    recipe = calibrate(
+        pipe,
+        prompts,
+        config,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        size=args.size,
+        batch_size=args.batch_size,
+    )
     recipe.meta["model_spec"] = model
     recipe.meta["calibration_seconds"] = round(time.perf_counter() - t0, 1)
     recipe.save(args.out)
@@ -209,14 +242,27 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--wbits", type=int, choices=(8, 4), help="weight bits (default 8)")
     p.add_argument("--abits", type=int, choices=(8, 6, 4), help="activation bits (default 8)")
     p.add_argument("--groups", type=int, help="K, groups per activation (default 16; 1 = layer-wise)")
-    p.add_argument("--profile", choices=PROFILES, help="faithful (paper semantics), tensorrt or onnxruntime (what those runtimes execute; default faithful)")
+    p.add_argument(
+        "--profile",
+        choices=PROFILES,
+        help="faithful (paper semantics), tensorrt or onnxruntime (what those runtimes execute; default faithful)",
+    )
     p.add_argument("--act-axis", choices=ACT_AXES, help="grouping axis rule (default auto = spread rule)")
-    p.add_argument("--attn-probs", choices=ATTN_PROBS, help="attention-probability quantizer (default uniform; log2 is the paper's, preset dgq-paper)")
+    p.add_argument(
+        "--attn-probs",
+        choices=ATTN_PROBS,
+        help="attention-probability quantizer (default uniform; log2 is the paper's, preset dgq-paper)",
+    )
     p.add_argument("--attn-scale", choices=ATTN_SCALES, help="probability scale: per prompt, per batch, static")
     p.add_argument("--no-bos-fp", action="store_true", help="quantize the BOS column/key row too (ablation)")
     p.add_argument("--weight-init", choices=WEIGHT_INITS, help="weight range search (default mse)")
     p.add_argument("--weight-granularity", choices=WEIGHT_GRANULARITIES, help="per channel, block (Linear), tensor")
-    p.add_argument("--outlier-bits", type=int, choices=(4, 6, 8, 16), help="tensorrt profile: bits of the widest group (16 = float)")
+    p.add_argument(
+        "--outlier-bits",
+        type=int,
+        choices=(4, 6, 8, 16),
+        help="tensorrt profile: bits of the widest group (16 = float)",
+    )
     p.add_argument("--keep-float", nargs="*", help="module-name patterns kept in float (default: conv_in conv_out)")
     p.add_argument("--prompts", type=Path, help="prompt file, one per line (default: built-in list)")
     p.add_argument("--num-prompts", type=int, default=64, help="calibration prompts (default 64, as the paper)")
@@ -236,8 +282,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="summarize a recipe", description="Print a recipe's settings, "
-                       "the axis chosen per site, group counts and the largest outlier groups.")
+    p = sub.add_parser(
+        "inspect",
+        help="summarize a recipe",
+        description="Print a recipe's settings, the axis chosen per site, group counts and the largest outlier groups.",
+    )
     p.add_argument("recipe", type=Path, help="recipe file")
     p.add_argument("--top", type=int, default=10, help="how many outlier groups to list (default 10)")
     p.set_defaults(func=_inspect)
@@ -253,8 +302,15 @@ def _report(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     recipe.check_model(pipe.unet)
     steps = recipe.meta.get("num_inference_steps", 25)
-    errors = layer_errors(pipe, recipe, args.prompt, seed=args.image_seed, steps=steps,
-                          guidance=recipe.meta.get("guidance_scale", 7.5), size=recipe.meta.get("size"))
+    errors = layer_errors(
+        pipe,
+        recipe,
+        args.prompt,
+        seed=args.image_seed,
+        steps=steps,
+        guidance=recipe.meta.get("guidance_scale", 7.5),
+        size=recipe.meta.get("size"),
+    )
     paths = write_layer_report(errors, recipe, args.out)
     for e in sorted(errors, key=lambda e: e.sqnr_db)[: args.top]:
         sys.stdout.write(f"{e.sqnr_db:7.2f} dB  {e.name}\n")
@@ -266,10 +322,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="per-layer error of a recipe against the float UNet, with plots",
-                       description="Run one float generation, replay its UNet calls through the simulated "
-                       "UNet, and report every quantized layer's output SQNR (layers.json, layer_sqnr.png, "
-                       "group_ranges.png).")
+    p = sub.add_parser(
+        "report",
+        help="per-layer error of a recipe against the float UNet, with plots",
+        description="Run one float generation, replay its UNet calls through the simulated "
+        "UNet, and report every quantized layer's output SQNR (layers.json, layer_sqnr.png, "
+        "group_ranges.png).",
+    )
     p.add_argument("recipe", type=Path, help="recipe file")
     _add_model_arg(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt (default {DEFAULT_PROMPT!r})")
@@ -283,8 +342,12 @@ def _add_report(sub) -> None:
 def _add_export(sub) -> None:
     from export.cli import DESCRIPTION, add_arguments, run
 
-    p = sub.add_parser("export", help="export the pipeline (with DGQ Q/DQ) to ONNX", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="export the pipeline (with DGQ Q/DQ) to ONNX",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -292,8 +355,12 @@ def _add_export(sub) -> None:
 def _add_build(sub) -> None:
     from runtime.build_cli import DESCRIPTION, add_arguments, run
 
-    p = sub.add_parser("build", help="build TensorRT engines from an export folder", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "build",
+        help="build TensorRT engines from an export folder",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 

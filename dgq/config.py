@@ -84,7 +84,9 @@ class QuantConfig:
         check(isinstance(self.groups, int) and self.groups >= 1, f"groups must be an int >= 1, got {self.groups}")
         check(self.profile in PROFILES, f"profile must be one of {PROFILES}, got {self.profile!r}")
         check(self.weight_init in WEIGHT_INITS, f"weight_init must be one of {WEIGHT_INITS}")
-        check(self.weight_granularity in WEIGHT_GRANULARITIES, f"weight_granularity must be one of {WEIGHT_GRANULARITIES}")
+        check(
+            self.weight_granularity in WEIGHT_GRANULARITIES, f"weight_granularity must be one of {WEIGHT_GRANULARITIES}"
+        )
         check(self.weight_block in (32, 64, 128, 256), f"weight_block must be 32/64/128/256, got {self.weight_block}")
         check(self.act_axis in ACT_AXES, f"act_axis must be one of {ACT_AXES}, got {self.act_axis!r}")
         check(self.attn_probs in ATTN_PROBS, f"attn_probs must be one of {ATTN_PROBS}")
@@ -100,7 +102,8 @@ class QuantConfig:
         )
         check(
             self.profile != "onnxruntime" or self.weight_granularity != "block",
-            "the onnxruntime profile needs per-channel or per-tensor weights (its integer kernels have no block-wise weights)",
+            "the onnxruntime profile needs per-channel or per-tensor weights (its integer kernels have no "
+            "block-wise weights)",
         )
 
     @property

@@ -38,7 +38,7 @@ def generate(
         raise ValueError(f"steps must be >= 1, got {steps}")
     size = size or default_size(pipe)
     images = []
-    for prompt, seed in zip(prompts, seeds):
+    for prompt, seed in zip(prompts, seeds, strict=True):
         out = pipe(
             prompt,
             num_inference_steps=steps,
@@ -85,13 +85,20 @@ def generate_from_export(
     images, calls = [], []
     with pipe:
         for i in range(0, len(prompts), chunk):
-            out = pipe(list(prompts[i : i + chunk]), seed=list(seeds[i : i + chunk]), steps=steps, guidance=guidance,
-                       size=size)
+            out = pipe(
+                list(prompts[i : i + chunk]), seed=list(seeds[i : i + chunk]), steps=steps, guidance=guidance, size=size
+            )
             images += out.pil()
             calls.append({"images": len(out.images), **out.timings.to_dict()})
             log.info("%s: %s", pipe.backend, out.timings.summary())
-    doc = {"backend": pipe.backend, "backend_reason": getattr(pipe, "backend_reason", None), "export": str(folder),
-           "steps": steps, "guidance": guidance, "calls": calls}
+    doc = {
+        "backend": pipe.backend,
+        "backend_reason": getattr(pipe, "backend_reason", None),
+        "export": str(folder),
+        "steps": steps,
+        "guidance": guidance,
+        "calls": calls,
+    }
     return images, doc
 
 

@@ -129,7 +129,10 @@ class Recipe:
             "config": self.config.to_dict(),
             "model": self.model,
             "slots": self.slots,
-            "acts": {k: {"layout": a.layout, "axis": a.axis, "k": [a.k(s) for s in range(len(a.axis))]} for k, a in self.acts.items()},
+            "acts": {
+                k: {"layout": a.layout, "axis": a.axis, "k": [a.k(s) for s in range(len(a.axis))]}
+                for k, a in self.acts.items()
+            },
             "probs": {k: {"static": p.static_max is not None} for k, p in self.probs.items()},
             "weights": {
                 k: {"bits": w.bits, "granularity": w.granularity, "block": w.block, "symmetric": w.symmetric}
@@ -203,7 +206,9 @@ def load(path: str | Path) -> Recipe:
         return tensors[name]
 
     config = QuantConfig.from_dict(header["config"])
-    recipe = Recipe(config=config, model=header["model"], slots=[float(s) for s in header["slots"]], meta=header.get("meta", {}))
+    recipe = Recipe(
+        config=config, model=header["model"], slots=[float(s) for s in header["slots"]], meta=header.get("meta", {})
+    )
     for key, info in header["acts"].items():
         n_slots = len(info["axis"])
         gi = [take(f"act/{key}/{s}/group_index").long() for s in range(n_slots)]
@@ -216,8 +221,12 @@ def load(path: str | Path) -> Recipe:
         recipe.probs[key] = ProbsQuant(take(f"probs/{key}/static_max") if info["static"] else None)
     for key, info in header["weights"].items():
         recipe.weights[key] = WeightQuant(
-            info["bits"], info["granularity"], info["block"], info["symmetric"],
-            take(f"weight/{key}/scale"), take(f"weight/{key}/zero_point"),
+            info["bits"],
+            info["granularity"],
+            info["block"],
+            info["symmetric"],
+            take(f"weight/{key}/scale"),
+            take(f"weight/{key}/zero_point"),
         )
     for key, info in header.get("outputs", {}).items():
         ranges = take(f"output/{key}/ranges")

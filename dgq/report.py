@@ -32,8 +32,10 @@ class LayerError:
 
 def _outputs(unet: torch.nn.Module, names: list[str], call) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    hooks = [unet.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: out.__setitem__(n, o.detach().float()))
-             for n in names]
+    hooks = [
+        unet.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: out.__setitem__(n, o.detach().float()))
+        for n in names
+    ]
     try:
         with torch.no_grad():
             unet(*call.args, **call.kwargs)
@@ -44,15 +46,27 @@ def _outputs(unet: torch.nn.Module, names: list[str], call) -> dict[str, torch.T
 
 
 def layer_errors(
-    pipe: DiffusionPipeline, recipe: Recipe, prompt: str, seed: int = 0, steps: int = 25, guidance: float = 7.5,
+    pipe: DiffusionPipeline,
+    recipe: Recipe,
+    prompt: str,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 7.5,
     size: int | None = None,
 ) -> list[LayerError]:
     """SQNR of every quantized layer's output, simulated vs float, in execution order (the order the
     float UNet runs them: diffusers registers a block's attentions before its resnets)."""
     size = size or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     with record_unet_calls(pipe.unet) as calls, torch.no_grad():
-        pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-             generator=torch.Generator().manual_seed(seed), output_type="latent")
+        pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+        )
     names = [s.name for s in layer_sites(pipe.unet, recipe.config)]
     qunet = copy.deepcopy(pipe.unet)
     apply_recipe(qunet, recipe)
@@ -111,8 +125,10 @@ def write_layer_report(errors: list[LayerError], recipe: Recipe, out_dir: str | 
     fig.savefig(paths["sqnr"], dpi=120)
     plt.close(fig)
 
-    best = max(((outlier_ratio(a.ranges[s]), k, s) for k, a in recipe.acts.items() for s in range(len(a.axis)) if a.k(s) > 1),
-               default=None)
+    best = max(
+        ((outlier_ratio(a.ranges[s]), k, s) for k, a in recipe.acts.items() for s in range(len(a.axis)) if a.k(s) > 1),
+        default=None,
+    )
     fig, ax = plt.subplots(figsize=(6, 4))
     if best is not None:
         _, key, s = best

@@ -55,7 +55,9 @@ def timestep_value(args: tuple, kwargs: dict) -> float:
 # ---------------------------------------------------------------------------- parameters
 
 
-def group_params(ranges: torch.Tensor, bits: int, config: QuantConfig, axis: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def group_params(
+    ranges: torch.Tensor, bits: int, config: QuantConfig, axis: str
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Per-group ``(scale, zero_point, qmin, qmax)`` from ``(K, 2)`` ranges under the config's profile."""
     lo, hi = ranges[:, 0], ranges[:, 1]
     if config.is_symmetric:
@@ -171,8 +173,14 @@ def fake_quantize_weight(weight: torch.Tensor, wq: WeightQuant) -> torch.Tensor:
 class QuantLayer(torch.nn.Module):
     """A Conv2d or Linear with a fake-quantized input and weight (the module-swap seam)."""
 
-    def __init__(self, inner: torch.nn.Module, weight_hat: torch.Tensor, act: ActFakeQuant | None, ctx: StepContext,
-                 matmul: bool = False):
+    def __init__(
+        self,
+        inner: torch.nn.Module,
+        weight_hat: torch.Tensor,
+        act: ActFakeQuant | None,
+        ctx: StepContext,
+        matmul: bool = False,
+    ):
         super().__init__()
         self.inner = inner
         # matmul (onnxruntime profile Linear): x @ W^T + b as MatMul and Add, the exported graph's ops
@@ -207,8 +215,18 @@ class BranchConvLayer(torch.nn.Module):
     ``observe(branch, y, slot)`` instead of being quantized (the output calibration pass).
     """
 
-    def __init__(self, name: str, inner: torch.nn.Conv2d, weight_hat: torch.Tensor, act: ActQuant, bits: int,
-                 config: QuantConfig, out: OutputQuant | None, ctx: StepContext, observe=None):
+    def __init__(
+        self,
+        name: str,
+        inner: torch.nn.Conv2d,
+        weight_hat: torch.Tensor,
+        act: ActQuant,
+        bits: int,
+        config: QuantConfig,
+        out: OutputQuant | None,
+        ctx: StepContext,
+        observe=None,
+    ):
         super().__init__()
         self.name, self.inner, self.ctx, self.observe = name, inner, ctx, observe
         gi = act.group_index[0]
@@ -219,7 +237,9 @@ class BranchConvLayer(torch.nn.Module):
         scale, zp = torch.zeros(n, k), torch.zeros(n, k)
         for s in range(n):
             if not torch.equal(act.group_index[s], gi) or act.axis[s] != act.axis[0]:
-                raise RecipeError(f"{name}: group membership changes across steps; this layer needs an onnxruntime-profile recipe")
+                raise RecipeError(
+                    f"{name}: group membership changes across steps; this layer needs an onnxruntime-profile recipe"
+                )
             sc, z, self.qmin, self.qmax = group_params(act.ranges[s], bits, config, act.axis[s])
             scale[s], zp[s] = sc, z
         self.scale, self.zp = scale, zp
@@ -227,12 +247,21 @@ class BranchConvLayer(torch.nn.Module):
         self.out = None
         if out is not None:
             if out.ranges.shape[:2] != (n, k):
-                raise RecipeError(f"{name}: output ranges of shape {tuple(out.ranges.shape)} do not match {n} slots x {k} groups")
+                raise RecipeError(
+                    f"{name}: output ranges of shape {tuple(out.ranges.shape)} do not match {n} slots x {k} groups"
+                )
             params = [group_params(out.ranges[s], OUTPUT_BITS, config, LAYER) for s in range(n)]
-            self.out = (torch.stack([p[0] for p in params]), torch.stack([p[1] for p in params]), params[0][2], params[0][3])
+            self.out = (
+                torch.stack([p[0] for p in params]),
+                torch.stack([p[1] for p in params]),
+                params[0][2],
+                params[0][3],
+            )
         elif observe is None:
-            raise RecipeError(f"{name}: the onnxruntime profile quantizes conv outputs and this recipe has no output "
-                              "ranges for it (calibrate with dgq.calibrate.calibrate, or add them with calibrate_outputs)")
+            raise RecipeError(
+                f"{name}: the onnxruntime profile quantizes conv outputs and this recipe has no output "
+                "ranges for it (calibrate with dgq.calibrate.calibrate, or add them with calibrate_outputs)"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.ctx.current()
@@ -298,12 +327,16 @@ def slot_hook(unet: torch.nn.Module, ctx: StepContext, slot_of) -> torch.utils.h
     return unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _swap_layers(unet: torch.nn.Module, recipe: Recipe, ctx: StepContext, handle: SimulationHandle, observe_outputs) -> None:
+def _swap_layers(
+    unet: torch.nn.Module, recipe: Recipe, ctx: StepContext, handle: SimulationHandle, observe_outputs
+) -> None:
     config = recipe.config
     for site in layer_sites(unet, config):
         module = unet.get_submodule(site.name)
         wq = recipe.weights.get(site.name)
-        weight_hat = module.weight.detach().float() if wq is None else fake_quantize_weight(module.weight.detach().float(), wq)
+        weight_hat = (
+            module.weight.detach().float() if wq is None else fake_quantize_weight(module.weight.detach().float(), wq)
+        )
         act = recipe.acts.get(site.input_key)
         act_q = None if act is None else ActFakeQuant(act, config.abits, config)
         if wq is None and act_q is None:
@@ -311,14 +344,17 @@ def _swap_layers(unet: torch.nn.Module, recipe: Recipe, ctx: StepContext, handle
         handle.swapped[site.name] = module
         if config.profile == "onnxruntime" and act is not None and isinstance(module, torch.nn.Conv2d):
             observe = None if observe_outputs is None or site.name in recipe.outputs else observe_outputs(site.name)
-            new = BranchConvLayer(site.name, module, weight_hat, act, config.abits, config,
-                                  recipe.outputs.get(site.name), ctx, observe)
+            new = BranchConvLayer(
+                site.name, module, weight_hat, act, config.abits, config, recipe.outputs.get(site.name), ctx, observe
+            )
         else:
             new = QuantLayer(module, weight_hat, act_q, ctx, matmul=config.profile == "onnxruntime")
         set_module(unet, site.name, new)
 
 
-def apply_recipe(unet: torch.nn.Module, recipe: Recipe, check_model: bool = True, observe_outputs=None) -> SimulationHandle:
+def apply_recipe(
+    unet: torch.nn.Module, recipe: Recipe, check_model: bool = True, observe_outputs=None
+) -> SimulationHandle:
     """Quantize ``unet`` in place as ``recipe`` says. Returns a handle whose ``remove()`` undoes it.
 
     ``observe_outputs(layer_name) -> callable(branch, y, slot)``: the output calibration pass of the
@@ -338,7 +374,8 @@ def apply_recipe(unet: torch.nn.Module, recipe: Recipe, check_model: bool = True
     handle.processors = dict(unet.attn_processors)
     new = dict(handle.processors)
     for site in attention_sites(unet, config):
-        def act(role):
+
+        def act(role, site=site):
             a = recipe.acts.get(site.key(role))
             return None if a is None else ActFakeQuant(a, config.abits, config)
 

@@ -41,25 +41,54 @@ BRANCH_GROUPS = 4  # default K where each group is a branch of the graph (README
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="zoo name, diffusers pipeline folder or hub id (default: the built-in default model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="zoo name, diffusers pipeline folder or hub id (default: the built-in default model)",
+    )
     p.add_argument("--recipe", type=Path, default=None, help="recipe from dgq calibrate (default: calibrate now)")
-    p.add_argument("--target", choices=("faithful", "tensorrt", "onnxruntime", "float"), default="tensorrt",
-                   help="export target (default tensorrt)")
+    p.add_argument(
+        "--target",
+        choices=("faithful", "tensorrt", "onnxruntime", "float"),
+        default="tensorrt",
+        help="export target (default tensorrt)",
+    )
     p.add_argument("--out", type=Path, required=True, help="export folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.add_argument("--wbits", type=int, choices=(8, 4), default=8, help="weight bits when calibrating (default 8)")
-    p.add_argument("--abits", type=int, choices=(8, 6, 4), default=8, help="activation bits when calibrating (default 8)")
-    p.add_argument("--groups", type=int, default=None, help="DGQ's K when calibrating (default 16; for the tensorrt and "
-                   f"onnxruntime targets, where every group of a channel-grouped layer is a branch, {BRANCH_GROUPS})")
-    p.add_argument("--outlier-bits", type=int, choices=(8, 16), default=16,
-                   help="tensorrt target when calibrating: bits of the outlier group (default 16 = float branch)")
+    p.add_argument(
+        "--abits", type=int, choices=(8, 6, 4), default=8, help="activation bits when calibrating (default 8)"
+    )
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=None,
+        help="DGQ's K when calibrating (default 16; for the tensorrt and "
+        f"onnxruntime targets, where every group of a channel-grouped layer is a branch, {BRANCH_GROUPS})",
+    )
+    p.add_argument(
+        "--outlier-bits",
+        type=int,
+        choices=(8, 16),
+        default=16,
+        help="tensorrt target when calibrating: bits of the outlier group (default 16 = float branch)",
+    )
     p.add_argument("--num-prompts", type=int, default=64, help="calibration prompts (default 64)")
-    p.add_argument("--steps", type=int, default=25, help="calibration sampler steps; generate with the same (default 25)")
+    p.add_argument(
+        "--steps", type=int, default=25, help="calibration sampler steps; generate with the same (default 25)"
+    )
     p.add_argument("--guidance", type=float, default=7.5, help="calibration guidance (default 7.5)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 21 for 4-bit weights)")
-    p.add_argument("--components", nargs="+", default=["unet", "text_encoder", "vae_decoder"],
-                   choices=["unet", "text_encoder", "vae_decoder"], help="networks to export (default all)")
-    p.add_argument("--max-batch", type=int, default=4, help="largest number of images per call in the profiles (default 4)")
+    p.add_argument(
+        "--components",
+        nargs="+",
+        default=["unet", "text_encoder", "vae_decoder"],
+        choices=["unet", "text_encoder", "vae_decoder"],
+        help="networks to export (default all)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=4, help="largest number of images per call in the profiles (default 4)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for random-weight zoo models (default 0)")
 
 
@@ -77,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         raise PermissionError(f"cannot create the folder {out.parent} for {out}: {err.strerror}") from err
     check_writable_parent(out)
     if args.recipe is not None and not args.recipe.is_file():
-        raise FileNotFoundError(f"recipe {args.recipe} does not exist (run dgq calibrate, or leave --recipe out to calibrate now)")
+        raise FileNotFoundError(
+            f"recipe {args.recipe} does not exist (run dgq calibrate, or leave --recipe out to calibrate now)"
+        )
     model = args.model or zoo.DEFAULT_MODEL
     pipe = zoo.load_pipeline(model, seed=args.seed)
     pipe.set_progress_bar_config(disable=True)
@@ -90,8 +121,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             recipe = _calibrate(pipe, model, args)
     t0 = time.perf_counter()
-    summary = export_onnx(pipe, out, recipe, args.target, opset=args.opset, components=args.components,
-                          batch=(1, 1, args.max_batch), overwrite=args.overwrite, progress=sys.stderr.isatty())
+    summary = export_onnx(
+        pipe,
+        out,
+        recipe,
+        args.target,
+        opset=args.opset,
+        components=args.components,
+        batch=(1, 1, args.max_batch),
+        overwrite=args.overwrite,
+        progress=sys.stderr.isatty(),
+    )
     sys.stdout.write(summary.table() + "\n")
     sys.stdout.write(f"export folder: {out} ({time.perf_counter() - t0:.1f} s)\n")
     return 0
@@ -103,27 +143,49 @@ def _calibrate(pipe, model: str, args: argparse.Namespace):
     from dgq.prompts import calibration_prompts
 
     if args.target == "tensorrt":
-        config = preset("dgq", wbits=args.wbits, abits=args.abits, groups=args.groups or BRANCH_GROUPS, profile="tensorrt",
-                        outlier_bits=args.outlier_bits)
+        config = preset(
+            "dgq",
+            wbits=args.wbits,
+            abits=args.abits,
+            groups=args.groups or BRANCH_GROUPS,
+            profile="tensorrt",
+            outlier_bits=args.outlier_bits,
+        )
     elif args.target == "onnxruntime":
         from export.qdq_export import ORT_PRESET
 
         config = preset("dgq", wbits=args.wbits, abits=args.abits, groups=args.groups or BRANCH_GROUPS, **ORT_PRESET)
     else:
         config = preset("dgq", wbits=args.wbits, abits=args.abits, groups=args.groups or 16)
-    log.info("no --recipe: calibrating %s with %s (%d prompts, %d steps)", model, config.profile, args.num_prompts, args.steps)
-    recipe = calibrate(pipe, calibration_prompts(model, args.num_prompts), config, num_inference_steps=args.steps,
-                       guidance_scale=args.guidance, progress=sys.stderr.isatty())
+    log.info(
+        "no --recipe: calibrating %s with %s (%d prompts, %d steps)",
+        model,
+        config.profile,
+        args.num_prompts,
+        args.steps,
+    )
+    recipe = calibrate(
+        pipe,
+        calibration_prompts(model, args.num_prompts),
+        config,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        progress=sys.stderr.isatty(),
+    )
     recipe.meta["model_spec"] = model
     return recipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="export_onnx.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="export_onnx.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from dgq.zoo.registry import ModelLoadError
     from export.float_export import ExportError
 

@@ -127,7 +127,9 @@ def _max_tokens(pipe: Any) -> int:
         raise ExportError(f"{type(pipe).__name__} has no tokenizer; the token count of the text inputs comes from it")
     tokens = int(tokenizer.model_max_length)
     if tokens > 4096:  # transformers' VERY_LARGE_INTEGER: the tokenizer was saved without a limit
-        raise ExportError(f"the tokenizer's model_max_length is {tokens}, i.e. unset; the pipeline pads prompts to it, so set it")
+        raise ExportError(
+            f"the tokenizer's model_max_length is {tokens}, i.e. unset; the pipeline pads prompts to it, so set it"
+        )
     return tokens
 
 
@@ -163,7 +165,9 @@ def pipeline_specs(
         module = _module(pipe, c)
         try:
             if c == "unet":
-                specs[c] = unet_spec(module.config, _max_tokens(pipe), batch=cond_batch, static_size=static_size, fp16=fp16)
+                specs[c] = unet_spec(
+                    module.config, _max_tokens(pipe), batch=cond_batch, static_size=static_size, fp16=fp16
+                )
             elif c == "text_encoder":
                 specs[c] = text_encoder_spec(module.config.to_dict(), _max_tokens(pipe), batch=cond_batch, fp16=fp16)
             else:
@@ -198,11 +202,16 @@ def _external_bytes(model: onnx.ModelProto) -> int:
 
 def _check_io(model: onnx.ModelProto, spec: NetworkSpec, path: Path) -> None:
     """The graph's inputs and outputs are exactly the spec's, in order, with its element types."""
-    for kind, graph_io, spec_io in (("input", model.graph.input, spec.inputs), ("output", model.graph.output, spec.outputs)):
+    for kind, graph_io, spec_io in (
+        ("input", model.graph.input, spec.inputs),
+        ("output", model.graph.output, spec.outputs),
+    ):
         got = [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in graph_io]
         want = [(t.name, ONNX_ELEM_TYPE[t.dtype], len(t.shape)) for t in spec_io]
         if got != want:
-            raise ExportError(f"{path.name}: graph {kind}s (name, elem type, rank) {got} differ from the IO spec {want}")
+            raise ExportError(
+                f"{path.name}: graph {kind}s (name, elem type, rank) {got} differ from the IO spec {want}"
+            )
 
 
 # Nodes of these modules (and everything upstream of them) stay float32 in fp16 graphs.
@@ -318,7 +327,9 @@ def export_component(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # The legacy exporter is a deliberate choice (module docstring); its notice is not news.
-            warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning
+            )
             torch.onnx.export(
                 module,
                 args,
@@ -400,7 +411,9 @@ def export_float(
         raise ExportError(f"unknown component(s) {unknown}; choose from {list(COMPONENTS)}")
     specs = pipeline_specs(pipe, components, fp16=fp16, static_size=static_size, batch=batch)
     if fp16 and "vae_decoder" in components and pipe.vae.config.get("force_upcast"):
-        log.warning("this VAE is marked force_upcast (it overflows in float16, as SDXL's does); prefer a float32 vae_decoder")
+        log.warning(
+            "this VAE is marked force_upcast (it overflows in float16, as SDXL's does); prefer a float32 vae_decoder"
+        )
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -414,14 +427,29 @@ def export_float(
                 )
             wrapper = WRAPPERS[c](module).eval()
             start = time.perf_counter()
-            export_component(wrapper, specs[c], tmp / f"{c}.onnx", opset=opset, external_data_threshold=external_data_threshold)
-            log.info("exported %s (opset %d, %s) in %.1f s", c, opset, specs[c].metadata["precision"], time.perf_counter() - start)
+            export_component(
+                wrapper, specs[c], tmp / f"{c}.onnx", opset=opset, external_data_threshold=external_data_threshold
+            )
+            log.info(
+                "exported %s (opset %d, %s) in %.1f s",
+                c,
+                opset,
+                specs[c].metadata["precision"],
+                time.perf_counter() - start,
+            )
             written[c] = out_dir / f"{c}.onnx"
         (tmp / "iospec.json").write_text(specs_to_json(specs))
         if assets:
             write_assets(pipe, tmp)
-            write_manifest(tmp, {"target": "float", "components": list(components), "versions": versions(),
-                                 "model": model_identity(pipe.unet) if "unet" in components else None})
+            write_manifest(
+                tmp,
+                {
+                    "target": "float",
+                    "components": list(components),
+                    "versions": versions(),
+                    "model": model_identity(pipe.unet) if "unet" in components else None,
+                },
+            )
     written["iospec"] = out_dir / "iospec.json"
     if assets:
         written["manifest"] = out_dir / MANIFEST
@@ -448,6 +476,9 @@ def versions() -> dict[str, str]:
     import diffusers
     import onnxruntime
 
-    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-            "diffusers": diffusers.__version__}
-
+    return {
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }

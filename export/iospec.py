@@ -105,7 +105,9 @@ class TensorSpec:
         if self.dtype not in DTYPES:
             raise ValueError(f"tensor {self.name!r}: dtype {self.dtype} is not one of {DTYPES}")
         for d in self.shape:
-            if not (isinstance(d, int) and d >= 1) and not (isinstance(d, str) and (d.isidentifier() or _DERIVED.match(d))):
+            if not (isinstance(d, int) and d >= 1) and not (
+                isinstance(d, str) and (d.isidentifier() or _DERIVED.match(d))
+            ):
                 raise ValueError(f"tensor {self.name!r}: shape entry {d!r} is neither a size >= 1 nor a dim name")
 
     def dim_names(self) -> list[str]:
@@ -210,7 +212,9 @@ class NetworkSpec:
         missing = [n for n in self.input_names if n not in feed]
         extra = sorted(set(feed) - set(self.input_names))
         if missing or extra:
-            raise FeedError(f"{self.name}: feed is missing {missing} and has unexpected {extra}; inputs are {self.input_names}")
+            raise FeedError(
+                f"{self.name}: feed is missing {missing} and has unexpected {extra}; inputs are {self.input_names}"
+            )
         bound: dict[str, tuple[int, str]] = {}
         for t in self.inputs:
             value = feed[t.name]
@@ -220,12 +224,15 @@ class NetworkSpec:
             shape = tuple(int(s) for s in value.shape)
             if len(shape) != len(t.shape):
                 raise FeedError(
-                    f"{self.name}: input {t.name!r} has shape {shape} (rank {len(shape)}), expected rank {len(t.shape)}: {t.shape}"
+                    f"{self.name}: input {t.name!r} has shape {shape} (rank {len(shape)}), expected rank "
+                    f"{len(t.shape)}: {t.shape}"
                 )
             for axis, (want, got) in enumerate(zip(t.shape, shape, strict=True)):
                 if isinstance(want, int):
                     if got != want:
-                        raise FeedError(f"{self.name}: input {t.name!r} axis {axis} is {got}, the graph fixes it at {want}")
+                        raise FeedError(
+                            f"{self.name}: input {t.name!r} axis {axis} is {got}, the graph fixes it at {want}"
+                        )
                     continue
                 dim = self.dims[want]
                 if not dim.allows(got):
@@ -259,7 +266,10 @@ class NetworkSpec:
             "name": self.name,
             "inputs": [tensor(t) for t in self.inputs],
             "outputs": [tensor(t) for t in self.outputs],
-            "dims": {n: {"min": d.min, "opt": d.opt, "max": d.max, "multiple_of": d.multiple_of} for n, d in self.dims.items()},
+            "dims": {
+                n: {"min": d.min, "opt": d.opt, "max": d.max, "multiple_of": d.multiple_of}
+                for n, d in self.dims.items()
+            },
             "metadata": dict(self.metadata),
         }
 
@@ -295,7 +305,9 @@ def specs_from_json(text: str) -> dict[str, NetworkSpec]:
     if doc.get("format") != SPEC_FORMAT:
         raise ValueError(f"not a {SPEC_FORMAT} document (format={doc.get('format')!r})")
     if doc.get("version") != SPEC_VERSION:
-        raise ValueError(f"iospec version {doc.get('version')} is not supported (this code reads version {SPEC_VERSION})")
+        raise ValueError(
+            f"iospec version {doc.get('version')} is not supported (this code reads version {SPEC_VERSION})"
+        )
     return {n: NetworkSpec.from_dict(s) for n, s in doc["networks"].items()}
 
 
@@ -359,7 +371,9 @@ def unet_spec(
         raise ValueError(f"UNet addition_embed_type={addition!r} is not supported (SD v1/v2: None, SDXL: 'text_time')")
     for key in ("class_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"):
         if unet_config.get(key) is not None:
-            raise ValueError(f"UNet config {key}={unet_config[key]!r} needs an extra input this exporter does not support")
+            raise ValueError(
+                f"UNet config {key}={unet_config[key]!r} needs an extra input this exporter does not support"
+            )
     float_t = "float16" if fp16 else "float32"
     multiple = 2 ** (len(unet_config["block_out_channels"]) - 1)
     hw, dims = _latent_hw(_pair(unet_config["sample_size"]), multiple, static_size, size_span, "latent_")
@@ -371,7 +385,9 @@ def unet_spec(
     ]
     if addition == "text_time":
         n_time_ids = 6  # original size (2), crop top-left (2), target size (2)
-        text_dim = unet_config["projection_class_embeddings_input_dim"] - n_time_ids * unet_config["addition_time_embed_dim"]
+        text_dim = (
+            unet_config["projection_class_embeddings_input_dim"] - n_time_ids * unet_config["addition_time_embed_dim"]
+        )
         inputs += [
             TensorSpec("text_embeds", float_t, ("batch", text_dim)),
             TensorSpec("time_ids", "float32", ("batch", n_time_ids)),  # sizes in pixels, like timestep

@@ -26,7 +26,11 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 INT4_TYPES = (TensorProto.INT4, TensorProto.UINT4)
-FP8_TYPES = tuple(getattr(TensorProto, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ") if hasattr(TensorProto, n))
+FP8_TYPES = tuple(
+    getattr(TensorProto, n)
+    for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
+    if hasattr(TensorProto, n)
+)
 GEMMS = ("MatMul", "Gemm")
 PASS_THROUGH = ("Transpose", "Reshape", "Cast")  # allowed between a weight DQ and its GEMM
 
@@ -85,8 +89,6 @@ def _name(n: onnx.NodeProto) -> str:
     return n.name or f"{n.op_type}->{n.output[0]}"
 
 
-
-
 def _feeds_gemm(g: _Graph, name: str, depth: int = 3) -> bool:
     for c in g.consumers.get(name, []):
         if c.op_type in GEMMS:
@@ -107,7 +109,11 @@ def lint_tensorrt(model: onnx.ModelProto) -> list[Violation]:
         scale = n.input[1]
         zp = n.input[2] if len(n.input) > 2 and n.input[2] else None
         if g.constant(scale) is None:
-            out.append(Violation("constant-scale", name, f"scale {scale!r} is computed in the graph, not a build-time constant"))
+            out.append(
+                Violation(
+                    "constant-scale", name, f"scale {scale!r} is computed in the graph, not a build-time constant"
+                )
+            )
         if zp is not None:
             zt = g.constant(zp)
             if zt is None:
@@ -118,17 +124,34 @@ def lint_tensorrt(model: onnx.ModelProto) -> list[Violation]:
                 if zt.data_type == TensorProto.UINT8:
                     out.append(Violation("int8-container", name, "UINT8 Q/DQ; TensorRT takes INT8 only"))
                 if zt.data_type in FP8_TYPES:
-                    out.append(Violation("fp8", name, "FP8 Q/DQ needs an Ada/Hopper GPU (SM >= 8.9); Jetson Orin "
-                                         "and Ampere build INT8/FP16 only", "warning"))
+                    out.append(
+                        Violation(
+                            "fp8",
+                            name,
+                            "FP8 Q/DQ needs an Ada/Hopper GPU (SM >= 8.9); Jetson Orin and Ampere build INT8/FP16 only",
+                            "warning",
+                        )
+                    )
         weight = n.op_type == "DequantizeLinear" and g.constant(n.input[0]) is not None
         st = g.constant(scale)
         if n.op_type == "QuantizeLinear":
             if st is not None and int(np.prod(st.dims)) != 1:
-                out.append(Violation("per-tensor-activation", name, f"activation scale has shape {list(st.dims)}; "
-                                     "TensorRT quantizes activations per tensor"))
+                out.append(
+                    Violation(
+                        "per-tensor-activation",
+                        name,
+                        f"activation scale has shape {list(st.dims)}; TensorRT quantizes activations per tensor",
+                    )
+                )
             bad = [c for c in g.consumers.get(n.output[0], []) if c.op_type != "DequantizeLinear"]
             if bad:
-                out.append(Violation("q-then-dq", name, f"QuantizeLinear feeds {bad[0].op_type} {_name(bad[0])!r}, not a DequantizeLinear"))
+                out.append(
+                    Violation(
+                        "q-then-dq",
+                        name,
+                        f"QuantizeLinear feeds {bad[0].op_type} {_name(bad[0])!r}, not a DequantizeLinear",
+                    )
+                )
         elif not weight and st is not None and int(np.prod(st.dims)) != 1:
             out.append(Violation("per-tensor-activation", name, f"activation DQ scale has shape {list(st.dims)}"))
         etype = g.elem_type(n.input[0]) if weight else None
@@ -136,13 +159,19 @@ def lint_tensorrt(model: onnx.ModelProto) -> list[Violation]:
         if etype in INT4_TYPES or zt_type in INT4_TYPES:
             block = next((a.i for a in n.attribute if a.name == "block_size"), 0)
             if not weight:
-                out.append(Violation("int4-weight-only", name, "INT4 on an activation; TensorRT has INT4 weight-only GEMMs"))
+                out.append(
+                    Violation("int4-weight-only", name, "INT4 on an activation; TensorRT has INT4 weight-only GEMMs")
+                )
             elif not _feeds_gemm(g, n.output[0]):
-                out.append(Violation("int4-weight-only", name, "INT4 weight does not feed a MatMul/Gemm (convs take INT8 weights)"))
+                out.append(
+                    Violation(
+                        "int4-weight-only", name, "INT4 weight does not feed a MatMul/Gemm (convs take INT8 weights)"
+                    )
+                )
             elif block not in (0, 64, 128):
                 out.append(Violation("int4-weight-only", name, f"INT4 block size {block}; TensorRT takes 64 or 128"))
     for n in model.graph.node:
-        if n.op_type not in ("Conv",) + GEMMS or len(n.input) < 2:
+        if n.op_type not in ("Conv", *GEMMS) or len(n.input) < 2:
             continue
         w, x = n.input[1], n.input[0]
         wp, xp = g.producer.get(w), g.producer.get(x)
@@ -151,8 +180,14 @@ def lint_tensorrt(model: onnx.ModelProto) -> list[Violation]:
         w_quant = wp is not None and wp.op_type == "DequantizeLinear"
         x_quant = xp is not None and xp.op_type == "DequantizeLinear"
         if w_quant and not x_quant:
-            out.append(Violation("float-input", _name(n), "quantized weight with a float input: runs in float "
-                                 "(expected for a float outlier branch)", "warning"))
+            out.append(
+                Violation(
+                    "float-input",
+                    _name(n),
+                    "quantized weight with a float input: runs in float (expected for a float outlier branch)",
+                    "warning",
+                )
+            )
     return out
 
 

@@ -68,8 +68,17 @@ def write_manifest(folder: str | os.PathLike, fields: Mapping[str, Any]) -> Path
     target = fields.get("target")
     if target not in TARGETS:
         raise ManifestError(f"target {target!r} is not one of {list(TARGETS)}")
-    manifest = {"format": FORMAT, "version": VERSION, "slots": None, "steps": None, "guidance": None,
-                "model": None, "recipe": None, **dict(fields), "files": file_entries(folder)}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "slots": None,
+        "steps": None,
+        "guidance": None,
+        "model": None,
+        "recipe": None,
+        **dict(fields),
+        "files": file_entries(folder),
+    }
     path = folder / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
@@ -90,7 +99,9 @@ def read_manifest(folder: str | os.PathLike, verify: bool = False) -> dict[str, 
     if manifest.get("format") != FORMAT:
         raise ManifestError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
     if manifest.get("version") != VERSION:
-        raise ManifestError(f"{path}: manifest version {manifest.get('version')} is not supported (this dgq reads {VERSION}); re-export")
+        raise ManifestError(
+            f"{path}: manifest version {manifest.get('version')} is not supported (this dgq reads {VERSION}); re-export"
+        )
     if verify:
         verify_files(folder, manifest)
     return manifest

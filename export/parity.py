@@ -65,15 +65,21 @@ def layer_divergence(lowered, onnx_path: str | Path, inputs: tuple, feeds: dict[
     from export.qdq import _LoweredLayer
 
     module = lowered.module
-    layers = {n[len("unet."):]: m for n, m in module.named_modules() if isinstance(m, _LoweredLayer) and n.startswith("unet.")}
+    layers = {
+        n[len("unet.") :]: m
+        for n, m in module.named_modules()
+        if isinstance(m, _LoweredLayer) and n.startswith("unet.")
+    }
     captured: dict[str, torch.Tensor] = {}
     order: list[str] = []
     hooks = []
     for name, m in layers.items():
+
         def hook(_m, _args, out, name=name):
             if name not in captured:
                 order.append(name)
             captured[name] = out.detach()
+
         hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -95,7 +101,9 @@ def layer_divergence(lowered, onnx_path: str | Path, inputs: tuple, feeds: dict[
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, feeds), strict=True))
-    return [LayerParity(n, tensors[n], _sqnr_db(captured[n].numpy(), values[tensors[n]])) for n in order if n in tensors]
+    return [
+        LayerParity(n, tensors[n], _sqnr_db(captured[n].numpy(), values[tensors[n]])) for n in order if n in tensors
+    ]
 
 
 def first_divergence(layers: list[LayerParity], threshold_db: float) -> LayerParity | None:

@@ -254,10 +254,10 @@ class FaithfulActQuant(_Slotted):
             axis = 1 if kind == CHANNEL else 2
         else:
             axis = x.ndim - 1 if kind == CHANNEL else 1
-        if kind == LAYER:
-            view = lambda t: t
-        else:
-            view = lambda t: _axis_view(t, x.ndim, axis)
+
+        def view(t):
+            return t if kind == LAYER else _axis_view(t, x.ndim, axis)
+
         if clip:
             x = torch.minimum(torch.maximum(x, view(lo)), view(hi))
         y = QDQ.apply(x, scale, zp, axis)
@@ -295,12 +295,16 @@ class UnitScaleActQuant(_Slotted):
         super().__init__(n)
         axes = set(act.axis)
         if len(axes) != 1:
-            raise LoweringError(f"{key}: the tensorrt target needs one axis for every step, the recipe has {sorted(axes)}; "
-                                "calibrate with --profile tensorrt")
+            raise LoweringError(
+                f"{key}: the tensorrt target needs one axis for every step, the recipe has {sorted(axes)}; "
+                "calibrate with --profile tensorrt"
+            )
         self.key, self.layout, self.bits, self.axis = key, act.layout, bits, axes.pop()
         gi = act.group_index[0] if self.axis != LAYER else torch.zeros(1, dtype=torch.long)
         if any(not torch.equal(act.group_index[s], act.group_index[0]) for s in range(n)):
-            raise LoweringError(f"{key}: group membership changes across steps; the tensorrt target needs a tensorrt-profile recipe")
+            raise LoweringError(
+                f"{key}: group membership changes across steps; the tensorrt target needs a tensorrt-profile recipe"
+            )
         scale = torch.stack([group_params(act.ranges[s], bits, config, self.axis)[0][gi] for s in range(n)])
         self.register_buffer("scale", scale.float())  # (S, n) per element of the axis
         self.qmin, self.qmax = quant_range(bits, signed=True)
@@ -313,7 +317,9 @@ class UnitScaleActQuant(_Slotted):
             if config.outlier_bits == FLOAT_BITS:
                 self.outlier_float = True
             else:
-                o = torch.stack([group_params(act.ranges[s][k - 1:], config.outlier_bits, config, self.axis)[0] for s in range(n)])
+                o = torch.stack(
+                    [group_params(act.ranges[s][k - 1 :], config.outlier_bits, config, self.axis)[0] for s in range(n)]
+                )
                 self.register_buffer("outlier_scale", o.reshape(n, 1).float())
                 self.oqmin, self.oqmax = quant_range(config.outlier_bits, signed=True)
         else:
@@ -336,7 +342,7 @@ class UnitScaleActQuant(_Slotted):
         (token) scale of a GEMM, and no outlier elements kept apart."""
         if not self.unit or self.outlier_mask is not None:
             return False
-        return self.axis in (LAYER, CHANNEL) and self.scale.shape[1] == 1 or (self.axis == PIXEL and not is_conv)
+        return (self.axis in (LAYER, CHANNEL) and self.scale.shape[1] == 1) or (self.axis == PIXEL and not is_conv)
 
     def unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q/DQ(x / s) on the unit grid, s shaped to multiply the layer's output)`` (see commutes_with)."""
@@ -377,14 +383,25 @@ class UnitScaleActQuant(_Slotted):
         return _as(y if y.shape == shape else y.reshape(shape), dtype)  # no no-op Reshape before the GEMM
 
     def summary(self) -> SiteSummary:
-        return SiteSummary(self.key, "act", {"axes": [self.axis], "bits": self.bits, "slots": self.n_slots,
-                                             "unit_scale": self.unit, "outlier_float": self.outlier_float})
+        return SiteSummary(
+            self.key,
+            "act",
+            {
+                "axes": [self.axis],
+                "bits": self.bits,
+                "slots": self.n_slots,
+                "unit_scale": self.unit,
+                "outlier_float": self.outlier_float,
+            },
+        )
 
 
 # ---------------------------------------------------------------------------- weights
 
 
-def _int_weight(w: torch.Tensor, wq: WeightQuant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None, int | None]:
+def _int_weight(
+    w: torch.Tensor, wq: WeightQuant
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None, int | None]:
     """``(q int8/uint8, scale, zero_point int8/uint8, axis, block)`` of a float weight, ONNX layout."""
     qmin, qmax = quant_range(wq.bits, signed=wq.symmetric)
     dtype = torch.int8 if wq.symmetric else torch.uint8
@@ -415,7 +432,9 @@ class _LoweredLayer(nn.Module):
         if self.is_conv:
             self.conv_args = (inner.stride, inner.padding, inner.dilation, inner.groups)
             if inner.groups != 1:
-                raise LoweringError(f"{name}: grouped convolutions (groups={inner.groups}) are not supported by the Q/DQ export")
+                raise LoweringError(
+                    f"{name}: grouped convolutions (groups={inner.groups}) are not supported by the Q/DQ export"
+                )
             if inner.padding_mode != "zeros":
                 raise LoweringError(f"{name}: padding_mode={inner.padding_mode!r} is not supported by the Q/DQ export")
         self.register_buffer("bias", None if inner.bias is None else inner.bias.detach().float().clone())
@@ -468,8 +487,16 @@ class BranchedLayer(_LoweredLayer):
     bias is added once.
     """
 
-    def __init__(self, name: str, inner: nn.Module, wq: WeightQuant | None, act: ActQuant, bits: int,
-                 config: QuantConfig, ctx: StepContext):
+    def __init__(
+        self,
+        name: str,
+        inner: nn.Module,
+        wq: WeightQuant | None,
+        act: ActQuant,
+        bits: int,
+        config: QuantConfig,
+        ctx: StepContext,
+    ):
         super().__init__(name, inner, ctx)
         n = len(act.axis)
         gi = act.group_index[0]
@@ -478,7 +505,9 @@ class BranchedLayer(_LoweredLayer):
         self.qmin, self.qmax = quant_range(bits, signed=True)
         w = inner.weight.detach().float()
         self.branches: list[dict] = []
-        outlier = config.outlier_bits if (config.outlier_bits is not None and config.outlier_bits != bits and k > 1) else None
+        outlier = (
+            config.outlier_bits if (config.outlier_bits is not None and config.outlier_bits != bits and k > 1) else None
+        )
         for g in range(k):
             idx = torch.nonzero(gi == g).flatten()
             if idx.numel() == 0:
@@ -486,9 +515,16 @@ class BranchedLayer(_LoweredLayer):
             gbits = outlier if (outlier is not None and g == k - 1) else bits
             scale = None
             if gbits != FLOAT_BITS:
-                scale = torch.stack([group_params(act.ranges[s][g:g + 1], gbits, config, CHANNEL)[0] for s in range(n)]).reshape(n)
-            b = {"idx": f"b{g}_idx", "scale": f"b{g}_scale" if scale is not None else None, "bits": gbits,
-                 "w": f"b{g}_w", "channels": int(idx.numel())}
+                scale = torch.stack(
+                    [group_params(act.ranges[s][g : g + 1], gbits, config, CHANNEL)[0] for s in range(n)]
+                ).reshape(n)
+            b = {
+                "idx": f"b{g}_idx",
+                "scale": f"b{g}_scale" if scale is not None else None,
+                "bits": gbits,
+                "w": f"b{g}_w",
+                "channels": int(idx.numel()),
+            }
             self.register_buffer(b["idx"], idx)
             if scale is not None:
                 self.register_buffer(b["scale"], scale.float())
@@ -498,8 +534,10 @@ class BranchedLayer(_LoweredLayer):
                 b["wq"] = None
             else:
                 if wq.granularity == "block":
-                    raise LoweringError(f"{name}: block-wise weights cannot be split into channel branches; "
-                                        "use per-channel weights for layers with channel groups")
+                    raise LoweringError(
+                        f"{name}: block-wise weights cannot be split into channel branches; "
+                        "use per-channel weights for layers with channel groups"
+                    )
                 if not hasattr(self, "w_scale"):  # one scale/zero point for every branch's slice
                     q_full, s, z, axis, _ = _int_weight(w, wq)
                     self.register_buffer("w_scale", s)
@@ -548,8 +586,14 @@ class BranchedLayer(_LoweredLayer):
         return out
 
     def summary(self) -> SiteSummary:
-        return SiteSummary(self.name, "branches", {"branches": [{"channels": b["channels"], "bits": b["bits"]} for b in self.branches],
-                                                   "slots": self.n_slots})
+        return SiteSummary(
+            self.name,
+            "branches",
+            {
+                "branches": [{"channels": b["channels"], "bits": b["bits"]} for b in self.branches],
+                "slots": self.n_slots,
+            },
+        )
 
 
 class UnitLayer(FaithfulLayer):
@@ -578,13 +622,26 @@ class OrtConvLayer(_LoweredLayer):
     with a bias whose scale is not a constant, so the bias is added after the sum.
     """
 
-    def __init__(self, name: str, inner: nn.Module, wq: WeightQuant, act: ActQuant, out: OutputQuant,
-                 bits: int, config: QuantConfig, ctx: StepContext):
+    def __init__(
+        self,
+        name: str,
+        inner: nn.Module,
+        wq: WeightQuant,
+        act: ActQuant,
+        out: OutputQuant,
+        bits: int,
+        config: QuantConfig,
+        ctx: StepContext,
+    ):
         super().__init__(name, inner, ctx)
         if wq is None or not wq.symmetric or wq.granularity == "block":
-            raise LoweringError(f"{name}: the onnxruntime target needs symmetric per-channel or per-tensor int8 conv weights")
+            raise LoweringError(
+                f"{name}: the onnxruntime target needs symmetric per-channel or per-tensor int8 conv weights"
+            )
         if out is None:
-            raise LoweringError(f"{name}: the recipe has no output ranges for this conv (calibrate with --profile onnxruntime)")
+            raise LoweringError(
+                f"{name}: the recipe has no output ranges for this conv (calibrate with --profile onnxruntime)"
+            )
         n = len(act.axis)
         if any(not torch.equal(act.group_index[s], act.group_index[0]) or act.axis[s] != act.axis[0] for s in range(n)):
             raise LoweringError(f"{name}: group membership changes across steps; calibrate with --profile onnxruntime")
@@ -596,11 +653,11 @@ class OrtConvLayer(_LoweredLayer):
         self.branches = branch_channels(act, inner.in_channels)
         self.whole = len(self.branches) == 1
         for g, idx in self.branches:
-            params = [group_params(act.ranges[t][g:g + 1], bits, config, act.axis[t]) for t in range(n)]
+            params = [group_params(act.ranges[t][g : g + 1], bits, config, act.axis[t]) for t in range(n)]
             xs = torch.stack([p[0].reshape(()) for p in params]).float()
             xz = torch.stack([p[1].reshape(()) for p in params])
             self.qmin, self.qmax = params[0][2], params[0][3]
-            outs = [group_params(out.ranges[t][g:g + 1], OUTPUT_BITS, config, LAYER) for t in range(n)]
+            outs = [group_params(out.ranges[t][g : g + 1], OUTPUT_BITS, config, LAYER) for t in range(n)]
             self.register_buffer(f"b{g}_idx", idx)
             self.register_buffer(f"b{g}_w", q_full[:, idx].contiguous())
             self.register_buffer(f"b{g}_xs", xs)
@@ -632,8 +689,15 @@ class OrtConvLayer(_LoweredLayer):
         return out
 
     def summary(self) -> SiteSummary:
-        return SiteSummary(self.name, "branches", {"branches": [{"channels": int(i.numel()), "bits": self.bits} for _, i in self.branches],
-                                                   "slots": self.n_slots, "quantized_output": True})
+        return SiteSummary(
+            self.name,
+            "branches",
+            {
+                "branches": [{"channels": int(i.numel()), "bits": self.bits} for _, i in self.branches],
+                "slots": self.n_slots,
+                "quantized_output": True,
+            },
+        )
 
 
 class OrtLinearLayer(FaithfulLayer):
@@ -647,7 +711,9 @@ class OrtLinearLayer(FaithfulLayer):
             self.w_float = self.w_float.t().contiguous()
         else:
             if self.w_axis == 1:
-                raise LoweringError(f"{name}: block-wise weights cannot feed MatMulIntegerToFloat; use per-channel weights")
+                raise LoweringError(
+                    f"{name}: block-wise weights cannot feed MatMulIntegerToFloat; use per-channel weights"
+                )
             self.w_q = self.w_q.t().contiguous()
             self.w_axis = None if self.w_axis is None else 1
 
@@ -694,11 +760,15 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
         raise LoweringError(f"target {target!r} is not one of {list(TARGETS)}")
     config = recipe.config
     if target == "tensorrt" and config.profile != "tensorrt":
-        raise LoweringError("the tensorrt target needs a recipe calibrated with --profile tensorrt "
-                            f"(symmetric, one grouping across steps); this recipe's profile is {config.profile!r}")
+        raise LoweringError(
+            "the tensorrt target needs a recipe calibrated with --profile tensorrt "
+            f"(symmetric, one grouping across steps); this recipe's profile is {config.profile!r}"
+        )
     if (target == "onnxruntime") != (config.profile == "onnxruntime"):
-        raise LoweringError(f"the {target} target cannot run a recipe calibrated with --profile {config.profile} "
-                            "(the onnxruntime target and profile go together: quantized conv outputs, uint8 zero points on the grid)")
+        raise LoweringError(
+            f"the {target} target cannot run a recipe calibrated with --profile {config.profile} "
+            "(the onnxruntime target and profile go together: quantized conv outputs, uint8 zero points on the grid)"
+        )
     recipe.check_model(unet)
     unet = copy.deepcopy(unet).float().eval()
     ctx = StepContext()
@@ -745,12 +815,15 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
             if aq is not None:
                 sites.append(_shared_summary(aq, site.input_key) if shared else aq.summary())
         if wq is not None:
-            sites.append(SiteSummary(site.name, "weight", {"bits": wq.bits, "granularity": wq.granularity, "block": wq.block}))
+            sites.append(
+                SiteSummary(site.name, "weight", {"bits": wq.bits, "granularity": wq.granularity, "block": wq.block})
+            )
         set_module(unet, site.name, new)
     processors = dict(unet.attn_processors)
     act_cls = UnitScaleActQuant if target == "tensorrt" else FaithfulActQuant
     holders = nn.ModuleDict()
     for site in attention_sites(unet, config):
+
         def act(role, site=site):
             a = recipe.acts.get(site.key(role))
             if a is None:
@@ -762,10 +835,17 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
 
         probs = recipe.probs.get(site.key("probs"))
         if probs is not None:
-            sites.append(SiteSummary(site.key("probs"), "probs", {"kind": config.attn_probs, "scale": config.attn_scale}))
+            sites.append(
+                SiteSummary(site.key("probs"), "probs", {"kind": config.attn_probs, "scale": config.attn_scale})
+            )
         processors[f"{site.name}.processor"] = DGQAttnProcessor(
-            ctx, q=act("q"), k=act("k"), v=act("v"),
-            probs=None if probs is None else ProbsFakeQuant(probs, config), keep_bos=config.bos_fp)
+            ctx,
+            q=act("q"),
+            k=act("k"),
+            v=act("v"),
+            probs=None if probs is None else ProbsFakeQuant(probs, config),
+            keep_bos=config.bos_fp,
+        )
     unet.set_attn_processor(processors)
     unet.dgq_act_quant = holders  # registered so their buffers move and trace with the UNet
     n_slots = len(recipe.slots) if config.time_aware else 1
@@ -776,9 +856,12 @@ QKV_PROJECTIONS = ("to_q", "to_k", "to_v")
 
 
 def _same_act(a: ActQuant, b: ActQuant) -> bool:
-    return (a.layout == b.layout and a.axis == b.axis
-            and all(torch.equal(x, y) for x, y in zip(a.group_index, b.group_index, strict=True))
-            and all(torch.equal(x, y) for x, y in zip(a.ranges, b.ranges, strict=True)))
+    return (
+        a.layout == b.layout
+        and a.axis == b.axis
+        and all(torch.equal(x, y) for x, y in zip(a.group_index, b.group_index, strict=True))
+        and all(torch.equal(x, y) for x, y in zip(a.ranges, b.ranges, strict=True))
+    )
 
 
 def _shared_summary(m: nn.Module, key: str) -> SiteSummary:

@@ -77,7 +77,9 @@ class ExportSummary:
             lines.append(f"  {c}: {sum(ops.values())} nodes ({top})")
         lines.append(f"  Q/DQ pairs {self.qdq_pairs}; sites {self.sites}")
         if self.ort_integer_kernels is not None:
-            lines.append(f"  ONNX Runtime CPU integer kernels after its optimizer: {self.ort_integer_kernels or 'none'}")
+            lines.append(
+                f"  ONNX Runtime CPU integer kernels after its optimizer: {self.ort_integer_kernels or 'none'}"
+            )
         for c, fb in self.float_bytes.items():
             b = self.files.get(f"{c}.onnx")
             if b:
@@ -110,8 +112,9 @@ def int4_tensor(name: str, values: np.ndarray, signed: bool) -> onnx.TensorProto
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])
     packed = flat[0::2] | (flat[1::2] << 4)
-    return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, list(values.shape),
-                              packed.tobytes(), raw=True)
+    return helper.make_tensor(
+        name, TensorProto.INT4 if signed else TensorProto.UINT4, list(values.shape), packed.tobytes(), raw=True
+    )
 
 
 def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
@@ -197,12 +200,18 @@ def export_onnx(
     if target == "float":
         from export.float_export import export_float
 
-        written = export_float(pipe, out_dir, opset=opset or 17, components=components, batch=batch, overwrite=overwrite)
+        written = export_float(
+            pipe, out_dir, opset=opset or 17, components=components, batch=batch, overwrite=overwrite
+        )
         sizes = {p.name: p.stat().st_size for k, p in written.items() if k in COMPONENTS}
         nodes = {c: op_counts(onnx.load(str(written[c]), load_external_data=False)) for c in components}
-        return ExportSummary("float", opset or 17, sizes, dict(sizes_by_component(sizes)), nodes, 0, {}, [], time.perf_counter() - start)
+        return ExportSummary(
+            "float", opset or 17, sizes, dict(sizes_by_component(sizes)), nodes, 0, {}, [], time.perf_counter() - start
+        )
     if recipe is None:
-        raise ExportError(f"target {target!r} needs a recipe (calibrate first: dgq calibrate, or let scripts/export_onnx.py do it)")
+        raise ExportError(
+            f"target {target!r} needs a recipe (calibrate first: dgq calibrate, or let scripts/export_onnx.py do it)"
+        )
     if "unet" not in components:
         raise ExportError("a quantized export needs the unet component")
     recipe.check_model(pipe.unet)
@@ -212,8 +221,11 @@ def export_onnx(
     needs_21 = four_bit or target == "faithful"
     opset = opset or (INT4_OPSET if needs_21 else 17)
     if needs_21 and opset < INT4_OPSET:
-        why = "4-bit weights need INT4 tensors and block-wise DequantizeLinear" if four_bit else \
-            "the faithful target needs INT16 zero points for group ranges that exclude 0"
+        why = (
+            "4-bit weights need INT4 tensors and block-wise DequantizeLinear"
+            if four_bit
+            else "the faithful target needs INT16 zero points for group ranges that exclude 0"
+        )
         raise ExportError(f"opset {opset} is too old: {why} (opset >= {INT4_OPSET})")
     static = _latent_size(pipe, recipe) if _has_pixel_groups(recipe) else None
     specs = pipeline_specs(pipe, components, static_size=static, batch=batch)
@@ -222,7 +234,12 @@ def export_onnx(
     except LoweringError as err:
         raise ExportError(str(err)) from err
     unet_spec = specs["unet"]
-    meta = {"target": target, "recipe_profile": recipe.config.profile, "wbits": recipe.config.wbits, "abits": recipe.config.abits}
+    meta = {
+        "target": target,
+        "recipe_profile": recipe.config.profile,
+        "wbits": recipe.config.wbits,
+        "abits": recipe.config.abits,
+    }
     if lowered.n_slots > 1:
         unet_spec = unet_spec.with_inputs(TensorSpec(STEP_INPUT, "int64", ()), slots=list(recipe.slots), **meta)
     else:
@@ -246,10 +263,21 @@ def export_onnx(
         for c in tqdm(steps, desc=f"export ({target})", unit="graph", disable=not progress):
             t0 = time.perf_counter()
             if c == "unet":
-                export_component(lowered.module, unet_spec, tmp / "unet.onnx", opset=opset, postprocess=post,
-                                 doc=f"dgq {target} Q/DQ export of the UNet (recipe: recipe.safetensors; IO: iospec.json)")
+                export_component(
+                    lowered.module,
+                    unet_spec,
+                    tmp / "unet.onnx",
+                    opset=opset,
+                    postprocess=post,
+                    doc=f"dgq {target} Q/DQ export of the UNet (recipe: recipe.safetensors; IO: iospec.json)",
+                )
             else:
-                export_component(WRAPPERS[c](getattr(pipe, "vae" if c == "vae_decoder" else c)).eval(), specs[c], tmp / f"{c}.onnx", opset=opset)
+                export_component(
+                    WRAPPERS[c](getattr(pipe, "vae" if c == "vae_decoder" else c)).eval(),
+                    specs[c],
+                    tmp / f"{c}.onnx",
+                    opset=opset,
+                )
             log.info("exported %s in %.1f s", c, time.perf_counter() - t0)
             nodes[c] = op_counts(onnx.load(str(tmp / f"{c}.onnx"), load_external_data=False))
         (tmp / "iospec.json").write_text(specs_to_json(specs))
@@ -259,16 +287,38 @@ def export_onnx(
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.suffix == ".onnx"}
         qdq = nodes["unet"].get("QuantizeLinear", 0)
         kernels = ort_integer_kernels(tmp / "unet.onnx") if inspect_ort else None
-        summary = ExportSummary(target, opset, files, float_bytes, nodes, qdq, site_counts(lowered.sites),
-                                warnings_found, round(time.perf_counter() - start, 1), kernels)
-        (tmp / "summary.json").write_text(json.dumps(asdict(summary) | {"unet_size_ratio": summary.size_ratio()}, indent=2) + "\n")
-        write_manifest(tmp, {
-            "target": target, "components": list(components), "versions": versions(),
-            "model": model_identity(pipe.unet), "slots": list(recipe.slots) if lowered.n_slots > 1 else None,
-            "steps": recipe.meta.get("num_inference_steps"), "guidance": recipe.meta.get("guidance_scale"),
-            "recipe": {"file": "recipe.safetensors", "sha256": sha256_file(tmp / "recipe.safetensors"),
-                       "config": recipe.config.to_dict()},
-        })
+        summary = ExportSummary(
+            target,
+            opset,
+            files,
+            float_bytes,
+            nodes,
+            qdq,
+            site_counts(lowered.sites),
+            warnings_found,
+            round(time.perf_counter() - start, 1),
+            kernels,
+        )
+        (tmp / "summary.json").write_text(
+            json.dumps(asdict(summary) | {"unet_size_ratio": summary.size_ratio()}, indent=2) + "\n"
+        )
+        write_manifest(
+            tmp,
+            {
+                "target": target,
+                "components": list(components),
+                "versions": versions(),
+                "model": model_identity(pipe.unet),
+                "slots": list(recipe.slots) if lowered.n_slots > 1 else None,
+                "steps": recipe.meta.get("num_inference_steps"),
+                "guidance": recipe.meta.get("guidance_scale"),
+                "recipe": {
+                    "file": "recipe.safetensors",
+                    "sha256": sha256_file(tmp / "recipe.safetensors"),
+                    "config": recipe.config.to_dict(),
+                },
+            },
+        )
     return summary
 
 
@@ -276,8 +326,17 @@ def sizes_by_component(sizes: dict[str, int]) -> dict[str, int]:
     return {Path(k).stem: v for k, v in sizes.items()}
 
 
-ORT_INTEGER_OPS = ("QLinearConv", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
-                   "DynamicQuantizeMatMul", "MatMulNBits", "QAttention")
+ORT_INTEGER_OPS = (
+    "QLinearConv",
+    "MatMulIntegerToFloat",
+    "QGemm",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulNBits",
+    "QAttention",
+)
 
 
 def ort_integer_kernels(path: Path) -> dict[str, int]:

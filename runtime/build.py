@@ -101,13 +101,18 @@ def load_tensorrt(prefer: Sequence[str] = MODULES):
         except ImportError:
             continue
     raise EngineBuildError(
-        f"no TensorRT Python module: install tensorrt (desktop; on Jetson it comes with JetPack) or tensorrt-rtx; tried {list(prefer)}"
+        "no TensorRT Python module: install tensorrt (desktop; on Jetson it comes with JetPack) or "
+        f"tensorrt-rtx; tried {list(prefer)}"
     )
 
 
 def tensorrt_identity(trt) -> dict[str, str]:
     module = trt.__name__
-    return {"module": module, "flavour": "tensorrt-rtx" if module == "tensorrt_rtx" else "tensorrt", "version": trt.__version__}
+    return {
+        "module": module,
+        "flavour": "tensorrt-rtx" if module == "tensorrt_rtx" else "tensorrt",
+        "version": trt.__version__,
+    }
 
 
 def _parse_sm(text: str) -> tuple[int, int]:
@@ -141,7 +146,11 @@ def gpu_info() -> dict[str, Any]:
     major, minor = ctypes.c_int(), ctypes.c_int()
     cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
     cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
-    return {"visible": True, "name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
+    return {
+        "visible": True,
+        "name": name.value.decode(errors="replace"),
+        "compute_capability": f"{major.value}.{minor.value}",
+    }
 
 
 def current_environment(trt=None) -> dict[str, Any]:
@@ -158,12 +167,16 @@ def check_engine_compatible(engine_meta: Mapping[str, Any], environment: Mapping
     TensorRT-RTX AOT build's targets, and its name must match an engine built on a GPU.
     """
     if engine_meta.get("format") != ENGINE_FORMAT:
-        raise EngineCompatibilityError(f"not a {ENGINE_FORMAT} metadata document (format={engine_meta.get('format')!r})")
+        raise EngineCompatibilityError(
+            f"not a {ENGINE_FORMAT} metadata document (format={engine_meta.get('format')!r})"
+        )
     env = environment or current_environment()
     what = f"engine {engine_meta.get('component', '?')!r}"
     built, here = engine_meta["tensorrt"], env["tensorrt"]
     if built["flavour"] != here["flavour"]:
-        raise EngineCompatibilityError(f"{what} was built by {built['flavour']} but this process runs {here['flavour']}; rebuild it here")
+        raise EngineCompatibilityError(
+            f"{what} was built by {built['flavour']} but this process runs {here['flavour']}; rebuild it here"
+        )
     if built["version"] != here["version"]:
         raise EngineCompatibilityError(
             f"{what} was built by {built['flavour']} {built['version']} but this process runs {here['version']}; "
@@ -176,7 +189,8 @@ def check_engine_compatible(engine_meta: Mapping[str, Any], environment: Mapping
         if gpu["compute_capability"] != now["compute_capability"] or gpu["name"] != now["name"]:
             raise EngineCompatibilityError(
                 f"{what} was built for {gpu['name']} (SM {gpu['compute_capability']}) but this GPU is "
-                f"{now['name']} (SM {now['compute_capability']}); engines are tied to the GPU model: rebuild it on this device"
+                f"{now['name']} (SM {now['compute_capability']}); engines are tied to the GPU model: rebuild it "
+                "on this device"
             )
     elif gpu.get("target_sm") and now["compute_capability"] not in gpu["target_sm"]:
         raise EngineCompatibilityError(
@@ -189,7 +203,9 @@ def read_engine_meta(engine_path: str | os.PathLike) -> dict[str, Any]:
     """The ``<component>.engine.json`` beside an engine."""
     path = Path(f"{engine_path}.json")
     if not path.is_file():
-        raise FileNotFoundError(f"{engine_path} has no metadata file {path.name}; rebuild it with scripts/build_engine.py")
+        raise FileNotFoundError(
+            f"{engine_path} has no metadata file {path.name}; rebuild it with scripts/build_engine.py"
+        )
     return json.loads(path.read_text())
 
 
@@ -201,8 +217,13 @@ def _logger(trt):
     """TensorRT keeps one logger per process (a second one is ignored with a warning), so one per module."""
 
     sev = trt.ILogger.Severity
-    levels = {sev.INTERNAL_ERROR: logging.CRITICAL, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING,
-              sev.INFO: logging.DEBUG, sev.VERBOSE: logging.DEBUG}
+    levels = {
+        sev.INTERNAL_ERROR: logging.CRITICAL,
+        sev.ERROR: logging.ERROR,
+        sev.WARNING: logging.WARNING,
+        sev.INFO: logging.DEBUG,
+        sev.VERBOSE: logging.DEBUG,
+    }
 
     class _Logger(trt.ILogger):
         def log(self, severity, msg):
@@ -236,7 +257,9 @@ def _parse(trt, builder, onnx_path: Path):
             node = e.node_name() if hasattr(e, "node_name") else f"#{e.node()}"
             op = e.node_operator() if hasattr(e, "node_operator") else "?"
             errors.append(f"node {node!r} ({op}): {e.desc()}")
-        raise EngineBuildError(f"{onnx_path.name}: TensorRT's ONNX parser rejected the graph: " + "; ".join(errors or ["(no message)"]))
+        raise EngineBuildError(
+            f"{onnx_path.name}: TensorRT's ONNX parser rejected the graph: " + "; ".join(errors or ["(no message)"])
+        )
     return network, parser
 
 
@@ -250,7 +273,11 @@ def _try(applied: dict, key: str, fn: Callable[[], Any], value: Any = True) -> N
             applied[key] = {"applied": False, "reason": str(err) or type(err).__name__}
             return
     notes = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
-    applied[key] = {"applied": not any("no-op" in n for n in notes), "value": value, **({"note": notes[0]} if notes else {})}
+    applied[key] = {
+        "applied": not any("no-op" in n for n in notes),
+        "value": value,
+        **({"note": notes[0]} if notes else {}),
+    }
 
 
 def _configure(trt, builder, spec, settings: BuildSettings, gpu: Mapping[str, Any]) -> tuple[Any, dict, Any]:
@@ -262,23 +289,47 @@ def _configure(trt, builder, spec, settings: BuildSettings, gpu: Mapping[str, An
     config.add_optimization_profile(profile)
     applied["profile"] = {k: [list(s) for s in v] for k, v in spec.shape_profile().items()}
     if settings.workspace_gib is not None:
-        _try(applied, "workspace_gib", lambda: config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30))), settings.workspace_gib)
+        _try(
+            applied,
+            "workspace_gib",
+            lambda: config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30))),
+            settings.workspace_gib,
+        )
     if settings.optimization_level is not None:
-        _try(applied, "optimization_level", lambda: setattr(config, "builder_optimization_level", settings.optimization_level), settings.optimization_level)
-    _try(applied, "profiling_verbosity", lambda: setattr(config, "profiling_verbosity", trt.ProfilingVerbosity.DETAILED), "DETAILED")
+        _try(
+            applied,
+            "optimization_level",
+            lambda: setattr(config, "builder_optimization_level", settings.optimization_level),
+            settings.optimization_level,
+        )
+    _try(
+        applied,
+        "profiling_verbosity",
+        lambda: setattr(config, "profiling_verbosity", trt.ProfilingVerbosity.DETAILED),
+        "DETAILED",
+    )
     for wanted, flag in ((settings.refit, "REFIT"), (settings.weight_streaming, "WEIGHT_STREAMING")):
         if not wanted:
             continue
         if not hasattr(trt.BuilderFlag, flag):
-            raise EngineBuildError(f"{flag.lower()} was asked for but {trt.__name__} {trt.__version__} has no BuilderFlag.{flag}")
+            raise EngineBuildError(
+                f"{flag.lower()} was asked for but {trt.__name__} {trt.__version__} has no BuilderFlag.{flag}"
+            )
         _try(applied, flag.lower(), lambda f=flag: config.set_flag(getattr(trt.BuilderFlag, f)))
     if not gpu.get("visible") and settings.target_sm and hasattr(trt, "ComputeCapability"):
         member = "SM" + settings.target_sm.replace(".", "")
         if not hasattr(trt.ComputeCapability, member):
             supported = [m for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
-            raise EngineBuildError(f"{trt.__name__} {trt.__version__} cannot target SM {settings.target_sm}; it targets {supported}")
+            raise EngineBuildError(
+                f"{trt.__name__} {trt.__version__} cannot target SM {settings.target_sm}; it targets {supported}"
+            )
         config.num_compute_capabilities = 1
-        _try(applied, "target_sm", lambda: config.set_compute_capability(getattr(trt.ComputeCapability, member), 0), settings.target_sm)
+        _try(
+            applied,
+            "target_sm",
+            lambda: config.set_compute_capability(getattr(trt.ComputeCapability, member), 0),
+            settings.target_sm,
+        )
     cache = None
     if settings.timing_cache is not None:
         path = Path(settings.timing_cache)
@@ -304,13 +355,18 @@ def _refuse_fp8(component: str, report: Mapping[str, Any], target: str | None) -
     if not uses_fp8(report):
         return
     if target is None:
-        log.warning("%s has FP8 Q/DQ and no target GPU is known (no GPU visible, no target_sm); it runs only on SM >= 8.9", component)
+        log.warning(
+            "%s has FP8 Q/DQ and no target GPU is known (no GPU visible, no target_sm); it runs only on SM >= 8.9",
+            component,
+        )
         return
     if _parse_sm(target) < FP8_MIN_SM:
         orin = " (Jetson Orin)" if target == "8.7" else ""
         raise EngineBuildError(
-            f"{component}.onnx has FP8 Q/DQ ({report['qdq_dtypes']['FP8']} Q/DQ layers) but the target GPU is SM {target}{orin}: "
-            f"FP8 needs compute capability >= {FP8_MIN_SM[0]}.{FP8_MIN_SM[1]} (Ada/Hopper). Export INT8/INT4 for this GPU instead"
+            f"{component}.onnx has FP8 Q/DQ ({report['qdq_dtypes']['FP8']} Q/DQ layers) but the target GPU is "
+            f"SM {target}{orin}: "
+            f"FP8 needs compute capability >= {FP8_MIN_SM[0]}.{FP8_MIN_SM[1]} (Ada/Hopper). Export INT8/INT4 "
+            "for this GPU instead"
         )
 
 
@@ -357,8 +413,16 @@ def _json_bytes(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
-def build_component(trt, export_dir: Path, component: str, out_dir: Path, spec, manifest: Mapping[str, Any],
-                    settings: BuildSettings, gpu: Mapping[str, Any]) -> BuildResult:
+def build_component(
+    trt,
+    export_dir: Path,
+    component: str,
+    out_dir: Path,
+    spec,
+    manifest: Mapping[str, Any],
+    settings: BuildSettings,
+    gpu: Mapping[str, Any],
+) -> BuildResult:
     """Parse, check, build and write one engine with its metadata and report."""
     onnx_path = export_dir / f"{component}.onnx"
     engine_path = out_dir / f"{component}.engine"
@@ -366,7 +430,9 @@ def build_component(trt, export_dir: Path, component: str, out_dir: Path, spec, 
     network, _parser = _parse(trt, builder, onnx_path)
     graph_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     if graph_inputs != spec.input_names:
-        raise EngineBuildError(f"{onnx_path.name} inputs {graph_inputs} differ from its IO spec {spec.input_names}; re-export")
+        raise EngineBuildError(
+            f"{onnx_path.name} inputs {graph_inputs} differ from its IO spec {spec.input_names}; re-export"
+        )
     report = {"network": network_report(network)}
     if "INT4" in report["network"]["qdq_dtypes"]:
         check_tensorrt_version(tensorrt_identity(trt), ["INT4 block-wise weights"])
@@ -384,35 +450,71 @@ def build_component(trt, export_dir: Path, component: str, out_dir: Path, spec, 
         except (RuntimeError, AttributeError) as err:
             report["engine"] = {"source": "unavailable", "reason": str(err)}
     else:
-        report["engine"] = {"source": "unavailable", "reason": (
-            f"no CUDA GPU visible: the engine inspector needs a deserialized engine and {trt.__name__} deserializes only on a GPU; "
-            "the layer precisions above come from the parsed network")}
+        report["engine"] = {
+            "source": "unavailable",
+            "reason": (
+                f"no CUDA GPU visible: the engine inspector needs a deserialized engine and {trt.__name__} "
+                "deserializes only on a GPU; "
+                "the layer precisions above come from the parsed network"
+            ),
+        }
     if num := getattr(config, "num_compute_capabilities", 0):
         targets = [str(config.get_compute_capability(i)).rsplit(".", 1)[-1] for i in range(num)]
     else:
         targets = []
-    gpu_meta = dict(gpu) if gpu.get("visible") else {
-        "visible": False, "note": "AOT, no GPU",
-        "target_sm": [f"{t[2]}.{t[3:]}" for t in targets if t.startswith("SM")] or None,
-    }
+    gpu_meta = (
+        dict(gpu)
+        if gpu.get("visible")
+        else {
+            "visible": False,
+            "note": "AOT, no GPU",
+            "target_sm": [f"{t[2]}.{t[3:]}" for t in targets if t.startswith("SM")] or None,
+        }
+    )
     recipe = manifest.get("recipe") or {}
     meta = {
-        "format": ENGINE_FORMAT, "version": ENGINE_VERSION, "component": component,
-        "engine_file": engine_path.name, "engine_bytes": len(plan_bytes), "engine_sha256": hashlib.sha256(plan_bytes).hexdigest(),
-        "tensorrt": tensorrt_identity(trt), "gpu": gpu_meta, "host": platform.machine(),
-        "export": {"dir": str(export_dir.resolve()), "target": manifest.get("target"), "recipe_sha256": recipe.get("sha256"),
-                   "onnx_sha256": manifest["files"][onnx_path.name]["sha256"]},
-        "iospec": spec.to_dict(), "settings": asdict(settings), "applied": applied,
-        "build_seconds": round(seconds, 3), "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": ENGINE_FORMAT,
+        "version": ENGINE_VERSION,
+        "component": component,
+        "engine_file": engine_path.name,
+        "engine_bytes": len(plan_bytes),
+        "engine_sha256": hashlib.sha256(plan_bytes).hexdigest(),
+        "tensorrt": tensorrt_identity(trt),
+        "gpu": gpu_meta,
+        "host": platform.machine(),
+        "export": {
+            "dir": str(export_dir.resolve()),
+            "target": manifest.get("target"),
+            "recipe_sha256": recipe.get("sha256"),
+            "onnx_sha256": manifest["files"][onnx_path.name]["sha256"],
+        },
+        "iospec": spec.to_dict(),
+        "settings": asdict(settings),
+        "applied": applied,
+        "build_seconds": round(seconds, 3),
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "report_file": f"{engine_path.name}.report.json",
     }
     report.update(component=component, engine_bytes=len(plan_bytes), build_seconds=round(seconds, 3))
-    files = {engine_path: plan_bytes, Path(f"{engine_path}.json"): _json_bytes(meta), Path(f"{engine_path}.report.json"): _json_bytes(report)}
+    files = {
+        engine_path: plan_bytes,
+        Path(f"{engine_path}.json"): _json_bytes(meta),
+        Path(f"{engine_path}.report.json"): _json_bytes(report),
+    }
     if cache is not None:
         files[Path(settings.timing_cache)] = bytes(config.get_timing_cache().serialize())
     _write_all_or_nothing(files)
-    log.info("%s: %.1f MB engine in %.1f s; %s", component, len(plan_bytes) / 1e6, seconds, report["network"]["summary"])
-    return BuildResult(component, engine_path, Path(f"{engine_path}.json"), Path(f"{engine_path}.report.json"), len(plan_bytes), seconds)
+    log.info(
+        "%s: %.1f MB engine in %.1f s; %s", component, len(plan_bytes) / 1e6, seconds, report["network"]["summary"]
+    )
+    return BuildResult(
+        component,
+        engine_path,
+        Path(f"{engine_path}.json"),
+        Path(f"{engine_path}.report.json"),
+        len(plan_bytes),
+        seconds,
+    )
 
 
 def build_engines(
@@ -441,8 +543,14 @@ def build_engines(
     unknown = [c for c in components if c not in manifest["components"] or c not in specs]
     if unknown:
         raise EngineBuildError(f"{export_dir} has no component(s) {unknown}; it exports {manifest['components']}")
-    settings = BuildSettings(workspace_gib, None if timing_cache is None else str(timing_cache), refit, weight_streaming,
-                             optimization_level, target_sm)
+    settings = BuildSettings(
+        workspace_gib,
+        None if timing_cache is None else str(timing_cache),
+        refit,
+        weight_streaming,
+        optimization_level,
+        target_sm,
+    )
     out = Path(out_dir) if out_dir is not None else export_dir
     out.mkdir(parents=True, exist_ok=True)
     existing = [str(out / f"{c}.engine") for c in components if (out / f"{c}.engine").exists()]

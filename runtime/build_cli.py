@@ -28,13 +28,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", type=Path, help="export folder (manifest.json, iospec.json, <component>.onnx)")
     p.add_argument("--components", nargs="+", default=None, help="components to build (default: all in the manifest)")
     p.add_argument("--out", type=Path, default=None, help="engine folder (default: the export folder)")
-    p.add_argument("--workspace-gib", type=float, default=4.0, help="workspace memory pool limit in GiB (default 4; 1 on an 8 GB Orin)")
-    p.add_argument("--optimization-level", type=int, default=None, choices=range(6), metavar="0-5",
-                   help="builder_optimization_level (default: TensorRT's, 3); lower builds faster with less memory")
-    p.add_argument("--timing-cache", type=Path, default=None, help="timing cache file, loaded if present and saved after the build")
-    p.add_argument("--target-sm", default=None, help="compute capability an AOT build targets when no GPU is visible, e.g. 8.9")
-    p.add_argument("--refit", action="store_true", help="build refittable engines (weights can be swapped without a rebuild)")
-    p.add_argument("--weight-streaming", action="store_true", help="allow streaming weights from host memory at run time")
+    p.add_argument(
+        "--workspace-gib",
+        type=float,
+        default=4.0,
+        help="workspace memory pool limit in GiB (default 4; 1 on an 8 GB Orin)",
+    )
+    p.add_argument(
+        "--optimization-level",
+        type=int,
+        default=None,
+        choices=range(6),
+        metavar="0-5",
+        help="builder_optimization_level (default: TensorRT's, 3); lower builds faster with less memory",
+    )
+    p.add_argument(
+        "--timing-cache", type=Path, default=None, help="timing cache file, loaded if present and saved after the build"
+    )
+    p.add_argument(
+        "--target-sm", default=None, help="compute capability an AOT build targets when no GPU is visible, e.g. 8.9"
+    )
+    p.add_argument(
+        "--refit", action="store_true", help="build refittable engines (weights can be swapped without a rebuild)"
+    )
+    p.add_argument(
+        "--weight-streaming", action="store_true", help="allow streaming weights from host memory at run time"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing engines")
 
 
@@ -44,13 +63,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         from tqdm import tqdm
 
-        progress = lambda items: tqdm(items, desc="build", unit="engine", disable=not sys.stderr.isatty())
+        def progress(items):
+            return tqdm(items, desc="build", unit="engine", disable=not sys.stderr.isatty())
     except ImportError:
         progress = None
     results = build_engines(
-        args.export_dir, components=args.components, out_dir=args.out, workspace_gib=args.workspace_gib,
-        timing_cache=args.timing_cache, refit=args.refit, weight_streaming=args.weight_streaming,
-        overwrite=args.overwrite, optimization_level=args.optimization_level, target_sm=args.target_sm, progress=progress,
+        args.export_dir,
+        components=args.components,
+        out_dir=args.out,
+        workspace_gib=args.workspace_gib,
+        timing_cache=args.timing_cache,
+        refit=args.refit,
+        weight_streaming=args.weight_streaming,
+        overwrite=args.overwrite,
+        optimization_level=args.optimization_level,
+        target_sm=args.target_sm,
+        progress=progress,
     )
     sys.stdout.write(report_table(results) + "\n")
     for res in results.values():

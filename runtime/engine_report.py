@@ -99,7 +99,11 @@ def network_report(network) -> dict[str, Any]:
     n_quant = sum(schemes.values())
     n_float = len(layers) - n_quant
     detail = ", ".join(f"{k}: {v}" for k, v in sorted(schemes.items()))
-    summary = f"{n_quant} of {len(layers)} Conv/MatMul layers quantized" + (f" ({detail})" if detail else "") + f", {n_float} float"
+    summary = (
+        f"{n_quant} of {len(layers)} Conv/MatMul layers quantized"
+        + (f" ({detail})" if detail else "")
+        + f", {n_float} float"
+    )
     return {
         "source": "parsed network (the graph's Q/DQ; not the kernels TensorRT chose)",
         "num_layers": network.num_layers,
@@ -132,7 +136,16 @@ def format_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
     for comp, rep in reports.items():
         net = rep["network"]
         schemes = ", ".join(f"{k}: {v}" for k, v in net["quantized"]["by_scheme"].items()) or "-"
-        rows.append((comp, f"{rep['engine_bytes'] / 1e6:.1f}", f"{rep['build_seconds']:.1f}", str(net["num_layers"]),
-                     str(net["quantized"]["total"]), str(net["quantized"]["float"]), schemes))
+        rows.append(
+            (
+                comp,
+                f"{rep['engine_bytes'] / 1e6:.1f}",
+                f"{rep['build_seconds']:.1f}",
+                str(net["num_layers"]),
+                str(net["quantized"]["total"]),
+                str(net["quantized"]["float"]),
+                schemes,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

@@ -63,14 +63,21 @@ class StageTimings:
         return statistics.median(self.unet_step_s) if self.unet_step_s else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text_encoder_s": self.text_encoder_s, "unet_step_s": list(self.unet_step_s),
-                "unet_median_s": self.unet_median_s, "unet_total_s": sum(self.unet_step_s),
-                "vae_decoder_s": self.vae_decoder_s, "total_s": self.total_s}
+        return {
+            "text_encoder_s": self.text_encoder_s,
+            "unet_step_s": list(self.unet_step_s),
+            "unet_median_s": self.unet_median_s,
+            "unet_total_s": sum(self.unet_step_s),
+            "vae_decoder_s": self.vae_decoder_s,
+            "total_s": self.total_s,
+        }
 
     def summary(self) -> str:
-        return (f"text encoder {self.text_encoder_s * 1e3:.1f} ms, UNet {self.unet_median_s * 1e3:.1f} ms/step "
-                f"(median of {len(self.unet_step_s)}), VAE decoder {self.vae_decoder_s * 1e3:.1f} ms, "
-                f"total {self.total_s:.2f} s")
+        return (
+            f"text encoder {self.text_encoder_s * 1e3:.1f} ms, UNet {self.unet_median_s * 1e3:.1f} ms/step "
+            f"(median of {len(self.unet_step_s)}), VAE decoder {self.vae_decoder_s * 1e3:.1f} ms, "
+            f"total {self.total_s:.2f} s"
+        )
 
 
 @dataclass
@@ -99,8 +106,16 @@ class Text2ImagePipeline:
     the UNet takes ``step_index``). ``backend`` is a label reported with the timings.
     """
 
-    def __init__(self, text_encoder: Runner, unet: Runner, vae_decoder: Runner, tokenizer: Any, scheduler: Any,
-                 manifest: Mapping[str, Any] | None = None, backend: str | None = None):
+    def __init__(
+        self,
+        text_encoder: Runner,
+        unet: Runner,
+        vae_decoder: Runner,
+        tokenizer: Any,
+        scheduler: Any,
+        manifest: Mapping[str, Any] | None = None,
+        backend: str | None = None,
+    ):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.manifest = dict(manifest) if manifest is not None else None
@@ -112,13 +127,17 @@ class Text2ImagePipeline:
         te, unet, vae = self.text_encoder.spec, self.unet.spec, self.vae_decoder.spec
         self.max_tokens = int(te.inputs[0].shape[1])
         if int(self.tokenizer.model_max_length) != self.max_tokens:
-            raise ValueError(f"the tokenizer pads to {self.tokenizer.model_max_length} tokens but the text encoder "
-                             f"takes {self.max_tokens}; use the tokenizer saved with the export")
+            raise ValueError(
+                f"the tokenizer pads to {self.tokenizer.model_max_length} tokens but the text encoder "
+                f"takes {self.max_tokens}; use the tokenizer saved with the export"
+            )
         self.sample_name = unet.input_names[0]
         names = unet.input_names
         if names[:3] != ["sample", "timestep", "encoder_hidden_states"] or set(names[3:]) - {STEP_INDEX}:
-            raise ValueError(f"UNet inputs {names} are not sample, timestep, encoder_hidden_states[, step_index] "
-                             "(SDXL UNets need text_embeds/time_ids, which this pipeline does not compute)")
+            raise ValueError(
+                f"UNet inputs {names} are not sample, timestep, encoder_hidden_states[, step_index] "
+                "(SDXL UNets need text_embeds/time_ids, which this pipeline does not compute)"
+            )
         slots = (self.manifest or {}).get("slots")
         takes_step = STEP_INDEX in names
         if takes_step and slots is None:
@@ -129,9 +148,18 @@ class Text2ImagePipeline:
         self.vae_scale_factor = int(vae.metadata.get("vae_scale_factor", 8))
 
     @classmethod
-    def from_export(cls, folder: str | os.PathLike, backend: str = "auto", *, providers: list[str] | None = None,
-                    optimization: str = "all", threads: int | None = None, cuda_graph: bool = False,
-                    verify: bool = True, engine_dir: str | os.PathLike | None = None) -> Text2ImagePipeline:
+    def from_export(
+        cls,
+        folder: str | os.PathLike,
+        backend: str = "auto",
+        *,
+        providers: list[str] | None = None,
+        optimization: str = "all",
+        threads: int | None = None,
+        cuda_graph: bool = False,
+        verify: bool = True,
+        engine_dir: str | os.PathLike | None = None,
+    ) -> Text2ImagePipeline:
         """Build a pipeline from an export folder (graphs, ``iospec.json``, ``tokenizer/``, ``scheduler/``,
         ``manifest.json``; TensorRT engines as ``<component>.engine`` beside the graphs).
 
@@ -150,8 +178,10 @@ class Text2ImagePipeline:
         manifest = read_manifest(folder, verify=verify)
         missing = [c for c in COMPONENTS if c not in manifest.get("components", [])]
         if missing:
-            raise ManifestError(f"{folder} has no {missing} (its manifest lists {manifest.get('components')}); "
-                                "text-to-image needs all three networks")
+            raise ManifestError(
+                f"{folder} has no {missing} (its manifest lists {manifest.get('components')}); "
+                "text-to-image needs all three networks"
+            )
         specs = read_specs(folder)
         tokenizer, scheduler = load_assets(folder)
         engine_dir = Path(engine_dir) if engine_dir is not None else folder
@@ -160,16 +190,31 @@ class Text2ImagePipeline:
         if chosen == "tensorrt":
             modules = {c: _check_engine(engines[c], manifest, folder) for c in COMPONENTS}
             pool = DeviceMemoryPool()  # one scratch buffer for the three engines (they run in turn)
-            runners = {c: TensorRTRunner(engines[c], specs[c], cuda_graph=cuda_graph and c == "unet", module=modules[c],
-                                         memory_pool=pool) for c in COMPONENTS}
+            runners = {
+                c: TensorRTRunner(
+                    engines[c], specs[c], cuda_graph=cuda_graph and c == "unet", module=modules[c], memory_pool=pool
+                )
+                for c in COMPONENTS
+            }
             label = f"tensorrt ({modules['unet'] or tensorrt_module_name()})"
         else:
-            runners = {c: OnnxRuntimeRunner(folder / f"{c}.onnx", specs[c], providers=providers,
-                                            optimization=optimization, threads=threads) for c in COMPONENTS}
+            runners = {
+                c: OnnxRuntimeRunner(
+                    folder / f"{c}.onnx", specs[c], providers=providers, optimization=optimization, threads=threads
+                )
+                for c in COMPONENTS
+            }
             label = f"onnxruntime ({(providers or default_ort_providers())[0]}, optimization {optimization})"
         log.info("backend: %s (%s)", label, reason)
-        pipe = cls(runners["text_encoder"], runners["unet"], runners["vae_decoder"], tokenizer, scheduler,
-                   manifest=manifest, backend=label)
+        pipe = cls(
+            runners["text_encoder"],
+            runners["unet"],
+            runners["vae_decoder"],
+            tokenizer,
+            scheduler,
+            manifest=manifest,
+            backend=label,
+        )
         pipe.backend_reason = reason
         return pipe
 
@@ -197,15 +242,21 @@ class Text2ImagePipeline:
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         """int32 ids (N, max_tokens), padded to the tokenizer's ``model_max_length``; longer prompts
         are truncated (keeping the end token, as diffusers does) with a warning per prompt."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_tokens, truncation=True,
-                             return_tensors="np").input_ids
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="np"
+        ).input_ids
         full = self.tokenizer(list(prompts), padding=False, truncation=False).input_ids
         for prompt, tokens in zip(prompts, full, strict=True):
             if len(tokens) > self.max_tokens:
                 dropped = len(tokens) - self.max_tokens
                 removed = self.tokenizer.decode(tokens[self.max_tokens - 1 : -1])
-                log.warning("prompt truncated: %d token(s) dropped (the text encoder takes %d): %r; dropped text: %r",
-                            dropped, self.max_tokens, prompt[:60], removed)
+                log.warning(
+                    "prompt truncated: %d token(s) dropped (the text encoder takes %d): %r; dropped text: %r",
+                    dropped,
+                    self.max_tokens,
+                    prompt[:60],
+                    removed,
+                )
         return ids.astype(np.int32)
 
     def _cast(self, runner: Runner, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -216,9 +267,14 @@ class Text2ImagePipeline:
         batch = images * (2 if cfg else 1)
         feeds = {
             self.text_encoder: {self.text_encoder.spec.input_names[0]: _Shape((batch, self.max_tokens), "int32")},
-            self.unet: {t.name: _Shape(self._unet_shape(t, batch, latent_hw, channels), t.dtype) for t in self.unet.spec.inputs},
-            self.vae_decoder: {self.vae_decoder.spec.input_names[0]: _Shape((images, channels, *latent_hw),
-                                                                            self.vae_decoder.spec.inputs[0].dtype)},
+            self.unet: {
+                t.name: _Shape(self._unet_shape(t, batch, latent_hw, channels), t.dtype) for t in self.unet.spec.inputs
+            },
+            self.vae_decoder: {
+                self.vae_decoder.spec.input_names[0]: _Shape(
+                    (images, channels, *latent_hw), self.vae_decoder.spec.inputs[0].dtype
+                )
+            },
         }
         for runner, feed in feeds.items():
             runner.spec.check_feed(feed)
@@ -242,9 +298,15 @@ class Text2ImagePipeline:
         return h // f, w // f
 
     # --- sampling --------------------------------------------------------------------------------
-    def __call__(self, prompts: str | Sequence[str], seed: int | Sequence[int] = 0, steps: int = 25,
-                 guidance: float = 7.5, negative_prompt: str | Sequence[str] = "",
-                 size: int | tuple[int, int] | None = None) -> Text2ImageOutput:
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        seed: int | Sequence[int] = 0,
+        steps: int = 25,
+        guidance: float = 7.5,
+        negative_prompt: str | Sequence[str] = "",
+        size: int | tuple[int, int] | None = None,
+    ) -> Text2ImageOutput:
         """Generate one image per prompt.
 
         ``seed``: one int seeds one CPU generator for the whole batch (diffusers with one
@@ -298,9 +360,11 @@ class Text2ImagePipeline:
         for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            feed = {"sample": self._cast(self.unet, "sample", model_input),
-                    "timestep": torch.tensor(float(t), dtype=torch.float32),
-                    "encoder_hidden_states": embeds}
+            feed = {
+                "sample": self._cast(self.unet, "sample", model_input),
+                "timestep": torch.tensor(float(t), dtype=torch.float32),
+                "encoder_hidden_states": embeds,
+            }
             if self.takes_step_index:
                 feed[STEP_INDEX] = torch.tensor(step_index(self.manifest, float(t)), dtype=torch.int64)
             t0 = time.perf_counter()
@@ -323,8 +387,10 @@ class Text2ImagePipeline:
     @property
     def max_images_per_call(self) -> int:
         """The largest batch every profile allows with classifier-free guidance on."""
+
         def most(spec: NetworkSpec) -> int:
             return spec.dims["batch"].max if "batch" in spec.dims else 1
+
         return max(1, min(most(self.text_encoder.spec) // 2, most(self.unet.spec) // 2, most(self.vae_decoder.spec)))
 
 
@@ -344,7 +410,8 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Gener
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoder output (N, 3, H, W) in about [-1, 1] -> uint8 (N, H, W, 3), rounded as diffusers' image processor does."""
+    """Decoder output (N, 3, H, W) in about [-1, 1] -> uint8 (N, H, W, 3), rounded as diffusers' image "
+    "processor does."""
     pixels = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     return (pixels * 255).round().astype(np.uint8)
 
@@ -363,7 +430,9 @@ def load_assets(folder: str | os.PathLike) -> tuple[Any, Any]:
     class_name = json.loads(config_path.read_text()).get("_class_name")
     scheduler_cls = getattr(diffusers, str(class_name), None)
     if scheduler_cls is None or not issubclass(scheduler_cls, diffusers.SchedulerMixin):
-        raise ManifestError(f"{config_path}: {class_name!r} is not a diffusers scheduler in diffusers {diffusers.__version__}")
+        raise ManifestError(
+            f"{config_path}: {class_name!r} is not a diffusers scheduler in diffusers {diffusers.__version__}"
+        )
     return tokenizer, scheduler_cls.from_pretrained(str(folder / "scheduler"))
 
 
@@ -380,16 +449,23 @@ def _check_engine(engine: Path, manifest: Mapping[str, Any], folder: Path) -> st
 
     meta_path = Path(f"{engine}.json")
     if not meta_path.is_file():
-        log.warning("%s has no %s; cannot check it was built from this export (build with scripts/build_engine.py)",
-                    engine.name, meta_path.name)
+        log.warning(
+            "%s has no %s; cannot check it was built from this export (build with scripts/build_engine.py)",
+            engine.name,
+            meta_path.name,
+        )
         return None
     meta = json.loads(meta_path.read_text())
     onnx_name = f"{meta.get('component', engine.stem)}.onnx"
     want = manifest["files"].get(onnx_name, {}).get("sha256")
     if meta.get("export", {}).get("onnx_sha256") != want:
-        raise ManifestError(f"{engine} was built from another {onnx_name} than the one in {folder}; rebuild the engines")
+        raise ManifestError(
+            f"{engine} was built from another {onnx_name} than the one in {folder}; rebuild the engines"
+        )
     module = meta.get("tensorrt", {}).get("module")
-    check_engine_compatible(meta, current_environment(load_tensorrt([module] if module else ("tensorrt", "tensorrt_rtx"))))
+    check_engine_compatible(
+        meta, current_environment(load_tensorrt([module] if module else ("tensorrt", "tensorrt_rtx")))
+    )
     return module
 
 
@@ -399,8 +475,10 @@ def _choose_backend(backend: str, engines: Mapping[str, Path]) -> tuple[str, str
     missing = [p.name for c, p in engines.items() if c not in present]
     if backend == "tensorrt":
         if missing:
-            raise FileNotFoundError(f"--backend tensorrt: no engine file(s) {missing} in {next(iter(engines.values())).parent} "
-                                    "(build them first)")
+            raise FileNotFoundError(
+                f"--backend tensorrt: no engine file(s) {missing} in {next(iter(engines.values())).parent} "
+                "(build them first)"
+            )
         if tensorrt_module_name() is None:
             raise BackendUnavailable("backend tensorrt: neither tensorrt nor tensorrt_rtx is installed")
         if not torch.cuda.is_available():
@@ -415,5 +493,12 @@ def _choose_backend(backend: str, engines: Mapping[str, Path]) -> tuple[str, str
     return "tensorrt", "engines present and CUDA + TensorRT available"
 
 
-__all__ = ["BackendUnavailable", "FeedError", "StageTimings", "Text2ImageOutput", "Text2ImagePipeline", "load_assets",
-           "to_uint8"]
+__all__ = [
+    "BackendUnavailable",
+    "FeedError",
+    "StageTimings",
+    "Text2ImageOutput",
+    "Text2ImagePipeline",
+    "load_assets",
+    "to_uint8",
+]

@@ -37,10 +37,20 @@ log = logging.getLogger(__name__)
 Array = np.ndarray | torch.Tensor
 TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")
 # ONNX Runtime's type strings for the spec's dtypes.
-_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int32": "tensor(int32)",
-              "int64": "tensor(int64)", "bool": "tensor(bool)"}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32,
-                 "int64": torch.int64, "bool": torch.bool}
+_ORT_TYPES = {
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+    "int32": "tensor(int32)",
+    "int64": "tensor(int64)",
+    "bool": "tensor(bool)",
+}
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
 
 
 class RunnerError(RuntimeError):
@@ -122,7 +132,7 @@ class Runner(ABC):
     @abstractmethod
     def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]: ...
 
-    def _deactivate(self) -> None:
+    def _deactivate(self) -> None:  # noqa: B027 (optional hook: most backends hold nothing to release)
         pass
 
     def _check_outputs(self, outputs: Mapping[str, Array], dims: Mapping[str, int]) -> None:
@@ -132,7 +142,9 @@ class Runner(ABC):
         for name, shape in want.items():
             got = tuple(int(s) for s in outputs[name].shape)
             if got != shape:
-                raise RunnerError(f"{self.name}: output {name!r} has shape {got}, the spec gives {shape} for dims {dict(dims)}")
+                raise RunnerError(
+                    f"{self.name}: output {name!r} has shape {got}, the spec gives {shape} for dims {dict(dims)}"
+                )
 
 
 # --- ONNX Runtime ---------------------------------------------------------------------------------
@@ -156,8 +168,15 @@ class OnnxRuntimeRunner(Runner):
 
     OPTIMIZATIONS = ("all", "off")
 
-    def __init__(self, path: str | os.PathLike, spec: NetworkSpec, providers: list[str] | None = None,
-                 optimization: str = "all", threads: int | None = None, name: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        spec: NetworkSpec,
+        providers: list[str] | None = None,
+        optimization: str = "all",
+        threads: int | None = None,
+        name: str | None = None,
+    ):
         super().__init__(spec, name or f"onnxruntime({spec.name})")
         self.path = Path(path)
         if not self.path.is_file():
@@ -174,7 +193,9 @@ class OnnxRuntimeRunner(Runner):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimization == "all" else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.optimization == "all"
+            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
@@ -218,8 +239,13 @@ class TorchRunner(Runner):
     device, else CPU). Runs under ``torch.inference_mode``; outputs are torch tensors.
     """
 
-    def __init__(self, module_or_callable: Callable[..., Any], spec: NetworkSpec, device: str | torch.device | None = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        module_or_callable: Callable[..., Any],
+        spec: NetworkSpec,
+        device: str | torch.device | None = None,
+        name: str | None = None,
+    ):
         if not callable(module_or_callable):
             raise TypeError(f"TorchRunner needs a module or callable, got {type(module_or_callable).__name__}")
         super().__init__(spec, name or f"torch({spec.name})")
@@ -244,8 +270,10 @@ class TorchRunner(Runner):
             return {n: out[n] for n in names}
         values = list(out.values()) if isinstance(out, Mapping) else list(out)
         if len(values) != len(names) or not all(isinstance(v, torch.Tensor) for v in values):
-            raise RunnerError(f"{self.name}: the callable returned {type(out).__name__} with {len(values)} value(s); "
-                              f"expected tensors for {names}")
+            raise RunnerError(
+                f"{self.name}: the callable returned {type(out).__name__} with {len(values)} value(s); "
+                f"expected tensors for {names}"
+            )
         return dict(zip(names, values, strict=True))
 
 
@@ -262,8 +290,16 @@ def tensorrt_available() -> bool:
 
 def _trt_to_torch(trt_dtype: Any) -> torch.dtype:
     name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
-    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
-             "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
+    table = {
+        "FLOAT": torch.float32,
+        "HALF": torch.float16,
+        "BF16": torch.bfloat16,
+        "INT32": torch.int32,
+        "INT64": torch.int64,
+        "INT8": torch.int8,
+        "UINT8": torch.uint8,
+        "BOOL": torch.bool,
+    }
     if name not in table:
         raise RunnerError(f"TensorRT data type {name} has no torch equivalent here")
     return table[name]
@@ -315,9 +351,16 @@ class TensorRTRunner(Runner):
     fails otherwise, and this runner says so.
     """
 
-    def __init__(self, engine_path: str | os.PathLike, spec: NetworkSpec, cuda_graph: bool = False,
-                 device: int = 0, module: str | None = None, name: str | None = None,
-                 memory_pool: DeviceMemoryPool | None = None):
+    def __init__(
+        self,
+        engine_path: str | os.PathLike,
+        spec: NetworkSpec,
+        cuda_graph: bool = False,
+        device: int = 0,
+        module: str | None = None,
+        name: str | None = None,
+        memory_pool: DeviceMemoryPool | None = None,
+    ):
         super().__init__(spec, name or f"tensorrt({spec.name})")
         self.memory_pool = memory_pool
         self._pool_generation = -1
@@ -340,8 +383,10 @@ class TensorRTRunner(Runner):
         if module is None or importlib.util.find_spec(module) is None:
             raise BackendUnavailable(f"{self.name}: {module or ' nor '.join(TENSORRT_MODULES)} is not installed")
         if not torch.cuda.is_available():
-            raise BackendUnavailable(f"{self.name}: TensorRT engines need a CUDA GPU, and torch sees none "
-                                     "(use the onnxruntime backend on this machine)")
+            raise BackendUnavailable(
+                f"{self.name}: TensorRT engines need a CUDA GPU, and torch sees none "
+                "(use the onnxruntime backend on this machine)"
+            )
         trt = importlib.import_module(module)
         self.trt = trt
         logger = trt.Logger(trt.Logger.WARNING)
@@ -393,12 +438,16 @@ class TensorRTRunner(Runner):
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if sorted(inputs) != sorted(self.spec.input_names) or sorted(outputs) != sorted(self.spec.output_names):
-            raise RunnerError(f"{self.engine_path.name}: engine inputs {inputs} / outputs {outputs} differ from the "
-                              f"IO spec {self.spec.input_names} / {self.spec.output_names}")
+            raise RunnerError(
+                f"{self.engine_path.name}: engine inputs {inputs} / outputs {outputs} differ from the "
+                f"IO spec {self.spec.input_names} / {self.spec.output_names}"
+            )
         for t in self.spec.inputs + self.spec.outputs:
             got = _trt_to_torch(engine.get_tensor_dtype(t.name))
             if got != _TORCH_DTYPES[t.dtype]:
-                raise RunnerError(f"{self.engine_path.name}: tensor {t.name!r} is {got} in the engine, {t.dtype} in the spec")
+                raise RunnerError(
+                    f"{self.engine_path.name}: tensor {t.name!r} is {got} in the engine, {t.dtype} in the spec"
+                )
 
     def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]:
         dims = self.spec.check_feed(feed)
@@ -413,10 +462,14 @@ class TensorRTRunner(Runner):
                     in_bufs[n].copy_(to_torch(feed[n]), non_blocking=True)
                 graph.replay()
             else:
-                in_bufs = {n: to_torch(feed[n]).to(self.device, _TORCH_DTYPES[self.spec.input(n).dtype]).contiguous()
-                           for n in self.spec.input_names}
-                out_bufs = {t.name: torch.empty(out_shapes[t.name], dtype=_TORCH_DTYPES[t.dtype], device=self.device)
-                            for t in self.spec.outputs}
+                in_bufs = {
+                    n: to_torch(feed[n]).to(self.device, _TORCH_DTYPES[self.spec.input(n).dtype]).contiguous()
+                    for n in self.spec.input_names
+                }
+                out_bufs = {
+                    t.name: torch.empty(out_shapes[t.name], dtype=_TORCH_DTYPES[t.dtype], device=self.device)
+                    for t in self.spec.outputs
+                }
                 self._bind(in_bufs, out_bufs)
                 self._execute()
                 if self.cuda_graph:
@@ -432,7 +485,9 @@ class TensorRTRunner(Runner):
     def _bind(self, in_bufs: Mapping[str, torch.Tensor], out_bufs: Mapping[str, torch.Tensor]) -> None:
         for n, t in in_bufs.items():
             if not self.context.set_input_shape(n, tuple(t.shape)):
-                raise FeedError(f"{self.name}: TensorRT refused shape {tuple(t.shape)} for {n!r} (outside the engine's profile?)")
+                raise FeedError(
+                    f"{self.name}: TensorRT refused shape {tuple(t.shape)} for {n!r} (outside the engine's profile?)"
+                )
         for n, t in {**in_bufs, **out_bufs}.items():
             self.context.set_tensor_address(n, t.data_ptr())
 

@@ -74,8 +74,15 @@ def measure_latency(engines: dict[str, Path], component: str, runs: int, warmup:
     finally:
         for runner in runners.values():
             runner.deactivate()
-    return {label: {"median_ms": round(statistics.median(t) * 1e3, 3), "min_ms": round(min(t) * 1e3, 3), "runs": len(t),
-                    "shapes": {k: list(v) for k, v in runners[label].spec.example_shapes().items()}} for label, t in times.items()}
+    return {
+        label: {
+            "median_ms": round(statistics.median(t) * 1e3, 3),
+            "min_ms": round(min(t) * 1e3, 3),
+            "runs": len(t),
+            "shapes": {k: list(v) for k, v in runners[label].spec.example_shapes().items()},
+        }
+        for label, t in times.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,12 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         for label, lat in measure_latency(engines, args.component, args.runs, args.warmup).items():
             results[label].update(lat)
     else:
-        sys.stdout.write("no CUDA GPU with a TensorRT runtime here: reporting engine sizes only (latency needs a GPU)\n")
+        sys.stdout.write(
+            "no CUDA GPU with a TensorRT runtime here: reporting engine sizes only (latency needs a GPU)\n"
+        )
 
     rows = [("variant", "engine MB", f"{args.component} median ms/call")]
-    rows += [(label, f"{r['engine_mb']:.2f}", f"{r['median_ms']:.2f}" if "median_ms" in r else "-") for label, r in results.items()]
+    rows += [
+        (label, f"{r['engine_mb']:.2f}", f"{r['median_ms']:.2f}" if "median_ms" in r else "-")
+        for label, r in results.items()
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    sys.stdout.write("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows) + "\n")
+    sys.stdout.write(
+        "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows) + "\n"
+    )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -7,7 +7,8 @@ Default network: an SD-shaped UNet (SD v1.5's UNet config with block_out_channel
 (classifier-free guidance), calibrated on a few prompts (statistics only matter for the graph
 structure here, not for quality). ``--model fashion`` (or any zoo name/folder) benchmarks that
 model's UNet instead. The ``onnxruntime`` target is exported once per ``--ort-groups`` value (rows
-``onnxruntime K=...``): K=1 has no branches, so the rows show what DGQ's channel-group branches cost. One process; sessions created once; runs interleaved (float, faithful,
+``onnxruntime K=...``): K=1 has no branches, so the rows show what DGQ's channel-group branches cost.
+One process; sessions created once; runs interleaved (float, faithful,
 tensorrt, float, ...) so machine-load drift hits every graph alike; median per graph. This is a
 benchmark, not a test: nothing asserts a speed.
 """
@@ -43,8 +44,10 @@ def sd_shaped_pipeline(seed: int = 0):
 
 def markdown(result: dict) -> str:
     """The results file as the README's table: one row per graph."""
-    lines = ["| graph | median per UNet call | vs float | file | vs float32 graph | integer kernels after ORT's optimizer |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| graph | median per UNet call | vs float | file | vs float32 graph | integer kernels after ORT's optimizer |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in result["results"].items():
         label = "float32" if name == "float" else f"{name} W{result['wbits']}A8"
         sites = r.get("sites") or {}
@@ -53,18 +56,29 @@ def markdown(result: dict) -> str:
         elif sites.get("branch_layers"):
             label += f" ({sites['branch_layers']} branched layers, {sites['branches']} branches)"
         kernels = ", ".join(f"{k} {v}" for k, v in r["integer_kernels_after_optimization"].items()) or "-"
-        lines.append(f"| {label} | {r['median_ms']:,.0f} ms | {r['speedup_vs_float']:.2f}x | {r['bytes'] / 2**20:.1f} MiB | "
-                     f"{r['size_vs_float']:.3f}x | {kernels} |")
+        lines.append(
+            f"| {label} | {r['median_ms']:,.0f} ms | {r['speedup_vs_float']:.2f}x | {r['bytes'] / 2**20:.1f} MiB | "
+            f"{r['size_vs_float']:.3f}x | {kernels} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="zoo name or pipeline folder (default: the SD-shaped UNet)")
-    p.add_argument("--targets", nargs="+", default=["faithful", "tensorrt", "onnxruntime"],
-                   choices=["faithful", "tensorrt", "onnxruntime"])
-    p.add_argument("--ort-groups", nargs="+", type=int, default=None,
-                   help="K values for the onnxruntime target (default: --groups only), e.g. 1 2 4")
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=["faithful", "tensorrt", "onnxruntime"],
+        choices=["faithful", "tensorrt", "onnxruntime"],
+    )
+    p.add_argument(
+        "--ort-groups",
+        nargs="+",
+        type=int,
+        default=None,
+        help="K values for the onnxruntime target (default: --groups only), e.g. 1 2 4",
+    )
     p.add_argument("--wbits", type=int, default=8, choices=(8, 4))
     p.add_argument("--groups", type=int, default=4, help="DGQ's K for both targets (default 4)")
     p.add_argument("--cal-prompts", type=int, default=4, help="calibration prompts (default 4)")
@@ -74,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     p.add_argument("--keep", type=Path, default=None, help="keep the export folders here")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
-    p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
-                   help="only print an earlier results file as a markdown table (no export, no timing)")
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only print an earlier results file as a markdown table (no export, no timing)",
+    )
     args = p.parse_args(argv)
     if args.render is not None:
         sys.stdout.write(markdown(json.loads(args.render.read_text())))
@@ -99,33 +118,55 @@ def main(argv: list[str] | None = None) -> int:
     stats = collect_statistics(pipe, prompts, args.steps, 7.5, progress=False)
     recipes = {
         "faithful": build_recipe(stats, pipe.unet, preset("dgq", wbits=args.wbits, groups=args.groups), progress=False),
-        "tensorrt": build_recipe(stats, pipe.unet, preset("dgq", wbits=args.wbits, groups=args.groups, profile="tensorrt",
-                                                          outlier_bits=16), progress=False),
+        "tensorrt": build_recipe(
+            stats,
+            pipe.unet,
+            preset("dgq", wbits=args.wbits, groups=args.groups, profile="tensorrt", outlier_bits=16),
+            progress=False,
+        ),
     }
     targets = {t: t for t in args.targets if t != "onnxruntime"}  # row name -> export target
     if "onnxruntime" in args.targets:
         for k in args.ort_groups or [args.groups]:
             row = f"onnxruntime K={k}"
             config = preset("dgq", wbits=args.wbits, groups=k, **ORT_PRESET)
-            recipes[row] = calibrate_outputs(pipe, build_recipe(stats, pipe.unet, config, progress=False), prompts,
-                                             args.steps, 7.5, progress=False)
+            recipes[row] = calibrate_outputs(
+                pipe, build_recipe(stats, pipe.unet, config, progress=False), prompts, args.steps, 7.5, progress=False
+            )
             targets[row] = "onnxruntime"
     log.info("calibrated in %.0f s", time.perf_counter() - t0)
     scratch = None if args.keep else tempfile.TemporaryDirectory(prefix="dgq-bench-")  # removed on exit
     root = Path(args.keep) if args.keep else Path(scratch.name)
     folders = {"float": root / "float"}
-    export_onnx(pipe, folders["float"], None, "float", components=("unet",), batch=(1, args.batch // 2, args.batch // 2),
-                overwrite=True)
+    export_onnx(
+        pipe,
+        folders["float"],
+        None,
+        "float",
+        components=("unet",),
+        batch=(1, args.batch // 2, args.batch // 2),
+        overwrite=True,
+    )
     summaries = {}
     for row, t in targets.items():
         folders[row] = root / row.replace(" ", "_").replace("=", "")
-        summaries[row] = export_onnx(pipe, folders[row], recipes[row], t, components=("unet",),
-                                     batch=(1, args.batch // 2, args.batch // 2), overwrite=True, compare_float=False)
+        summaries[row] = export_onnx(
+            pipe,
+            folders[row],
+            recipes[row],
+            t,
+            components=("unet",),
+            batch=(1, args.batch // 2, args.batch // 2),
+            overwrite=True,
+            compare_float=False,
+        )
     sessions, feeds = {}, {}
     g = torch.Generator().manual_seed(0)
     latent = pipe.unet.config.sample_size
     sample = torch.randn(args.batch, pipe.unet.config.in_channels, latent, latent, generator=g).numpy()
-    ehs = torch.randn(args.batch, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, generator=g).numpy()
+    ehs = torch.randn(
+        args.batch, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, generator=g
+    ).numpy()
     for k, folder in folders.items():
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
@@ -134,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as runtime.runners does
         sessions[k] = ort.InferenceSession(str(folder / "unet.onnx"), so, providers=["CPUExecutionProvider"])
         names = {i.name for i in sessions[k].get_inputs()}
-        f = {"sample": sample, "timestep": np.array(recipes["faithful"].slots[0], np.float32), "encoder_hidden_states": ehs}
+        f = {
+            "sample": sample,
+            "timestep": np.array(recipes["faithful"].slots[0], np.float32),
+            "encoder_hidden_states": ehs,
+        }
         if "step_index" in names:
             f["step_index"] = np.array(0, np.int64)
         feeds[k] = f
@@ -155,8 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
         fused = {o: ops[o] for o in ORT_INTEGER_OPS if o in ops}
         size = sum(p.stat().st_size for p in folder.glob("unet.onnx*") if "optimized" not in p.name)
-        rows[k] = {"median_ms": 1000 * statistics.median(times[k]), "min_ms": 1000 * min(times[k]), "bytes": size,
-                   "integer_kernels_after_optimization": fused, "nodes": sum(ops.values())}
+        rows[k] = {
+            "median_ms": 1000 * statistics.median(times[k]),
+            "min_ms": 1000 * min(times[k]),
+            "bytes": size,
+            "integer_kernels_after_optimization": fused,
+            "nodes": sum(ops.values()),
+        }
     base = rows["float"]
     for r in rows.values():
         r["speedup_vs_float"] = base["median_ms"] / r["median_ms"]
@@ -166,9 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     if scratch is not None:
         sessions.clear()
         scratch.cleanup()
-    result = {"network": name, "unet_params": n_params, "latent": latent, "batch": args.batch, "wbits": args.wbits,
-              "groups": args.groups, "threads": args.threads, "runs": args.runs, "onnxruntime": ort.__version__,
-              "results": rows}
+    result = {
+        "network": name,
+        "unet_params": n_params,
+        "latent": latent,
+        "batch": args.batch,
+        "wbits": args.wbits,
+        "groups": args.groups,
+        "threads": args.threads,
+        "runs": args.runs,
+        "onnxruntime": ort.__version__,
+        "results": rows,
+    }
     from dgq.fsutil import emit_json
 
     sys.stdout.write(emit_json(result, args.out))

@@ -1,6 +1,6 @@
 """Build TensorRT engines from a dgq export folder (one library call: runtime.build.build_engines).
 
-    python scripts/build_engine.py outputs/export --components unet --workspace-gib 2
+python scripts/build_engine.py outputs/export --components unet --workspace-gib 2
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ log = logging.getLogger("build_engine")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="build_engine.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="build_engine.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (TensorRT's info messages too)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return run(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:

@@ -1,7 +1,8 @@
 """Measure what a DGQ calibration costs: wall time per phase and peak memory (RSS).
 
     python scripts/calibration_cost.py --model fashion --out outputs/calibration_cost_fashion.json
-    python scripts/calibration_cost.py --model sd15 --size 256 --prompts 2 --steps 4 --out outputs/calibration_cost_sd15.json
+    python scripts/calibration_cost.py --model sd15 --size 256 --prompts 2 --steps 4 \
+        --out outputs/calibration_cost_sd15.json
 
 Random-weight zoo models (sd15, ...) measure structure and cost only; their recipes mean nothing.
 """
@@ -50,8 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     load_peak = _peak_gib()
     t1 = time.perf_counter()
-    stats = collect_statistics(pipe, calibration_prompts(model, args.prompts), args.steps, args.guidance,
-                               size=args.size, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    stats = collect_statistics(
+        pipe,
+        calibration_prompts(model, args.prompts),
+        args.steps,
+        args.guidance,
+        size=args.size,
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
     stats_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     recipe = build_recipe(stats, pipe.unet, preset("dgq", groups=args.groups), progress=sys.stderr.isatty())

@@ -38,8 +38,14 @@ ABLATIONS = {
     "DGQ, tensorrt profile (outlier group float)": ("dgq", {"profile": "tensorrt", "outlier_bits": 16}),
     # The onnxruntime export target's semantics (quantized conv outputs, float attention; ORT_PRESET),
     # with its default K=4 channel branches per conv and without branches.
-    "DGQ, onnxruntime profile K=4": ("dgq", {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4}),
-    "DGQ, onnxruntime profile K=1": ("dgq", {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 1}),
+    "DGQ, onnxruntime profile K=4": (
+        "dgq",
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4},
+    ),
+    "DGQ, onnxruntime profile K=1": (
+        "dgq",
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 1},
+    ),
 }
 BITS = [(8, 8), (4, 8), (8, 6), (4, 6)]
 
@@ -97,44 +103,72 @@ def _bits(row: dict) -> str:
 
 def markdown(rows: list[dict], header: str) -> str:
     fid = any(r.get("fid_vs_reference") is not None for r in rows)
-    lines = [header, "", "| W/A | method | noise SQNR (dB) | worst step (dB) | image PSNR (dB) | SSIM | judge acc. | flips |"
-             + (" FID vs float |" if fid else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if fid else "")]
+    lines = [
+        header,
+        "",
+        "| W/A | method | noise SQNR (dB) | worst step (dB) | image PSNR (dB) | SSIM | judge acc. | flips |"
+        + (" FID vs float |" if fid else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if fid else ""),
+    ]
     for r in rows:
         lines.append(
             f"| {_bits(r)} | {r['method']} | {_fmt(r['noise_sqnr_db'])} | {_fmt(r['noise_sqnr_db_worst_step'])} | "
-            f"{_fmt(r['image_psnr_db'])} | {_fmt(r['ssim'], 3)} | {_fmt(r['judge_accuracy'], 3)} | {_fmt(r['flip_rate'], 3)} |"
-            + (f" {_fmt(r.get('fid_vs_reference'))} |" if fid else "")
+            f"{_fmt(r['image_psnr_db'])} | {_fmt(r['ssim'], 3)} | {_fmt(r['judge_accuracy'], 3)} | "
+            f"{_fmt(r['flip_rate'], 3)} |" + (f" {_fmt(r.get('fid_vs_reference'))} |" if fid else "")
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="zoo name, pipeline folder or hub id (default: the default model)")
+    parser.add_argument(
+        "--model", default=None, help="zoo name, pipeline folder or hub id (default: the default model)"
+    )
     parser.add_argument("--groups", type=int, default=16, help="DGQ's K (default 16)")
     parser.add_argument("--cal-prompts", type=int, default=64, help="calibration prompts (default 64)")
     parser.add_argument("--num-prompts", type=int, default=20, help="evaluation prompts (default 20)")
-    parser.add_argument("--seeds", type=int, default=2, help="evaluation seeds per prompt (default 2; calibration uses others)")
-    parser.add_argument("--steps", type=int, default=25, help="sampler steps for calibration and evaluation (default 25)")
+    parser.add_argument(
+        "--seeds", type=int, default=2, help="evaluation seeds per prompt (default 2; calibration uses others)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=25, help="sampler steps for calibration and evaluation (default 25)"
+    )
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
     parser.add_argument("--bits", nargs="+", default=[f"W{w}A{a}" for w, a in BITS], help="bit widths, e.g. W8A6")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
-    parser.add_argument("--ablations", nargs="*", default=None, choices=list(ABLATIONS), metavar="NAME",
-                        help="also run DGQ ablations (one field changed each): the names given, or all of them "
-                        f"when none is given; names: {list(ABLATIONS)}")
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        default=None,
+        choices=list(ABLATIONS),
+        metavar="NAME",
+        help="also run DGQ ablations (one field changed each): the names given, or all of them "
+        f"when none is given; names: {list(ABLATIONS)}",
+    )
     parser.add_argument("--fid", action="store_true", help="also FID against the float model's images (slow on CPU)")
-    parser.add_argument("--noise-floor", action="store_true",
-                        help="add a row 'float, other seeds': the float model with new seeds against itself, the "
-                             "floor that distribution metrics (FID, judge accuracy) of a quantized model are read against")
+    parser.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="add a row 'float, other seeds': the float model with new seeds against itself, the "
+        "floor that distribution metrics (FID, judge accuracy) of a quantized model are read against",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="output folder")
-    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
-                        help="only re-render table.md from an earlier results.json (no calibration, no sampling)")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only re-render table.md from an earlier results.json (no calibration, no sampling)",
+    )
     args = parser.parse_args(argv)
     if args.render is not None:
         data = json.loads(args.render.read_text())
         m = data["meta"]
-        header = (f"Model `{m['model']}`, {m['cal_prompts']} calibration prompts, {m['steps']} steps, guidance {m['guidance']}; "
-                  f"evaluated on {m['eval_prompts']} prompts x {m['seeds']} seeds against the float model.")
+        header = (
+            f"Model `{m['model']}`, {m['cal_prompts']} calibration prompts, {m['steps']} steps, guidance "
+            f"{m['guidance']}; "
+            f"evaluated on {m['eval_prompts']} prompts x {m['seeds']} seeds against the float model."
+        )
         table = markdown(data["rows"], header)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "table.md").write_text(table)
@@ -163,8 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     stats = collect_statistics(pipe, cal_prompts, args.steps, args.guidance, seed=10_000, progress=sys.stderr.isatty())
     cal_seconds = time.perf_counter() - t0
     prompts = default_prompts(args.num_prompts)
-    ycfg = YardstickConfig(seeds=tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance,
-                           fid=args.fid, judge=True, progress=False)
+    ycfg = YardstickConfig(
+        seeds=tuple(range(args.seeds)),
+        steps=args.steps,
+        guidance=args.guidance,
+        fid=args.fid,
+        judge=True,
+        progress=False,
+    )
     chosen = [] if args.ablations is None else (args.ablations or list(ABLATIONS))
     variants = {m: METHODS[m] for m in args.methods} | {a: ABLATIONS[a] for a in chosen}
     rows, raw = [], {}
@@ -176,8 +216,15 @@ def main(argv: list[str] | None = None) -> int:
             if name == "dgq":
                 kw.setdefault("groups", args.groups)
             if kw.get("profile") == "onnxruntime":  # output ranges depend on the bits: a search and a pass per width
-                recipe = calibrate_outputs(pipe, build_recipe(stats, pipe.unet, preset(name, **kw), progress=False),
-                                           cal_prompts, args.steps, args.guidance, seed=10_000, progress=False)
+                recipe = calibrate_outputs(
+                    pipe,
+                    build_recipe(stats, pipe.unet, preset(name, **kw), progress=False),
+                    cal_prompts,
+                    args.steps,
+                    args.guidance,
+                    seed=10_000,
+                    progress=False,
+                )
             else:
                 if method not in searched:
                     searched[method] = build_recipe(stats, pipe.unet, preset(name, **kw), progress=False)
@@ -185,26 +232,49 @@ def main(argv: list[str] | None = None) -> int:
             build_s = time.perf_counter() - t1
             result = evaluate(pipe, simulate(pipe, recipe), prompts, ycfg)
             row = _row(method, wbits, abits, result.results) | {"recipe_build_s": round(build_s, 1)}
-            log.info("W%dA%d %s: %s", wbits, abits, method, {k: row[k] for k in ("noise_sqnr_db", "image_psnr_db", "flip_rate")})
+            log.info(
+                "W%dA%d %s: %s",
+                wbits,
+                abits,
+                method,
+                {k: row[k] for k in ("noise_sqnr_db", "image_psnr_db", "flip_rate")},
+            )
             rows.append(row)
             raw[f"W{wbits}A{abits} {method}"] = result.results
     if args.noise_floor:
-        floor_cfg = YardstickConfig(seeds=ycfg.seeds, steps=args.steps, guidance=args.guidance, fid=args.fid,
-                                    judge=True, progress=False, noise_fidelity=False)
+        floor_cfg = YardstickConfig(
+            seeds=ycfg.seeds,
+            steps=args.steps,
+            guidance=args.guidance,
+            fid=args.fid,
+            judge=True,
+            progress=False,
+            noise_fidelity=False,
+        )
         result = evaluate(pipe, SeedShifted(pipe, NOISE_FLOOR_SEED_OFFSET), prompts, floor_cfg)
         row = _row(NOISE_FLOOR, 32, 32, result.results)
         log.info("%s: %s", NOISE_FLOOR, {k: row[k] for k in ("judge_accuracy", "fid_vs_reference", "flip_rate")})
         rows.append(row)
         raw[NOISE_FLOOR] = result.results
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model, "groups": args.groups, "cal_prompts": args.cal_prompts, "eval_prompts": len(prompts),
-            "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "statistics_seconds": round(cal_seconds, 1)}
+    meta = {
+        "model": model,
+        "groups": args.groups,
+        "cal_prompts": args.cal_prompts,
+        "eval_prompts": len(prompts),
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "statistics_seconds": round(cal_seconds, 1),
+    }
     from dgq.eval.yardstick import to_jsonable
 
     (args.out / "results.json").write_text(json.dumps(to_jsonable({"meta": meta, "rows": rows, "raw": raw}), indent=2))
-    header = (f"Model `{model}`, {args.cal_prompts} calibration prompts, {args.steps} steps, guidance {args.guidance}; "
-              f"evaluated on {len(prompts)} prompts x {args.seeds} seeds against the float model "
-              f"(`python scripts/compare_methods.py --model {model}`).")
+    header = (
+        f"Model `{model}`, {args.cal_prompts} calibration prompts, {args.steps} steps, guidance {args.guidance}; "
+        f"evaluated on {len(prompts)} prompts x {args.seeds} seeds against the float model "
+        f"(`python scripts/compare_methods.py --model {model}`)."
+    )
     table = markdown(rows, header)
     (args.out / "table.md").write_text(table)
     sys.stdout.write(table)

@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--batch-size", type=int, default=20, help="images per pipeline call (default 20)")
-    p.add_argument("--num-real", type=int, default=None,
-                   help="real test images for FID (default: as many as generated images)")
+    p.add_argument(
+        "--num-real", type=int, default=None, help="real test images for FID (default: as many as generated images)"
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the real-vs-real FID floor")
     p.add_argument("--grid-seeds", type=int, default=8, help="columns of the sample grid (default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -55,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     from dgq.fsutil import atomic_file
 
     start = time.perf_counter()
-    config = YardstickConfig(seeds=tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance,
-                             batch_size=args.batch_size, noise_fidelity=False)
+    config = YardstickConfig(
+        seeds=tuple(range(args.seeds)),
+        steps=args.steps,
+        guidance=args.guidance,
+        batch_size=args.batch_size,
+        noise_fidelity=False,
+    )
     prompts = default_prompts(args.num_prompts)
     pipe = zoo.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -89,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             "mean_confidence": float(probs.max(-1).values.mean()),
             "judge_test_accuracy_on_real": load_card().test_accuracy,
         },
-        "samples": [{"prompt": p, "label": int(lab), "seed": s, "judge": int(j)}
-                    for p, lab, s, j in zip(sample_prompts, labels, sample_seeds, pred)],
+        "samples": [
+            {"prompt": p, "label": int(lab), "seed": s, "judge": int(j)}
+            for p, lab, s, j in zip(sample_prompts, labels, sample_seeds, pred, strict=True)
+        ],
         "elapsed_s": round(time.perf_counter() - start, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in sorted(set(labels.tolist())):
         idx = [i for i in range(n) if int(labels[i]) == c][: args.grid_seeds]
         rows += idx
-    captions = [f"{names[int(labels[i])]}" + ("" if pred[i] == labels[i] else f"\n(judge: {names[int(pred[i])]})")
-                for i in rows]
+    captions = [
+        f"{names[int(labels[i])]}" + ("" if pred[i] == labels[i] else f"\n(judge: {names[int(pred[i])]})") for i in rows
+    ]
     plot_grid(images[rows], captions, args.out / "samples_grid.png", columns=args.grid_seeds)
 
     line = f"FID vs real test ({n} vs {num_real}): {fid_section['generated_vs_real_test']:.2f}"

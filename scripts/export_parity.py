@@ -27,7 +27,9 @@ def psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of two uint8 images (H, W, C) with dgq's metric."""
     from dgq.eval import metrics
 
-    as_batch = lambda img: torch.as_tensor(img, dtype=torch.float64)[None]
+    def as_batch(img):
+        return torch.as_tensor(img, dtype=torch.float64)[None]
+
     return metrics.psnr(as_batch(a), as_batch(b), data_range=255.0)
 
 
@@ -67,16 +69,27 @@ def main(argv: list[str] | None = None) -> int:
             s = qpipe([prompt], generator=torch.Generator().manual_seed(seed), **kw).images[0]
             r = rt([prompt], seed=seed, steps=steps, guidance=guidance).images[0]
             f, s = (np.round(x * 255).astype(np.uint8) for x in (f, s))
-            rows.append({"prompt": prompt, "seed": seed, "runtime_vs_simulator_db": psnr_u8(r, s),
-                         "simulator_vs_float_db": psnr_u8(s, f), "runtime_vs_float_db": psnr_u8(r, f),
-                         "runtime_vs_simulator_max_levels": int(np.abs(r.astype(int) - s.astype(int)).max())})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "seed": seed,
+                    "runtime_vs_simulator_db": psnr_u8(r, s),
+                    "simulator_vs_float_db": psnr_u8(s, f),
+                    "runtime_vs_float_db": psnr_u8(r, f),
+                    "runtime_vs_simulator_max_levels": int(np.abs(r.astype(int) - s.astype(int)).max()),
+                }
+            )
             log.info("%s seed %d: %s", prompt, seed, {k: round(v, 2) for k, v in rows[-1].items() if k.endswith("_db")})
 
     def pooled(key: str) -> float:
         return float(np.median([r[key] for r in rows]))
 
     result = {
-        "export": str(args.export), "target": manifest["target"], "model": model, "steps": steps, "guidance": guidance,
+        "export": str(args.export),
+        "target": manifest["target"],
+        "model": model,
+        "steps": steps,
+        "guidance": guidance,
         "recipe": {k: recipe.config.to_dict()[k] for k in ("wbits", "abits", "groups", "profile", "outlier_bits")},
         "median_runtime_vs_simulator_db": pooled("runtime_vs_simulator_db"),
         "median_simulator_vs_float_db": pooled("simulator_vs_float_db"),

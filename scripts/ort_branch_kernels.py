@@ -40,10 +40,12 @@ def _qdq(x: str, tag: str, nodes: list, inits: list, scale: float) -> str:
     """uint8 Q/DQ of ``x`` with per-step tables gathered by the ``step`` input."""
     s = _const(f"{tag}_s_table", np.full(STEPS, scale, np.float32), inits)
     z = _const(f"{tag}_z_table", np.full(STEPS, 128, np.uint8), inits)
-    nodes += [helper.make_node("Gather", [s, "step"], [f"{tag}_s"], axis=0),
-              helper.make_node("Gather", [z, "step"], [f"{tag}_z"], axis=0),
-              helper.make_node("QuantizeLinear", [x, f"{tag}_s", f"{tag}_z"], [f"{tag}_q"]),
-              helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_s", f"{tag}_z"], [f"{tag}_dq"])]
+    nodes += [
+        helper.make_node("Gather", [s, "step"], [f"{tag}_s"], axis=0),
+        helper.make_node("Gather", [z, "step"], [f"{tag}_z"], axis=0),
+        helper.make_node("QuantizeLinear", [x, f"{tag}_s", f"{tag}_z"], [f"{tag}_q"]),
+        helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_s", f"{tag}_z"], [f"{tag}_dq"]),
+    ]
     return f"{tag}_dq"
 
 
@@ -63,7 +65,11 @@ def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], se
     if k is None:
         view = w_scale[:, None, None, None] if conv else w_scale[None, :]
         w = _const("w", w_int.astype(np.float32) * view, inits)
-        op = helper.make_node("Conv", ["x", w], ["y"], pads=[1, 1, 1, 1]) if conv else helper.make_node("MatMul", ["x", w], ["y"])
+        op = (
+            helper.make_node("Conv", ["x", w], ["y"], pads=[1, 1, 1, 1])
+            if conv
+            else helper.make_node("MatMul", ["x", w], ["y"])
+        )
         nodes += [op, helper.make_node("Add", ["y", bias], ["out"])]
     else:
         inputs.append(helper.make_tensor_value_info("step", TensorProto.INT64, []))
@@ -72,8 +78,14 @@ def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], se
         for g, idx in enumerate(groups):
             x = "x"
             if k > 1:
-                nodes.append(helper.make_node("Gather", ["x", _const(f"b{g}_idx", np.sort(idx).astype(np.int64), inits)],
-                                              [f"b{g}_x"], axis=1 if conv else len(x_shape) - 1))
+                nodes.append(
+                    helper.make_node(
+                        "Gather",
+                        ["x", _const(f"b{g}_idx", np.sort(idx).astype(np.int64), inits)],
+                        [f"b{g}_x"],
+                        axis=1 if conv else len(x_shape) - 1,
+                    )
+                )
                 x = f"b{g}_x"
             xdq = _qdq(x, f"b{g}_in", nodes, inits, 0.02)
             w_slice = w_int[:, np.sort(idx)] if conv else w_int[np.sort(idx), :]
@@ -88,7 +100,9 @@ def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], se
                 nodes.append(helper.make_node("MatMul", [xdq, f"b{g}_wdq"], [f"b{g}_y"]))
                 outs.append(f"b{g}_y")
         nodes += [helper.make_node("Sum", outs, ["sum"]), helper.make_node("Add", ["sum", bias], ["out"])]
-    graph = helper.make_graph(nodes, kind, inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)], inits)
+    graph = helper.make_graph(
+        nodes, kind, inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)], inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
@@ -111,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = p.parse_args(argv)
-    layers = {"conv 3x3 320->320, 2x320x32x32": ("conv", 320, 320, [2, 320, 32, 32]),
-              "linear 640->640, 2x1024x640": ("matmul", 640, 640, [2, 1024, 640])}
+    layers = {
+        "conv 3x3 320->320, 2x320x32x32": ("conv", 320, 320, [2, 320, 32, 32]),
+        "linear 640->640, 2x1024x640": ("matmul", 640, 640, [2, 1024, 640]),
+    }
     rng = np.random.default_rng(1)
     result: dict = {"onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs, "layers": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                     times[name].append(time.perf_counter() - t)
             base = statistics.median(times["float"])
             result["layers"][label] = {
-                name: {"median_ms": 1000 * statistics.median(t), "speedup_vs_float": base / statistics.median(t),
-                       "ops_after_optimization": fused[name]}
+                name: {
+                    "median_ms": 1000 * statistics.median(t),
+                    "speedup_vs_float": base / statistics.median(t),
+                    "ops_after_optimization": fused[name],
+                }
                 for name, t in times.items()
             }
     from dgq.fsutil import emit_json

@@ -27,25 +27,45 @@ def graphs(c: int, o: int, hw: int, batch: int, seed: int = 0) -> dict[str, byte
     w = rng.integers(-127, 128, (o, c, 3, 3)).astype(np.int8)
     x_info = helper.make_tensor_value_info("x", 1, [batch, c, hw, hw])
     y_info = helper.make_tensor_value_info("y", 1, [batch, o, hw, hw])
-    common = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zp")]
+    common = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+    ]
     w_scale = rng.random(o).astype(np.float32) * 0.01
     pads = {"pads": [1, 1, 1, 1]}
     nodes = {
-        "float Conv": ([helper.make_node("Conv", ["x", "wf"], ["y"], **pads)],
-                       [numpy_helper.from_array(w.astype(np.float32) * w_scale[:, None, None, None], "wf")]),
+        "float Conv": (
+            [helper.make_node("Conv", ["x", "wf"], ["y"], **pads)],
+            [numpy_helper.from_array(w.astype(np.float32) * w_scale[:, None, None, None], "wf")],
+        ),
         "QLinearConv (output quantized)": (
-            [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
-             helper.make_node("QLinearConv", ["xq", "s", "zp", "w", "ws", "wzp", "ys", "zp"], ["yq"], **pads),
-             helper.make_node("DequantizeLinear", ["yq", "ys", "zp"], ["y"])],
-            common + [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w_scale, "ws"),
-                      numpy_helper.from_array(np.zeros(o, np.int8), "wzp"), numpy_helper.from_array(np.array(0.3, np.float32), "ys")]),
+            [
+                helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+                helper.make_node("QLinearConv", ["xq", "s", "zp", "w", "ws", "wzp", "ys", "zp"], ["yq"], **pads),
+                helper.make_node("DequantizeLinear", ["yq", "ys", "zp"], ["y"]),
+            ],
+            [
+                *common,
+                numpy_helper.from_array(w, "w"),
+                numpy_helper.from_array(w_scale, "ws"),
+                numpy_helper.from_array(np.zeros(o, np.int8), "wzp"),
+                numpy_helper.from_array(np.array(0.3, np.float32), "ys"),
+            ],
+        ),
         "ConvInteger (float output)": (
-            [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
-             helper.make_node("ConvInteger", ["xq", "w", "zp", "wzp"], ["acc"], **pads),
-             helper.make_node("Cast", ["acc"], ["accf"], to=1),
-             helper.make_node("Mul", ["accf", "ws"], ["y"])],
-            common + [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, np.int8), "wzp"),
-                      numpy_helper.from_array((w_scale * 0.05).reshape(1, o, 1, 1), "ws")]),
+            [
+                helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+                helper.make_node("ConvInteger", ["xq", "w", "zp", "wzp"], ["acc"], **pads),
+                helper.make_node("Cast", ["acc"], ["accf"], to=1),
+                helper.make_node("Mul", ["accf", "ws"], ["y"]),
+            ],
+            [
+                *common,
+                numpy_helper.from_array(w, "w"),
+                numpy_helper.from_array(np.array(0, np.int8), "wzp"),
+                numpy_helper.from_array((w_scale * 0.05).reshape(1, o, 1, 1), "ws"),
+            ],
+        ),
     }
     out = {}
     for name, (ns, inits) in nodes.items():
@@ -65,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
-    sessions = {k: ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
-                for k, m in graphs(args.channels, args.channels, args.size, args.batch).items()}
+    sessions = {
+        k: ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
+        for k, m in graphs(args.channels, args.channels, args.size, args.batch).items()
+    }
     x = np.random.default_rng(1).standard_normal((args.batch, args.channels, args.size, args.size)).astype(np.float32)
     times = {k: [] for k in sessions}
     for s in sessions.values():
@@ -77,10 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             s.run(None, {"x": x})
             times[k].append(time.perf_counter() - t)
     base = statistics.median(times["float Conv"])
-    result = {"onnxruntime": ort.__version__, "channels": args.channels, "size": args.size, "batch": args.batch,
-              "threads": args.threads, "runs": args.runs,
-              "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
-              "speedup_vs_float": {k: base / statistics.median(v) for k, v in times.items()}}
+    result = {
+        "onnxruntime": ort.__version__,
+        "channels": args.channels,
+        "size": args.size,
+        "batch": args.batch,
+        "threads": args.threads,
+        "runs": args.runs,
+        "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+        "speedup_vs_float": {k: base / statistics.median(v) for k, v in times.items()},
+    }
     from dgq.fsutil import emit_json
 
     sys.stdout.write(emit_json(result, args.out))

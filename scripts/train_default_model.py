@@ -54,14 +54,27 @@ def sample_grid(path: Path, weights_dir: Path, seeds: int, steps: int, guidance:
     for label in range(len(fashion_data.CLASS_NAMES)):
         prompt = fashion_data.all_captions(label)[0]
         gens = [torch.Generator().manual_seed(s) for s in range(seeds)]
-        out = pipe([prompt] * seeds, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
-                   generator=gens, output_type="np").images
+        out = pipe(
+            [prompt] * seeds,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=64,
+            width=64,
+            generator=gens,
+            output_type="np",
+        ).images
         rows.append(np.concatenate(list(out), axis=1))
     grid = (np.concatenate(rows, axis=0) * 255).round().clip(0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
-    log.info("sample grid (rows: %s; %d seeds, %d steps, guidance %.1f) -> %s",
-             ", ".join(fashion_data.CLASS_NAMES), seeds, steps, guidance, path)
+    log.info(
+        "sample grid (rows: %s; %d seeds, %d steps, guidance %.1f) -> %s",
+        ", ".join(fashion_data.CLASS_NAMES),
+        seeds,
+        steps,
+        guidance,
+        path,
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,8 +93,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--psnr-images", type=int, default=10000, help="test images for the VAE PSNR")
     p.add_argument("--unet-fp16", action="store_true", help="store the UNet weights in float16")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--export-only", action="store_true",
-                   help="write weights and a grid from the latest checkpoints in --out, train nothing")
+    p.add_argument(
+        "--export-only",
+        action="store_true",
+        help="write weights and a grid from the latest checkpoints in --out, train nothing",
+    )
     p.add_argument("--grid-seeds", type=int, default=4)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=2)
@@ -113,15 +129,21 @@ def main(argv=None) -> dict:
         train_images, train_labels = train_images[: args.train_images], train_labels[: args.train_images]
     figures = json.loads(figures_path.read_text()) if args.resume and figures_path.is_file() else {}
 
-    vae_cfg = train.VAETrainConfig(steps=args.vae_steps, minutes=args.vae_minutes, seed=args.seed,
-                                   checkpoint_minutes=args.checkpoint_minutes)
-    vae, vae_fig = train.train_vae(train_images, vae_cfg, vae_ckpt, resume=args.resume,
-                                   on_log=lambda d: log.debug("vae %s", d))
+    vae_cfg = train.VAETrainConfig(
+        steps=args.vae_steps, minutes=args.vae_minutes, seed=args.seed, checkpoint_minutes=args.checkpoint_minutes
+    )
+    vae, vae_fig = train.train_vae(
+        train_images, vae_cfg, vae_ckpt, resume=args.resume, on_log=lambda d: log.debug("vae %s", d)
+    )
     # A resumed run that trains no further VAE steps keeps the loss it measured before.
     vae_fig = {k: v for k, v in vae_fig.items() if v is not None}
     figures["vae"] = dict(figures.get("vae", {}), **vae_fig, params=sum(p.numel() for p in vae.parameters()))
-    log.info("VAE: %d steps, %.1f min, final reconstruction loss (L1+MSE) %.4f",
-             figures["vae"]["steps"], figures["vae"]["minutes"], figures["vae"]["rec_loss"])
+    log.info(
+        "VAE: %d steps, %.1f min, final reconstruction loss (L1+MSE) %.4f",
+        figures["vae"]["steps"],
+        figures["vae"]["minutes"],
+        figures["vae"]["rec_loss"],
+    )
 
     if args.resume and latents_path.is_file() and figures.get("vae", {}).get("psnr_db") is not None:
         cache = torch.load(latents_path, weights_only=False)
@@ -134,23 +156,45 @@ def main(argv=None) -> dict:
         cache = dict(mean=mean, std=std, scaling_factor=train.latent_scaling_factor(mean, std, args.seed))
         torch.save(cache, latents_path)
     figures["vae"]["scaling_factor"] = cache["scaling_factor"]
-    log.info("VAE test PSNR %.2f dB on %d images; latent scaling_factor %.5f",
-             figures["vae"]["psnr_db"], figures["vae"]["psnr_images"], cache["scaling_factor"])
+    log.info(
+        "VAE test PSNR %.2f dB on %d images; latent scaling_factor %.5f",
+        figures["vae"]["psnr_db"],
+        figures["vae"]["psnr_images"],
+        cache["scaling_factor"],
+    )
     figures_path.write_text(json.dumps(figures, indent=2))
 
     captions, caption_index = caption_table()
     embeds = default_model.encode_captions(captions)
     log.info("cached %d caption embeddings %s", len(captions), tuple(embeds.shape))
 
-    unet_cfg = train.UNetTrainConfig(steps=args.unet_steps, minutes=args.unet_minutes, lr=args.unet_lr,
-                                     batch_size=args.batch_size, seed=args.seed,
-                                     checkpoint_minutes=args.checkpoint_minutes)
-    unet, unet_fig = train.train_unet(cache["mean"], cache["std"], train_labels, embeds, caption_index,
-                                      cache["scaling_factor"], unet_cfg, unet_ckpt, resume=args.resume,
-                                      on_log=lambda d: log.debug("unet %s", d))
+    unet_cfg = train.UNetTrainConfig(
+        steps=args.unet_steps,
+        minutes=args.unet_minutes,
+        lr=args.unet_lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        checkpoint_minutes=args.checkpoint_minutes,
+    )
+    unet, unet_fig = train.train_unet(
+        cache["mean"],
+        cache["std"],
+        train_labels,
+        embeds,
+        caption_index,
+        cache["scaling_factor"],
+        unet_cfg,
+        unet_ckpt,
+        resume=args.resume,
+        on_log=lambda d: log.debug("unet %s", d),
+    )
     figures["unet"] = dict(unet_fig, params=sum(p.numel() for p in unet.parameters()), config=vars(unet_cfg) | {})
-    log.info("UNet: %d steps, %.1f min, final loss %.4f (EMA of batch losses)",
-             unet_fig["steps"], unet_fig["minutes"], unet_fig["loss"])
+    log.info(
+        "UNet: %d steps, %.1f min, final loss %.4f (EMA of batch losses)",
+        unet_fig["steps"],
+        unet_fig["minutes"],
+        unet_fig["loss"],
+    )
 
     export_weights(vae, unet, cache["scaling_factor"], args.weights_dir, unet_dtype)
     sample_grid(args.out / "grid.png", args.weights_dir, args.grid_seeds, 25, args.guidance)

@@ -73,8 +73,12 @@ def train(args: argparse.Namespace) -> tuple[Judge, float]:
         test_x, test_y = test_x[: args.test_limit], test_y[: args.test_limit]
     judge = Judge(JudgeConfig(num_classes=len(CLASS_NAMES), class_names=tuple(CLASS_NAMES)))
     train_x = work_images(train_x, judge.config.work_size)
-    log.info("judge: %d parameters; %d train / %d test images", sum(p.numel() for p in judge.parameters()),
-             len(train_x), len(test_x))
+    log.info(
+        "judge: %d parameters; %d train / %d test images",
+        sum(p.numel() for p in judge.parameters()),
+        len(train_x),
+        len(test_x),
+    )
     steps_per_epoch = -(-len(train_x) // args.batch_size)
     opt = torch.optim.AdamW(judge.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)

@@ -53,8 +53,23 @@ def test_generate_is_seeded(tmp_path):
 
 def test_calibrate_inspect_and_refusals(tmp_path, capsys):
     out = tmp_path / "r.safetensors"
-    args = ["calibrate", "--model", "tiny", "--steps", "2", "--num-prompts", "2", "--groups", "4",
-            "--abits", "6", "--weight-init", "minmax", "--out", str(out)]
+    args = [
+        "calibrate",
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--num-prompts",
+        "2",
+        "--groups",
+        "4",
+        "--abits",
+        "6",
+        "--weight-init",
+        "minmax",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"recipe: {out}" in printed and "W8A6, K=4" in printed

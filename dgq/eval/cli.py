@@ -89,8 +89,15 @@ def run(args: argparse.Namespace) -> int:
         pipe.set_progress_bar_config(disable=True)  # one bar for the whole run, not one per image batch
     real = real_images(args.num_real)[0] if config.fid and args.num_real > 0 else None
     reference_name = args.model or zoo.DEFAULT_MODEL
-    log.info("evaluating %s against %s: %d prompts x %d seeds, %d steps, guidance %g",
-             args.candidate, reference_name, len(prompts), len(config.seeds), config.steps, config.guidance)
+    log.info(
+        "evaluating %s against %s: %d prompts x %d seeds, %d steps, guidance %g",
+        args.candidate,
+        reference_name,
+        len(prompts),
+        len(config.seeds),
+        config.steps,
+        config.guidance,
+    )
     result = evaluate(reference, candidate, prompts, config, real_images=real)
     result.results["models"] = {"reference": reference_name, "candidate": args.candidate}
     paths = write_report(result, args.out, title=f"{args.candidate} vs {reference_name}")

@@ -10,8 +10,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 
 def _finite_or_nan(values: Sequence[float]) -> list[float]:
@@ -23,8 +23,10 @@ def plot_sqnr_per_step(noise: dict[str, Any], path: str | Path, title: str = "")
     reference trajectory's inputs and for the candidate's own trajectory."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
     notes = []
-    for key, label, style in (("same_inputs", "same inputs (reference trajectory)", "o-"),
-                              ("candidate_trajectory", "candidate's own trajectory", "s--")):
+    for key, label, style in (
+        ("same_inputs", "same inputs (reference trajectory)", "o-"),
+        ("candidate_trajectory", "candidate's own trajectory", "s--"),
+    ):
         values = noise[key]["sqnr_db"]
         if all(math.isinf(v) for v in values):
             notes.append(f"{label}: identical at every step (inf dB)")

@@ -88,7 +88,7 @@ class _StepStats:
         if not self.rows:
             self.timesteps = [c.timestep for c in calls]
             self.rows = [{"signal": [], "error": [], "cosine": [], "mse": []} for _ in calls]
-        for row, call, out in zip(self.rows, calls, outputs):
+        for row, call, out in zip(self.rows, calls, outputs, strict=True):
             ref, test = (call.output, out) if reference_is_recorded else (out, call.output)
             signal, error = metrics.energies(ref, test, per_sample=True)
             row["signal"].append(signal)
@@ -167,8 +167,11 @@ def _warn_on_scheduler_mismatch(reference: Any, candidate: Any) -> None:
     if a is None or b is None or a is b:
         return
     if type(a) is not type(b) or dict(a.config) != dict(b.config):
-        log.warning("reference and candidate schedulers differ (%s vs %s); numbers mix scheduler and model "
-                    "effects", type(a).__name__, type(b).__name__)
+        log.warning(
+            "reference and candidate schedulers differ (%s vs %s); numbers mix scheduler and model effects",
+            type(a).__name__,
+            type(b).__name__,
+        )
 
 
 def sample_pairs(
@@ -180,8 +183,10 @@ def sample_pairs(
     if config.noise_fidelity:
         for name, pipe in (("reference", reference), ("candidate", candidate)):
             if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
-                raise TypeError(f"noise fidelity needs the {name} pipeline's .unet to be an nn.Module; "
-                                "wrap other backends in one or set noise_fidelity=False")
+                raise TypeError(
+                    f"noise fidelity needs the {name} pipeline's .unet to be an nn.Module; "
+                    "wrap other backends in one or set noise_fidelity=False"
+                )
     pairs = [(p, s) for p in prompts for s in config.seeds]
     same, traj = _StepStats(), _StepStats()
     ref_dev, cand_dev = _pipe_device(reference), _pipe_device(candidate)
@@ -218,8 +223,11 @@ def _fid_section(ref: torch.Tensor, cand: torch.Tensor, real: torch.Tensor | Non
     out: dict[str, Any] = {"num_generated": len(ref), "candidate_vs_reference": fid_from_features(f_cand, f_ref)}
     if real is not None:
         f_real = inception_features(real, model, progress=progress)
-        out.update(num_real=len(real), reference_vs_real=fid_from_features(f_ref, f_real),
-                   candidate_vs_real=fid_from_features(f_cand, f_real))
+        out.update(
+            num_real=len(real),
+            reference_vs_real=fid_from_features(f_ref, f_real),
+            candidate_vs_real=fid_from_features(f_cand, f_real),
+        )
     return out
 
 
@@ -281,9 +289,18 @@ def evaluate(
     else:
         results["judge"] = None
     results["samples"] = [
-        {"prompt": p, "label": lab, "seed": s, "psnr_db": float(a), "ssim": float(b),
-         "reference_judge": r, "candidate_judge": c}
-        for p, lab, s, a, b, r, c in zip(sample_prompts, sample_labels, sample_seeds, psnr, ssim, ref_pred, cand_pred)
+        {
+            "prompt": p,
+            "label": lab,
+            "seed": s,
+            "psnr_db": float(a),
+            "ssim": float(b),
+            "reference_judge": r,
+            "candidate_judge": c,
+        }
+        for p, lab, s, a, b, r, c in zip(
+            sample_prompts, sample_labels, sample_seeds, psnr, ssim, ref_pred, cand_pred, strict=True
+        )
     ]
     return YardstickResult(results, Samples(sample_prompts, sample_labels, sample_seeds, ref, cand))
 
@@ -315,8 +332,12 @@ def format_table(results: dict[str, Any]) -> str:
             rows.append(("FID vs real (reference / candidate)", value))
     judge = results.get("judge")
     if judge:
-        rows.append(("judge accuracy (reference / candidate)",
-                     f"{f(judge['reference_accuracy'], '.3f')} / {f(judge['candidate_accuracy'], '.3f')}"))
+        rows.append(
+            (
+                "judge accuracy (reference / candidate)",
+                f"{f(judge['reference_accuracy'], '.3f')} / {f(judge['candidate_accuracy'], '.3f')}",
+            )
+        )
         rows.append(("label flip rate", f(judge["flip_rate"], ".3f")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -67,8 +67,10 @@ class ConvGeometry:
     @classmethod
     def of(cls, conv: torch.nn.Conv2d) -> ConvGeometry:
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            raise ValueError(f"conv_unfold needs numeric zero padding, got padding={conv.padding!r}, "
-                             f"padding_mode={conv.padding_mode!r}")
+            raise ValueError(
+                f"conv_unfold needs numeric zero padding, got padding={conv.padding!r}, "
+                f"padding_mode={conv.padding_mode!r}"
+            )
         return cls(_pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation))
 
 
@@ -86,9 +88,7 @@ def _channel_last_3d(x: Tensor, layout: str, conv: ConvGeometry | None) -> Tenso
     return x.flatten(0, 1)  # attention: (B*heads, N, d)
 
 
-def axis_minmax(
-    x: Tensor, layout: str, conv: ConvGeometry | None = None
-) -> dict[str, tuple[Tensor, Tensor]]:
+def axis_minmax(x: Tensor, layout: str, conv: ConvGeometry | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-element min and max along each candidate axis of one batch (step 1).
 
     Args:
@@ -103,8 +103,10 @@ def axis_minmax(
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor")
     if x.ndim not in _NDIM[layout]:
-        raise ValueError(f"layout {layout!r} takes a tensor with {' or '.join(map(str, _NDIM[layout]))} dims, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"layout {layout!r} takes a tensor with {' or '.join(map(str, _NDIM[layout]))} dims, "
+            f"got shape {tuple(x.shape)}"
+        )
     if x.numel() == 0:
         raise ValueError(f"empty input of shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
@@ -161,14 +163,23 @@ class AxisStats:
         mine = (self.layout, self.ndim, self.conv, self.channel_amin.numel(), _numel(self.pixel_amin))
         theirs = (other.layout, other.ndim, other.conv, other.channel_amin.numel(), _numel(other.pixel_amin))
         if mine != theirs:
-            raise ValueError(f"cannot merge statistics of different inputs (layout, ndim, conv, channels, "
-                             f"pixels): {mine} vs {theirs}; pixel groups need one resolution")
+            raise ValueError(
+                f"cannot merge statistics of different inputs (layout, ndim, conv, channels, "
+                f"pixels): {mine} vs {theirs}; pixel groups need one resolution"
+            )
         dev = self.channel_amin.device
         lo = lambda a, b: None if a is None else torch.minimum(a, b.to(dev))  # noqa: E731
         hi = lambda a, b: None if a is None else torch.maximum(a, b.to(dev))  # noqa: E731
-        return AxisStats(self.layout, self.ndim, lo(self.channel_amin, other.channel_amin),
-                         hi(self.channel_amax, other.channel_amax), lo(self.pixel_amin, other.pixel_amin),
-                         hi(self.pixel_amax, other.pixel_amax), self.samples + other.samples, self.conv)
+        return AxisStats(
+            self.layout,
+            self.ndim,
+            lo(self.channel_amin, other.channel_amin),
+            hi(self.channel_amax, other.channel_amax),
+            lo(self.pixel_amin, other.pixel_amin),
+            hi(self.pixel_amax, other.pixel_amax),
+            self.samples + other.samples,
+            self.conv,
+        )
 
     def update(self, x: Tensor) -> AxisStats:
         """Fold one more batch in place (a streaming observer); returns self."""
@@ -205,8 +216,10 @@ def choose_axis(stats: AxisStats) -> str:
 
 def _check_points(amin: Tensor, amax: Tensor) -> None:
     if amin.ndim != 1 or amin.shape != amax.shape or amin.numel() == 0:
-        raise ValueError(f"amin and amax must be non-empty 1-D tensors of one length, got "
-                         f"{tuple(amin.shape)} and {tuple(amax.shape)}")
+        raise ValueError(
+            f"amin and amax must be non-empty 1-D tensors of one length, got "
+            f"{tuple(amin.shape)} and {tuple(amax.shape)}"
+        )
     if not (bool(torch.isfinite(amin).all()) and bool(torch.isfinite(amax).all())):
         raise ValueError("amin and amax must be finite")
     if not bool((amin <= amax).all()):
@@ -240,8 +253,14 @@ def kmeans_groups(amin: Tensor, amax: Tensor, k: int, seed: int = 0, n_init: int
     if unique.shape[0] <= k:
         labels = torch.arange(unique.shape[0])
     else:
-        km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=KMEANS_MAX_ITER,
-                    random_state=seed, algorithm="lloyd")
+        km = KMeans(
+            n_clusters=k,
+            init="k-means++",
+            n_init=n_init,
+            max_iter=KMEANS_MAX_ITER,
+            random_state=seed,
+            algorithm="lloyd",
+        )
         with threadpool_limits(limits=1, user_api="openmp"):
             km.fit(unique.numpy(), sample_weight=counts.double().numpy())
         labels = torch.from_numpy(km.labels_).long()
@@ -335,8 +354,9 @@ def search_groups(stats: AxisStats, k: int, seed: int = 0) -> GroupingResult:
         spread[PIXEL] = axis_spread(*stats.axis(PIXEL))
     if k == 1 or not stats.has_pixel_axis:
         lo, hi = stats.channel_amin.min(), stats.channel_amax.max()
-        return GroupingResult(LAYER, torch.zeros(1, dtype=torch.long), lo.reshape(1).float(),
-                              hi.reshape(1).float(), spread)
+        return GroupingResult(
+            LAYER, torch.zeros(1, dtype=torch.long), lo.reshape(1).float(), hi.reshape(1).float(), spread
+        )
     axis = choose_axis(stats)
     amin, amax = stats.axis(axis)
     group_index = kmeans_groups(amin, amax, k, seed)

@@ -138,8 +138,10 @@ def _broadcast_params(
         expected = list(shape)
         expected[axis] = math.ceil(size / block_size)
         if list(scale.shape) != expected:
-            raise ValueError(f"block-wise scale along axis {axis} with block {block_size} must have shape "
-                             f"{tuple(expected)}, got {tuple(scale.shape)}")
+            raise ValueError(
+                f"block-wise scale along axis {axis} with block {block_size} must have shape "
+                f"{tuple(expected)}, got {tuple(scale.shape)}"
+            )
         expand = lambda t: t.repeat_interleave(block_size, dim=axis).narrow(axis, 0, size)  # noqa: E731
         return expand(scale), expand(zero_point)
 

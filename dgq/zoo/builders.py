@@ -107,7 +107,12 @@ def build_tiny(seed: int = 0, components: Iterable[str] | None = None) -> Stable
 
 def build_sd15(seed: int = 0, components: Iterable[str] | None = None) -> StableDiffusionPipeline:
     return build_sd(
-        configs.SD15_UNET, configs.CLIP_L_TEXT, configs.SD_VAE, PNDMScheduler(**configs.SD15_SCHEDULER), seed, components
+        configs.SD15_UNET,
+        configs.CLIP_L_TEXT,
+        configs.SD_VAE,
+        PNDMScheduler(**configs.SD15_SCHEDULER),
+        seed,
+        components,
     )
 
 

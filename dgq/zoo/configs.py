@@ -119,5 +119,7 @@ SD_VAE = dict(
 )
 
 SD15_SCHEDULER = dict(_SD_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-SD21_SCHEDULER = dict(_SD_BETAS, set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="v_prediction")
+SD21_SCHEDULER = dict(
+    _SD_BETAS, set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="v_prediction"
+)
 SDXL_SCHEDULER = dict(_SD_BETAS, steps_offset=1, timestep_spacing="leading", interpolation_type="linear")

@@ -84,7 +84,11 @@ def build_fashion(
                 f"trained weights of the fashion model are missing: {weights_dir / sub} has no config.json; "
                 "retrain them with `python scripts/train_default_model.py`"
             )
-    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", torch_dtype=torch.float32) if "unet" in wanted else None
+    unet = (
+        UNet2DConditionModel.from_pretrained(weights_dir / "unet", torch_dtype=torch.float32)
+        if "unet" in wanted
+        else None
+    )
     vae = AutoencoderKL.from_pretrained(weights_dir / "vae", torch_dtype=torch.float32) if "vae" in wanted else None
     text_encoder = build_text_encoder() if "text_encoder" in wanted else None
     return _assemble(

@@ -38,9 +38,20 @@ def register(entry: ZooEntry) -> None:
 
 register(ZooEntry("tiny", "SD v1-shaped pipeline, random weights, 1.5M-param UNet; for tests", builders.build_tiny))
 register(ZooEntry("sd15", "Stable Diffusion v1.5 architecture, random weights (UNet 860M)", builders.build_sd15))
-register(ZooEntry("sd21", "Stable Diffusion v2.1 architecture, random weights (UNet 866M, v-prediction)", builders.build_sd21))
+register(
+    ZooEntry(
+        "sd21", "Stable Diffusion v2.1 architecture, random weights (UNet 866M, v-prediction)", builders.build_sd21
+    )
+)
 register(ZooEntry("sdxl", "SDXL base 1.0 architecture, random weights (UNet 2.6B)", builders.build_sdxl))
-register(ZooEntry("fashion", "SD architecture trained on Fashion-MNIST, 64x64, MiniLM text encoder (UNet 3.4M)", build_fashion, trained=True))
+register(
+    ZooEntry(
+        "fashion",
+        "SD architecture trained on Fashion-MNIST, 64x64, MiniLM text encoder (UNet 3.4M)",
+        build_fashion,
+        trained=True,
+    )
+)
 
 # The model the README's main command uses when --model is not given.
 DEFAULT_MODEL = "fashion"

@@ -153,8 +153,17 @@ def train_vae(
         log.info("resumed VAE from %s at step %d (%.1f min spent)", ckpt_path, step, spent / 60)
 
     def checkpoint():
-        _save(ckpt_path, dict(model=vae.state_dict(), opt=opt.state_dict(), generator=gen.get_state(),
-                              step=step, spent_s=clock.spent_s, config=asdict(cfg)))
+        _save(
+            ckpt_path,
+            dict(
+                model=vae.state_dict(),
+                opt=opt.state_dict(),
+                generator=gen.get_state(),
+                step=step,
+                spent_s=clock.spent_s,
+                config=asdict(cfg),
+            ),
+        )
 
     clock = _Clock(spent, cfg.checkpoint_minutes)
     vae.train()
@@ -226,7 +235,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
             ema_p.lerp_(p, 1.0 - decay)
 
 
@@ -269,9 +278,19 @@ def train_unet(
         log.info("resumed UNet from %s at step %d (%.1f min spent)", ckpt_path, step, spent / 60)
 
     def checkpoint():
-        _save(ckpt_path, dict(model=unet.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                              generator=gen.get_state(), step=step, spent_s=clock.spent_s,
-                              scaling_factor=scaling_factor, config=asdict(cfg)))
+        _save(
+            ckpt_path,
+            dict(
+                model=unet.state_dict(),
+                ema=ema.model.state_dict(),
+                opt=opt.state_dict(),
+                generator=gen.get_state(),
+                step=step,
+                spent_s=clock.spent_s,
+                scaling_factor=scaling_factor,
+                config=asdict(cfg),
+            ),
+        )
         log.info("checkpoint at step %d -> %s", step, ckpt_path)
 
     clock = _Clock(spent, cfg.checkpoint_minutes)

@@ -66,7 +66,9 @@ def test_bos_row_is_left_out_of_cross_attention_key_statistics(tiny_pipe, tiny_s
 
     cross = [k for k in tiny_recipe.acts if ".attn2.k" in k]
     assert cross
-    no_bos = build_recipe(tiny_stats, tiny_pipe.unet, preset("dgq", groups=8, weight_init="minmax", bos_fp=False), progress=False)
+    no_bos = build_recipe(
+        tiny_stats, tiny_pipe.unet, preset("dgq", groups=8, weight_init="minmax", bos_fp=False), progress=False
+    )
     for key in cross:
         for s, axis in enumerate(tiny_recipe.acts[key].axis):
             if axis == "pixel":  # token axis: 76 tokens without BOS, 77 with it

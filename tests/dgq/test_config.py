@@ -15,10 +15,20 @@ def test_defaults_are_the_paper_setting():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(wbits=9), dict(abits=1), dict(groups=0), dict(profile="onnx"), dict(act_axis="row"),
-     dict(attn_probs="log10"), dict(outlier_bits=12), dict(version=99), dict(weight_block=100),
-     dict(profile="onnxruntime", symmetric=True), dict(profile="onnxruntime", outlier_bits=16),
-     dict(profile="onnxruntime", weight_granularity="block")],
+    [
+        dict(wbits=9),
+        dict(abits=1),
+        dict(groups=0),
+        dict(profile="onnx"),
+        dict(act_axis="row"),
+        dict(attn_probs="log10"),
+        dict(outlier_bits=12),
+        dict(version=99),
+        dict(weight_block=100),
+        dict(profile="onnxruntime", symmetric=True),
+        dict(profile="onnxruntime", outlier_bits=16),
+        dict(profile="onnxruntime", weight_granularity="block"),
+    ],
 )
 def test_invalid_fields_are_refused(bad):
     with pytest.raises(ValueError, match="invalid QuantConfig"):
@@ -34,8 +44,13 @@ def test_dict_round_trip_and_unknown_fields():
 
 def test_keep_float_patterns_name_layers():
     c = QuantConfig(keep_float=TRT_DEMO_KEEP_FLOAT)
-    for name in ("conv_in", "time_embedding.linear_1", "down_blocks.0.resnets.0.time_emb_proj",
-                 "up_blocks.1.resnets.0.conv_shortcut", "down_blocks.0.attentions.0.proj_out"):
+    for name in (
+        "conv_in",
+        "time_embedding.linear_1",
+        "down_blocks.0.resnets.0.time_emb_proj",
+        "up_blocks.1.resnets.0.conv_shortcut",
+        "down_blocks.0.attentions.0.proj_out",
+    ):
         assert c.keeps_float(name), name
     assert not c.keeps_float("down_blocks.0.resnets.0.conv1")
     assert not QuantConfig().keeps_float("time_embedding.linear_1")

@@ -20,8 +20,8 @@ def test_round_trip_is_lossless(tiny_recipe, tmp_path):
     for key, act in tiny_recipe.acts.items():
         other = loaded.acts[key]
         assert other.axis == act.axis
-        assert all(torch.equal(a, b) for a, b in zip(act.group_index, other.group_index))
-        assert all(torch.equal(a, b) for a, b in zip(act.ranges, other.ranges))
+        assert all(torch.equal(a, b) for a, b in zip(act.group_index, other.group_index, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(act.ranges, other.ranges, strict=True))
     for key, w in tiny_recipe.weights.items():
         assert torch.equal(loaded.weights[key].scale, w.scale)
     assert loaded.save(tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
@@ -29,7 +29,10 @@ def test_round_trip_is_lossless(tiny_recipe, tmp_path):
 
 def test_calibration_is_deterministic(tiny_pipe, tmp_path):
     cfg = preset("dgq", groups=4)  # MSE weight search included
-    runs = [calibrate(tiny_pipe, CAL_PROMPTS[:2], cfg, num_inference_steps=2, batch_size=2, progress=False) for _ in range(2)]
+    runs = [
+        calibrate(tiny_pipe, CAL_PROMPTS[:2], cfg, num_inference_steps=2, batch_size=2, progress=False)
+        for _ in range(2)
+    ]
     a, b = (r.save(tmp_path / f"{i}.safetensors").read_bytes() for i, r in enumerate(runs))
     assert a == b
 

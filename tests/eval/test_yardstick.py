@@ -85,8 +85,13 @@ def test_same_inputs_metrics_compare_the_two_unets_on_recorded_reference_inputs(
     config = YardstickConfig(seeds=(0,), steps=2, batch_size=1, progress=False, fid=False, judge=False)
     r = evaluate(reference, perturbed, prompts[:1], config).results
     with record_unet_calls(reference.unet) as calls:
-        reference(prompts[0][0], num_inference_steps=2, guidance_scale=config.guidance,
-                  generator=[torch.Generator().manual_seed(0)], output_type="pt")
+        reference(
+            prompts[0][0],
+            num_inference_steps=2,
+            guidance_scale=config.guidance,
+            generator=[torch.Generator().manual_seed(0)],
+            output_type="pt",
+        )
     from dgq.eval import metrics
 
     expected = [metrics.sqnr_db(c.output, replay(perturbed.unet, c)) for c in calls]
@@ -110,7 +115,7 @@ def test_noise_fidelity_needs_a_module_unet(reference, prompts):
         def __call__(self, *args, **kwargs):
             return self._pipe(*args, **kwargs)
 
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         evaluate(reference, Wrapper(reference), prompts[:1], YardstickConfig(**FAST, fid=False, judge=False))
     config = YardstickConfig(seeds=(0,), steps=2, progress=False, noise_fidelity=False, fid=False, judge=False)
     r = evaluate(reference, Wrapper(reference), prompts[:1], config).results
@@ -129,8 +134,24 @@ def test_eval_subcommand_writes_results(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     eval_cli.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "eval"
-    args = parser.parse_args(["eval", "--model", "tiny", "--candidate", "same", "--num-prompts", "2", "--seeds", "1",
-                              "--steps", "2", "--no-fid", "--out", str(out)])
+    args = parser.parse_args(
+        [
+            "eval",
+            "--model",
+            "tiny",
+            "--candidate",
+            "same",
+            "--num-prompts",
+            "2",
+            "--seeds",
+            "1",
+            "--steps",
+            "2",
+            "--no-fid",
+            "--out",
+            str(out),
+        ]
+    )
     assert args.func(args) == 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["models"] == {"reference": "tiny", "candidate": "same"}
@@ -144,8 +165,21 @@ def test_eval_float_script_writes_json_and_grid(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "float"
-    argv = ["--model", "tiny", "--num-prompts", "2", "--seeds", "1", "--steps", "2", "--num-real", "2",
-            "--no-baseline", "--out", str(out)]
+    argv = [
+        "--model",
+        "tiny",
+        "--num-prompts",
+        "2",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--num-real",
+        "2",
+        "--no-baseline",
+        "--out",
+        str(out),
+    ]
     assert module.main(argv) == 0
     saved = json.loads((out / "float_eval.json").read_text())
     assert saved["fid"]["num_generated"] == 2 and saved["fid"]["generated_vs_real_test"] > 0

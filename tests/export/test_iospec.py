@@ -122,13 +122,25 @@ def test_check_feed_accepts_and_binds(unet):
     "tensor, value, message",
     [
         ("sample", np.zeros((2, 4, 16, 16), np.float64), "'sample' has dtype float64, the graph expects float32"),
-        ("sample", np.zeros((2, 4, 64, 16), np.float32), r"'sample' axis 2 \(latent_height\) is 64, outside the profile: must be in \[8, 32\]"),
+        (
+            "sample",
+            np.zeros((2, 4, 64, 16), np.float32),
+            r"'sample' axis 2 \(latent_height\) is 64, outside the profile: must be in \[8, 32\]",
+        ),
         ("sample", np.zeros((2, 4, 18, 16), np.float32), "and a multiple of 4"),
         ("sample", np.zeros((9, 4, 16, 16), np.float32), r"axis 0 \(batch\) is 9"),
         ("sample", np.zeros((2, 4, 16), np.float32), "'sample' has shape .* expected rank 4"),
         ("timestep", np.zeros((2,), np.float32), "'timestep' has shape"),
-        ("encoder_hidden_states", np.zeros((2, 76, 32), np.float32), "'encoder_hidden_states' axis 1 is 76, the graph fixes it at 77"),
-        ("encoder_hidden_states", np.zeros((3, 77, 32), np.float32), "dim batch is 2 in 'sample' but 3 in 'encoder_hidden_states'"),
+        (
+            "encoder_hidden_states",
+            np.zeros((2, 76, 32), np.float32),
+            "'encoder_hidden_states' axis 1 is 76, the graph fixes it at 77",
+        ),
+        (
+            "encoder_hidden_states",
+            np.zeros((3, 77, 32), np.float32),
+            "dim batch is 2 in 'sample' but 3 in 'encoder_hidden_states'",
+        ),
     ],
 )
 def test_check_feed_names_tensor_and_dim(unet, tensor, value, message):
@@ -176,5 +188,8 @@ def test_bad_specs_refused():
 
 def test_iospec_imports_without_torch():
     # The Jetson runtime reads iospec.json with numpy alone.
-    code = "import sys, export, export.iospec; bad = {'torch', 'diffusers', 'onnx'} & set(sys.modules); assert not bad, bad"
+    code = (
+        "import sys, export, export.iospec; "
+        "bad = {'torch', 'diffusers', 'onnx'} & set(sys.modules); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

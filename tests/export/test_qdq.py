@@ -63,8 +63,15 @@ def export_layer(layer: torch.nn.Module, ctx: StepContext, x: torch.Tensor, path
             ctx.slot = step
             return self.layer(x)
 
-    torch.onnx.export(Wrap(), (x, torch.tensor(0)), str(path), input_names=["x", "step_index"], output_names=["y"],
-                      opset_version=opset, dynamo=False)
+    torch.onnx.export(
+        Wrap(),
+        (x, torch.tensor(0)),
+        str(path),
+        input_names=["x", "step_index"],
+        output_names=["y"],
+        opset_version=opset,
+        dynamo=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +82,12 @@ def stats(tiny_pipe):
 
 @pytest.fixture(scope="module")
 def recipes(tiny_pipe, stats):
-    mk = lambda **kw: build_recipe(stats, tiny_pipe.unet, preset("dgq", weight_init="minmax", **kw), progress=False)
-    ort_mk = lambda **kw: calibrate_outputs(tiny_pipe, mk(groups=4, **{**ORT_PRESET, **kw}), CAL, STEPS, progress=False)
+    def mk(**kw):
+        return build_recipe(stats, tiny_pipe.unet, preset("dgq", weight_init="minmax", **kw), progress=False)
+
+    def ort_mk(**kw):
+        return calibrate_outputs(tiny_pipe, mk(groups=4, **{**ORT_PRESET, **kw}), CAL, STEPS, progress=False)
+
     return {
         "onnxruntime": ort_mk(),
         "onnxruntime_a6": ort_mk(abits=6, quantize_qkv=True),
@@ -92,8 +103,13 @@ def recipes(tiny_pipe, stats):
 def exports(tiny_pipe, recipes, tmp_path_factory):
     root = tmp_path_factory.mktemp("qdq")
     out = {}
-    for name, target in (("faithful", "faithful"), ("tensorrt", "tensorrt"), ("tensorrt_w4", "tensorrt"),
-                         ("faithful_w4", "faithful"), ("onnxruntime", "onnxruntime")):
+    for name, target in (
+        ("faithful", "faithful"),
+        ("tensorrt", "tensorrt"),
+        ("tensorrt_w4", "tensorrt"),
+        ("faithful_w4", "faithful"),
+        ("onnxruntime", "onnxruntime"),
+    ):
         out[name] = (root / name, export_onnx(tiny_pipe, root / name, recipes[name], target))
     return out
 
@@ -105,7 +121,9 @@ def unet_inputs(seed=0):
 
 def run_graph(path, feeds, level="off"):
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "off" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == "off" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
     so.intra_op_num_threads = 1
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
@@ -256,8 +274,14 @@ def test_a_broken_layer_is_named_as_the_first_divergence(tiny_pipe, recipes, exp
     victim = layers[len(layers) // 2].name
     model = onnx.load(str(folder / "unet.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
-    node = next(n for n in model.graph.node if n.name.startswith(module_scope(victim)) and n.op_type == "DequantizeLinear"
-                and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8)
+    node = next(
+        n
+        for n in model.graph.node
+        if n.name.startswith(module_scope(victim))
+        and n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    )
     scale = numpy_helper.to_array(inits[node.input[1]]) * 3
     inits[node.input[1]].CopyFrom(numpy_helper.from_array(scale.astype(np.float32), node.input[1]))
     onnx.save(model, str(tmp_path / "broken.onnx"))
@@ -270,8 +294,11 @@ def test_tensorrt_graph_passes_lint_with_branches_where_the_recipe_says(recipes,
     model = onnx.load(str(folder / "unet.onnx"))
     assert not [v for v in lint_tensorrt(model) if v.severity == "error"]
     recipe = recipes["tensorrt"]
-    grouped = {k[: -len(".input")] for k, a in recipe.acts.items()
-               if k.endswith(".input") and set(a.axis) == {CHANNEL} and a.k(0) > 1}
+    grouped = {
+        k[: -len(".input")]
+        for k, a in recipe.acts.items()
+        if k.endswith(".input") and set(a.axis) == {CHANNEL} and a.k(0) > 1
+    }
     assert grouped and summary.sites["branch_layers"] == len(grouped)
     # every branch of a grouped layer is its own conv/GEMM node under that layer's name
     for name in sorted(grouped):
@@ -310,9 +337,13 @@ def test_int4_weights_are_packed_and_smaller(exports):
     assert summary.opset == 21
     assert any(t.data_type == onnx.TensorProto.UINT4 for t in model.graph.initializer)
     init = {t.name: t for t in model.graph.initializer}
-    weight_types = {init[n.input[0]].data_type for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init}
+    weight_types = {
+        init[n.input[0]].data_type for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init
+    }
     assert weight_types == {onnx.TensorProto.UINT4}  # every weight is 4-bit
-    assert any(n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute) for n in model.graph.node)
+    assert any(
+        n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute) for n in model.graph.node
+    )
     assert summary.files["unet.onnx"] < exports["faithful"][1].files["unet.onnx"]
     # tensorrt: INT4 only where it feeds a GEMM; the lint passes
     folder, summary = exports["tensorrt_w4"]
@@ -328,7 +359,9 @@ def test_export_folder_manifest_and_spec(exports, recipes):
     assert manifest["slots"] == recipes["faithful"].slots
     spec = read_specs(folder)["unet"]
     assert spec.input_names[-1] == "step_index" and spec.input("step_index").dtype == "int64"
-    assert {"recipe.safetensors", "summary.json", "unet.onnx", "text_encoder.onnx", "vae_decoder.onnx"} <= set(manifest["files"])
+    assert {"recipe.safetensors", "summary.json", "unet.onnx", "text_encoder.onnx", "vae_decoder.onnx"} <= set(
+        manifest["files"]
+    )
     assert summary.nodes["unet"]["QuantizeLinear"] == summary.qdq_pairs > 0
 
 
@@ -342,8 +375,13 @@ def test_runtime_generates_what_the_simulator_generates(tiny_pipe, recipes, expo
     rt = Text2ImagePipeline.from_export(folder, backend="onnxruntime")
     got = rt(["a photo of a cat"], seed=3, steps=STEPS, guidance=7.5).images[0].astype(np.int16)
     qpipe = simulate(tiny_pipe, recipes["faithful"])
-    out = qpipe(["a photo of a cat"], num_inference_steps=STEPS, guidance_scale=7.5,
-                generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    out = qpipe(
+        ["a photo of a cat"],
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images[0]
     ref = np.round(out * 255).astype(np.int16)
     assert sqnr_db(ref, got) > QDQ_GRAPH_OPT_MIN_SQNR_DB
 
@@ -355,7 +393,7 @@ def test_bad_input_is_refused_without_partial_output(tiny_pipe, recipes, tmp_pat
     from dgq import zoo
 
     other = zoo.build_pipeline("tiny", seed=1)
-    with pytest.raises(ValueError, match="other weights|another model"):
+    with pytest.raises(ValueError, match=r"other weights|another model"):
         export_onnx(other, tmp_path / "a", recipes["faithful"], "faithful")
     with pytest.raises(ExportError, match="profile tensorrt"):
         export_onnx(tiny_pipe, tmp_path / "b", recipes["faithful"], "tensorrt")
@@ -387,10 +425,20 @@ def test_unsupported_layer_is_refused(tiny_pipe, recipes, tmp_path):
 def test_cli_export_writes_folder_and_refuses_missing_recipe(tmp_path, capsys):
     from dgq.cli import main
 
-    assert main(["export", "--model", "tiny", "--recipe", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]) == 2
-    assert main(["export", "--model", str(tmp_path / "no-such-model"), "--target", "float", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            ["export", "--model", "tiny", "--recipe", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    assert (
+        main(["export", "--model", str(tmp_path / "no-such-model"), "--target", "float", "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert not (tmp_path / "o").exists()
-    assert main(["export", "--model", "tiny", "--target", "float", "--out", str(tmp_path / "new" / "f")]) == 0  # parents made
+    assert (
+        main(["export", "--model", "tiny", "--target", "float", "--out", str(tmp_path / "new" / "f")]) == 0
+    )  # parents made
     assert read_manifest(tmp_path / "new" / "f", verify=True)["target"] == "float"
 
 
@@ -399,12 +447,29 @@ def test_cli_export_onnxruntime_target_calibrates_both_passes(tmp_path, capsys):
     from dgq.recipe import load
 
     out = tmp_path / "ort"
-    assert main(["export", "--model", "tiny", "--target", "onnxruntime", "--num-prompts", "2", "--steps", "3",
-                 "--components", "unet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                "tiny",
+                "--target",
+                "onnxruntime",
+                "--num-prompts",
+                "2",
+                "--steps",
+                "3",
+                "--components",
+                "unet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     recipe = load(out / "recipe.safetensors")
     assert recipe.config.profile == "onnxruntime" and recipe.outputs
     assert "QLinearConv" in capsys.readouterr().out
-
 
 
 # ---------------------------------------------------------------------------- TensorRT builds (CPU, AOT)
@@ -442,7 +507,10 @@ def test_one_branched_layer_graph_matches_the_simulator(tmp_path):
     torch.manual_seed(1)
     conv = torch.nn.Conv2d(6, 4, 3, padding=1)
     gi = torch.tensor([0, 0, 1, 1, 2, 2])
-    ranges = [torch.tensor([[-1.0, 1.0], [-2.0, 2.0], [-9.0, 9.0]]), torch.tensor([[-0.5, 0.5], [-3.0, 3.0], [-7.0, 7.0]])]
+    ranges = [
+        torch.tensor([[-1.0, 1.0], [-2.0, 2.0], [-9.0, 9.0]]),
+        torch.tensor([[-0.5, 0.5], [-3.0, 3.0], [-7.0, 7.0]]),
+    ]
     act = ActQuant("conv", ["channel", "channel"], [gi, gi], ranges)
     config = preset("dgq", groups=3, profile="tensorrt", outlier_bits=16)
     w = conv.weight.detach()
@@ -498,8 +566,10 @@ def test_onnxruntime_optimizations_keep_the_graph_semantics_polygraphy(exports, 
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         return ort.InferenceSession(str(folder / "unet.onnx"), so, providers=["CPUExecutionProvider"])
 
-    runners = [OnnxrtRunner(session(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), name="ort-off"),
-               OnnxrtRunner(session(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), name="ort-on")]
+    runners = [
+        OnnxrtRunner(session(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), name="ort-off"),
+        OnnxrtRunner(session(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), name="ort-on"),
+    ]
     results = Comparator.run(runners, data_loader=[feed])
     check = CompareFunc.simple(atol=QDQ_ORT_OPT_MEDIAN_ATOL, rtol=0.0, check_error_stat="median")
     assert bool(Comparator.compare_accuracy(results, compare_func=check))
@@ -523,9 +593,14 @@ def _synthetic_ort_site():
     torch.manual_seed(2)
     conv = torch.nn.Conv2d(6, 5, 3, padding=1)
     gi = torch.tensor([0, 2, 1, 1, 0, 2])
-    ranges = [torch.tensor([[-1.0, 1.5], [-2.0, 0.5], [-9.0, 7.0]]), torch.tensor([[-0.5, 0.5], [0.2, 3.0], [-7.0, 9.0]])]
+    ranges = [
+        torch.tensor([[-1.0, 1.5], [-2.0, 0.5], [-9.0, 7.0]]),
+        torch.tensor([[-0.5, 0.5], [0.2, 3.0], [-7.0, 9.0]]),
+    ]
     act = ActQuant("conv", ["channel", "channel"], [gi, gi], ranges)
-    out = OutputQuant(torch.tensor([[[-3.0, 2.0], [-4.0, 5.0], [-20.0, 18.0]], [[-1.0, 1.0], [-6.0, 6.0], [-15.0, 16.0]]]))
+    out = OutputQuant(
+        torch.tensor([[[-3.0, 2.0], [-4.0, 5.0], [-20.0, 18.0]], [[-1.0, 1.0], [-6.0, 6.0], [-15.0, 16.0]]])
+    )
     config = preset("dgq", groups=3, **ORT_PRESET)
     w = conv.weight.detach()
     s = symmetric_scale_from_absmax(w.abs().amax((1, 2, 3)), 8)

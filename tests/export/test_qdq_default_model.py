@@ -39,7 +39,11 @@ def fashion_exports(fashion, tmp_path_factory):
     for name, target, cfg in (
         ("faithful", "faithful", preset("dgq", weight_init="minmax")),
         ("tensorrt", "tensorrt", preset("dgq", groups=4, profile="tensorrt", outlier_bits=16, weight_init="minmax")),
-        ("tensorrt_w4", "tensorrt", preset("dgq", groups=4, profile="tensorrt", outlier_bits=16, wbits=4, weight_init="minmax")),
+        (
+            "tensorrt_w4",
+            "tensorrt",
+            preset("dgq", groups=4, profile="tensorrt", outlier_bits=16, wbits=4, weight_init="minmax"),
+        ),
         ("onnxruntime", "onnxruntime", preset("dgq", groups=4, weight_init="minmax", **ORT_PRESET)),
     ):
         recipe = build_recipe(stats, fashion.unet, cfg, progress=False)
@@ -51,7 +55,9 @@ def fashion_exports(fashion, tmp_path_factory):
 
 
 def psnr_u8(a, b) -> float:
-    return metrics.psnr(torch.as_tensor(a, dtype=torch.float64)[None], torch.as_tensor(b, dtype=torch.float64)[None], 255.0)
+    return metrics.psnr(
+        torch.as_tensor(a, dtype=torch.float64)[None], torch.as_tensor(b, dtype=torch.float64)[None], 255.0
+    )
 
 
 @pytest.mark.parametrize("name", ["faithful", "tensorrt", "onnxruntime"])
@@ -62,8 +68,13 @@ def test_runtime_image_matches_simulator(fashion, fashion_exports, name):
     folder, recipe, _ = fashion_exports[name]
     rt = Text2ImagePipeline.from_export(folder, backend="onnxruntime")
     got = rt(["a photo of a sneaker"], seed=7, steps=STEPS, guidance=GUIDANCE).images[0]
-    sim = simulate(fashion, recipe)(["a photo of a sneaker"], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                                    generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    sim = simulate(fashion, recipe)(
+        ["a photo of a sneaker"],
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+    ).images[0]
     assert psnr_u8(got, np.round(sim * 255)) > RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
 
 

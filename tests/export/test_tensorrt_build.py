@@ -26,7 +26,9 @@ def test_float_graph_builds_strongly_typed_with_spec_profile(exported, component
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    assert parser.parse_from_file(str(exported[component])), [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    assert parser.parse_from_file(str(exported[component])), [
+        parser.get_error(i).desc() for i in range(parser.num_errors)
+    ]
     assert [network.get_input(i).name for i in range(network.num_inputs)] == spec.input_names
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()

@@ -69,7 +69,7 @@ def test_axis_minmax_conv_views():
     assert torch.equal(plain[PIXEL][1], x.amax((0, 1)).flatten())  # row-major h * W + w
     one_by_one = axis_minmax(x, "conv_unfold", ConvGeometry.of(torch.nn.Conv2d(3, 8, 1)))
     for axis in (CHANNEL, PIXEL):
-        assert all(torch.equal(a, b) for a, b in zip(plain[axis], one_by_one[axis]))
+        assert all(torch.equal(a, b) for a, b in zip(plain[axis], one_by_one[axis], strict=True))
     geom = ConvGeometry.of(torch.nn.Conv2d(3, 8, 3, padding=1, stride=2))
     unf = axis_minmax(x, "conv_unfold", geom)
     cols = F.unfold(x, 3, padding=1, stride=2)  # (B, C*9, L)
@@ -85,7 +85,7 @@ def test_axis_stats_streams_batches():
     whole = AxisStats.from_batch(torch.cat(batches), "linear")
     assert stats.samples == 6
     for axis in (CHANNEL, PIXEL):
-        assert all(torch.equal(a, b) for a, b in zip(stats.axis(axis), whole.axis(axis)))
+        assert all(torch.equal(a, b) for a, b in zip(stats.axis(axis), whole.axis(axis), strict=True))
     with pytest.raises(ValueError, match="one resolution"):
         stats.update(torch.randn(1, 7, 4))  # another token count
     with pytest.raises(ValueError):
@@ -162,8 +162,9 @@ def test_kmeans_duplicate_points_are_deterministic_without_warnings():
         few = kmeans_groups(amin, amax, 8)  # 3 distinct points, k = 8
         many = kmeans_groups(torch.cat([amin, amin * 1.5]), torch.cat([amax, amax * 1.5]), 4)
     assert few.tolist() == [0, 0, 1, 0, 1, 2]
-    assert many.max() == 3 and torch.equal(many, kmeans_groups(torch.cat([amin, amin * 1.5]),
-                                                              torch.cat([amax, amax * 1.5]), 4))
+    assert many.max() == 3 and torch.equal(
+        many, kmeans_groups(torch.cat([amin, amin * 1.5]), torch.cat([amax, amax * 1.5]), 4)
+    )
 
 
 def test_kmeans_rejects_bad_input():

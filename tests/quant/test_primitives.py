@@ -33,8 +33,10 @@ from tests.tolerances import (
 )
 
 ONNX_TYPES = {  # (bits, signed) -> ONNX element type
-    (8, False): TensorProto.UINT8, (8, True): TensorProto.INT8,
-    (4, False): TensorProto.UINT4, (4, True): TensorProto.INT4,
+    (8, False): TensorProto.UINT8,
+    (8, True): TensorProto.INT8,
+    (4, False): TensorProto.UINT4,
+    (4, True): TensorProto.INT4,
 }
 
 
@@ -73,15 +75,23 @@ def ort_qdq(x, scale, zero, bits, signed, axis=None, block_size=None):
         attrs["block_size"] = block_size
     scale = np.asarray(scale, np.float32)
     zero = np.asarray(zero, np.float32).astype(np.int64)
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
-             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs)]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs),
+    ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))]
     if bits == 8:  # numpy has no 4-bit dtype: for INT4/UINT4 only y comes back (it determines q)
         outputs.append(helper.make_tensor_value_info("q", qtype, list(x.shape)))
     graph = helper.make_graph(
-        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))], outputs,
-        initializer=[helper.make_tensor("s", TensorProto.FLOAT, scale.shape, scale.flatten().tolist()),
-                     helper.make_tensor("z", qtype, zero.shape, zero.flatten().tolist())])
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        outputs,
+        initializer=[
+            helper.make_tensor("s", TensorProto.FLOAT, scale.shape, scale.flatten().tolist()),
+            helper.make_tensor("z", qtype, zero.shape, zero.flatten().tolist()),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     onnx.checker.check_model(model)
@@ -260,7 +270,9 @@ def test_symmetric_scale_grid():
         lambda: quantize_affine(torch.ones(2, 3), torch.ones(3), 0.5, 0, 255, axis=1),
         lambda: quantize_affine(torch.ones(2, 3), torch.ones(2), 0, 0, 255),
         lambda: quantize_affine(torch.ones(2, 3), torch.ones(2, 1), 0, 0, 255, axis=1, block_size=2),
-        lambda: quantize_affine(torch.ones(2, 3), torch.ones(2), 0, 0, 255, axis=1, group_index=torch.tensor([0, 1, 2])),
+        lambda: quantize_affine(
+            torch.ones(2, 3), torch.ones(2), 0, 0, 255, axis=1, group_index=torch.tensor([0, 1, 2])
+        ),
         lambda: quantize_affine(torch.ones(2, 3), torch.ones(2), 0, 0, 255, axis=5),
         lambda: quantize_affine(torch.ones(3, dtype=torch.int32), 1.0, 0, 0, 255),
         lambda: affine_params_from_range(torch.tensor(float("nan")), torch.tensor(1.0), 8),
@@ -282,7 +294,7 @@ def test_bad_input_raises_clear_error(call):
 
 
 def test_nan_error_message_names_the_problem():
-    with pytest.raises(ValueError, match="finite.*1 NaN"):
+    with pytest.raises(ValueError, match=r"finite.*1 NaN"):
         fake_quantize_affine(torch.tensor([0.0, float("nan"), 2.0]), 0.1, 0, 0, 255)
 
 
@@ -305,7 +317,7 @@ def test_log2_levels_match_naive(bits):
     q = log2_quantize(probs, scale, bits)
     last = 2**bits - 1
     s = float(scale)
-    for v, level in zip(probs.flatten().tolist(), q.flatten().tolist()):
+    for v, level in zip(probs.flatten().tolist(), q.flatten().tolist(), strict=True):
         ref = last if v == 0.0 else min(max(round(-math.log2(v / s)), 0), last)
         assert level == ref
     y = fake_log2_quantize(probs, scale, bits)

@@ -25,10 +25,19 @@ def _const(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 def _qdq(x: str, scale: float, prefix: str, nodes: list, inits: list, dtype=TensorProto.INT8) -> str:
     """Symmetric per-tensor Q -> DQ on tensor ``x``; returns the dequantized tensor's name."""
-    inits += [_const(f"{prefix}_scale", np.array(scale, np.float32)),
-              helper.make_tensor(f"{prefix}_zp", dtype, [], [0])]
-    nodes += [helper.make_node("QuantizeLinear", [x, f"{prefix}_scale", f"{prefix}_zp"], [f"{prefix}_q"], name=f"{prefix}_Q"),
-              helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zp"], [f"{prefix}_dq"], name=f"{prefix}_DQ")]
+    inits += [
+        _const(f"{prefix}_scale", np.array(scale, np.float32)),
+        helper.make_tensor(f"{prefix}_zp", dtype, [], [0]),
+    ]
+    nodes += [
+        helper.make_node("QuantizeLinear", [x, f"{prefix}_scale", f"{prefix}_zp"], [f"{prefix}_q"], name=f"{prefix}_Q"),
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zp"],
+            [f"{prefix}_dq"],
+            name=f"{prefix}_DQ",
+        ),
+    ]
     return f"{prefix}_dq"
 
 
@@ -51,7 +60,8 @@ def int8_conv_matmul(path: Path, channels: int = 16, hidden: int = 64, seed: int
     m_dq = _qdq("fc_w", float(np.abs(m).max() / 127), "fc_w", nodes, inits)
     nodes.append(helper.make_node("MatMul", [t_dq, m_dq], ["y"], name="fc"))
     graph = helper.make_graph(
-        nodes, "int8_conv_matmul",
+        nodes,
+        "int8_conv_matmul",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64, hidden])],
         inits,
@@ -70,11 +80,14 @@ def int4_weight_matmul(path: Path, k: int = 128, n: int = 64, block: int = 64, s
     q = np.clip(np.round(blocks / scale[:, None, :]), -8, 7).reshape(k, n).astype(np.int8)
     w_q = helper.make_tensor("fc_w_q", TensorProto.INT4, [k, n], q.flatten().tolist())
     nodes = [
-        helper.make_node("DequantizeLinear", ["fc_w_q", "fc_w_scale"], ["fc_w_dq"], name="fc_w_DQ", axis=0, block_size=block),
+        helper.make_node(
+            "DequantizeLinear", ["fc_w_q", "fc_w_scale"], ["fc_w_dq"], name="fc_w_DQ", axis=0, block_size=block
+        ),
         helper.make_node("MatMul", ["x", "fc_w_dq"], ["y"], name="fc"),
     ]
     graph = helper.make_graph(
-        nodes, "int4_weight_matmul",
+        nodes,
+        "int4_weight_matmul",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, n])],
         [w_q, _const("fc_w_scale", scale)],
@@ -92,7 +105,8 @@ def fp8_matmul(path: Path, k: int = 32, n: int = 32, seed: int = 0) -> Path:
     w_dq = _qdq("fc_w", 0.001, "fc_w", nodes, inits, dtype=TensorProto.FLOAT8E4M3FN)
     nodes.append(helper.make_node("MatMul", [x_dq, w_dq], ["y"], name="fc"))
     graph = helper.make_graph(
-        nodes, "fp8_matmul",
+        nodes,
+        "fp8_matmul",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, n])],
         inits,
@@ -131,6 +145,12 @@ def export_folder(folder: Path, kind: str) -> Path:
         dims={"batch": Dim(1, 2, 4)},
     )
     (folder / "iospec.json").write_text(specs_to_json({"unet": spec}))
-    write_manifest(folder, {"target": "tensorrt", "components": ["unet"],
-                            "recipe": {"file": "recipe.safetensors", "sha256": FAKE_RECIPE_SHA256, "config": {}}})
+    write_manifest(
+        folder,
+        {
+            "target": "tensorrt",
+            "components": ["unet"],
+            "recipe": {"file": "recipe.safetensors", "sha256": FAKE_RECIPE_SHA256, "config": {}},
+        },
+    )
     return folder

@@ -28,9 +28,14 @@ def export_tiny(folder: Path):
 
 
 def step_index_unet(spec) -> onnx.ModelProto:
-    """A UNet graph with the float UNet's IO plus ``step_index`` int64 (): noise_pred = 0 * sample + step_index * 0.01."""
-    inputs = [helper.make_tensor_value_info(t.name, TensorProto.FLOAT if t.dtype == "float32" else TensorProto.INT64,
-                                            list(t.shape)) for t in spec.inputs]
+    """A UNet graph with the float UNet's IO plus ``step_index`` int64 (): noise_pred = 0 * sample + "
+    "step_index * 0.01."""
+    inputs = [
+        helper.make_tensor_value_info(
+            t.name, TensorProto.FLOAT if t.dtype == "float32" else TensorProto.INT64, list(t.shape)
+        )
+        for t in spec.inputs
+    ]
     out = spec.outputs[0]
     nodes = [
         helper.make_node("Mul", ["sample", "zero"], ["zeroed"]),
@@ -43,10 +48,17 @@ def step_index_unet(spec) -> onnx.ModelProto:
         helper.make_node("Add", ["a", "e0"], ["b"]),
         helper.make_node("Add", ["zeroed", "b"], [out.name]),
     ]
-    inits = [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
-             helper.make_tensor("scale", TensorProto.FLOAT, [], [STEP_SCALE])]
-    graph = helper.make_graph(nodes, "step_index_unet", inputs,
-                              [helper.make_tensor_value_info(out.name, TensorProto.FLOAT, list(out.shape))], inits)
+    inits = [
+        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [STEP_SCALE]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "step_index_unet",
+        inputs,
+        [helper.make_tensor_value_info(out.name, TensorProto.FLOAT, list(out.shape))],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -62,8 +74,11 @@ def with_step_index(src: Path, dst: Path, slots: list[float]) -> Path:
     (dst / "iospec.json").write_text(specs_to_json(specs))
     manifest = read_manifest(src)
     (dst / "manifest.json").unlink()
-    write_manifest(dst, {k: v for k, v in manifest.items() if k not in ("files", "format", "version")} |
-                   {"target": "faithful", "slots": [float(s) for s in slots]})
+    write_manifest(
+        dst,
+        {k: v for k, v in manifest.items() if k not in ("files", "format", "version")}
+        | {"target": "faithful", "slots": [float(s) for s in slots]},
+    )
     return dst
 
 

@@ -67,7 +67,10 @@ def test_protocol_state(tiny):
     "change, message",
     [
         (lambda f: f.update(sample=f["sample"].half()), "'sample' has dtype float16, the graph expects float32"),
-        (lambda f: f.update(sample=torch.zeros(2, 4, 64, 64)), r"latent_height\) is 64, outside the profile: must be in \[8, 32\]"),
+        (
+            lambda f: f.update(sample=torch.zeros(2, 4, 64, 64)),
+            r"latent_height\) is 64, outside the profile: must be in \[8, 32\]",
+        ),
         (lambda f: f.update(sample=torch.zeros(2, 4, 18, 16)), "multiple of 4"),
         (lambda f: f.update(encoder_hidden_states=torch.zeros(3, 77, 32)), "dim batch is 2 in 'sample' but 3"),
         (lambda f: f.pop("timestep"), r"missing \['timestep'\]"),
@@ -78,7 +81,10 @@ def test_feed_errors_name_tensor_and_dim(tiny, change, message):
     _, folder, specs = tiny
     feed = _unet_feed(specs["unet"])
     change(feed)
-    with OnnxRuntimeRunner(folder / "unet.onnx", specs["unet"], threads=1) as runner, pytest.raises(FeedError, match=message):
+    with (
+        OnnxRuntimeRunner(folder / "unet.onnx", specs["unet"], threads=1) as runner,
+        pytest.raises(FeedError, match=message),
+    ):
         runner.infer(feed)
 
 
@@ -105,7 +111,10 @@ def test_torch_runner_output_forms(tiny):
             assert torch.equal(runner.infer(feed)["images"], image)
     with TorchRunner(lambda x: (image, image), spec) as runner, pytest.raises(RunnerError, match="expected tensors"):
         runner.infer(feed)
-    with TorchRunner(lambda x: torch.ones(1, 3, 30, 32), spec) as runner, pytest.raises(RunnerError, match=r"\(1, 3, 32, 32\)"):
+    with (
+        TorchRunner(lambda x: torch.ones(1, 3, 30, 32), spec) as runner,
+        pytest.raises(RunnerError, match=r"\(1, 3, 32, 32\)"),
+    ):
         runner.infer(feed)
     with pytest.raises(TypeError):
         TorchRunner(42, spec)
@@ -113,8 +122,10 @@ def test_torch_runner_output_forms(tiny):
 
 def test_runtime_imports_without_tensorrt():
     # A fresh interpreter where importing tensorrt/tensorrt_rtx fails: runtime must still import.
-    code = ("import sys; sys.modules['tensorrt'] = sys.modules['tensorrt_rtx'] = None; "
-            "import runtime.runners, runtime.pipeline; print(runtime.runners.tensorrt_available())")
+    code = (
+        "import sys; sys.modules['tensorrt'] = sys.modules['tensorrt_rtx'] = None; "
+        "import runtime.runners, runtime.pipeline; print(runtime.runners.tensorrt_available())"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
@@ -134,7 +145,7 @@ def test_tensorrt_runner_without_cuda_says_so(tiny, tmp_path):
     _, _, specs = tiny
     (tmp_path / "unet.engine").write_bytes(b"not an engine")
     runner = TensorRTRunner(tmp_path / "unet.engine", specs["unet"])
-    with pytest.raises(BackendUnavailable, match="CUDA GPU|not installed"):
+    with pytest.raises(BackendUnavailable, match=r"CUDA GPU|not installed"):
         runner.activate()
     assert not runner.is_active
 
@@ -153,5 +164,5 @@ def test_tensorrt_runner_matches_onnxruntime(tiny, tmp_path, cuda_graph):
         wants = [ort_runner.infer(f)["noise_pred"] for f in feeds]
     with TensorRTRunner(tmp_path / "unet.engine", specs["unet"], cuda_graph=cuda_graph) as runner:
         gots = [to_numpy(runner.infer(f)["noise_pred"]) for f in feeds]
-    for got, want in zip(gots, wants):
+    for got, want in zip(gots, wants, strict=True):
         assert np.abs(got - want).max() / np.abs(want).max() <= TRT_FLOAT_MAX_REL_ERR

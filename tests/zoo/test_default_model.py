@@ -13,8 +13,15 @@ needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs `apt-get install dat
 
 def _generate(pipe, prompt="a photo of a bag", steps=2, seed=0):
     pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=4.0, height=64, width=64,
-                generator=torch.Generator().manual_seed(seed), output_type="np").images
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -92,11 +99,19 @@ def test_unet_training_resumes_exactly(tmp_path):
     index = torch.arange(1, 21).reshape(10, 2)
     cfg = train.UNetTrainConfig(steps=2, batch_size=2, warmup_steps=1)
     whole, fig = train.train_unet(mean, std, labels, embeds, index, 0.5, cfg, tmp_path / "a.pt")
-    train.train_unet(mean, std, labels, embeds, index, 0.5, train.UNetTrainConfig(steps=1, batch_size=2, warmup_steps=1),
-                     tmp_path / "b.pt")
+    train.train_unet(
+        mean,
+        std,
+        labels,
+        embeds,
+        index,
+        0.5,
+        train.UNetTrainConfig(steps=1, batch_size=2, warmup_steps=1),
+        tmp_path / "b.pt",
+    )
     resumed, _ = train.train_unet(mean, std, labels, embeds, index, 0.5, cfg, tmp_path / "b.pt", resume=True)
     assert fig["steps"] == 2
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -111,7 +126,7 @@ def test_fashion_is_registered_as_default_model():
 def test_fashion_pipeline_builds_from_shipped_weights():
     pipe = build_fashion()
     assert pipe.unet.config.cross_attention_dim == 384 and pipe.unet.config.sample_size == 16
-    assert pipe.vae_scale_factor == 4 and 0 < pipe.vae.config.scaling_factor
+    assert pipe.vae_scale_factor == 4 and pipe.vae.config.scaling_factor > 0
     assert pipe.tokenizer.model_max_length == default_model.MAX_TOKENS
     assert type(pipe.text_encoder).__name__ == "BertModel" and pipe.unet.dtype == torch.float32
     betas = pipe.scheduler.config
@@ -133,7 +148,7 @@ def test_fashion_missing_weights_raise(tmp_path):
 def test_fashion_two_step_generation_shape():
     images = _generate(build_fashion())
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= 0.0 and images.max() <= 1.0
 
 
 def test_caption_embeddings_match_the_pipeline():

@@ -80,7 +80,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(zoo.ModelLoadError, match="does not exist"):
         zoo.load_pipeline(str(missing))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(zoo.ModelLoadError, match="model_index.json"):
+    with pytest.raises(zoo.ModelLoadError, match=r"model_index\.json"):
         zoo.load_pipeline(str(tmp_path / "empty"))
     with pytest.raises(zoo.ModelLoadError, match="no zoo model"):
         zoo.build_pipeline("sd99")
