@@ -10,37 +10,18 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
 from dgq.attention import DGQAttnProcessor, StepContext
-from dgq.config import QuantConfig
-from dgq.quant import (
-    CHANNEL,
-    LAYER,
-    PIXEL,
-    affine_params_from_range,
-    fake_log2_quantize,
-    fake_quantize_affine,
-    quant_range,
-    symmetric_scale_from_absmax,
-)
-from dgq.recipe import (
-    ActQuant,
-    OutputQuant,
-    ProbsQuant,
-    Recipe,
-    RecipeError,
-    WeightQuant,
-)
-from dgq.sites import CONV, attention_sites, layer_sites, set_module
+from dgq.plan import ActPlan, LayerPlan, ProbsPlan, QuantPlan, build_plan
+from dgq.quant import along, axis_dim, fake_log2_quantize, fake_quantize_affine, quant_view
+from dgq.recipe import Recipe, RecipeError
+from dgq.sites import set_module
 
 log = logging.getLogger(__name__)
-
-FLOAT_BITS = 16  # outlier_bits == 16: the group stays in floating point
 
 
 def timestep_value(args: tuple, kwargs: dict) -> float:
@@ -52,83 +33,31 @@ def timestep_value(args: tuple, kwargs: dict) -> float:
     return float(t[0])
 
 
-# ---------------------------------------------------------------------------- parameters
-
-
-def group_params(
-    ranges: torch.Tensor, bits: int, config: QuantConfig, axis: str
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Per-group ``(scale, zero_point, qmin, qmax)`` from ``(K, 2)`` ranges under the config's profile."""
-    lo, hi = ranges[:, 0], ranges[:, 1]
-    if config.is_symmetric:
-        amax = torch.maximum(lo.abs(), hi.abs())
-        qmin, qmax = quant_range(bits, signed=True)
-        return symmetric_scale_from_absmax(amax, bits), torch.zeros_like(amax), qmin, qmax
-    qmin, qmax = quant_range(bits, signed=False)
-    # onnxruntime: every zero point on the uint8 grid (its kernels have no INT16 zero points)
-    scale, zp = affine_params_from_range(lo, hi, bits, include_zero=axis == LAYER or config.profile == "onnxruntime")
-    return scale, zp, qmin, qmax
-
-
-@dataclass
-class _SlotQuant:
-    axis: str
-    dim: int | None  # tensor dim the per-element scale runs along (None: per tensor)
-    scale: torch.Tensor  # expanded per element of the axis (or one element)
-    zero_point: torch.Tensor
-    qmin: int
-    qmax: int
-    # outlier group at other bits (tensorrt profile): a mask over the axis and its own params
-    outlier_mask: torch.Tensor | None = None
-    outlier: tuple | None = None  # (scale, zp, qmin, qmax) or None = float
+# ---------------------------------------------------------------------------- quantizers
 
 
 class ActFakeQuant:
-    """Fake quantizer of one activation site; ``__call__(x, slot)``.
+    """Fake quantizer of one activation site (its :class:`~dgq.plan.ActPlan`); ``__call__(x, slot)``.
 
-    Layouts: ``conv`` ``(B, C, H, W)`` (channel dim 1, pixel = flattened ``H*W``); ``linear``
-    ``(B, N, C)`` or ``(B, C)`` (channel last, pixel dim 1); ``qkv`` ``(B*heads, N, d)`` as linear.
+    Layouts: ``conv`` ``(B, C, H, W)``, ``linear`` ``(B, N, C)`` or ``(B, C)``, ``qkv``
+    ``(B*heads, N, d)``; the per-element parameters run along ``dgq.plan.axis_dim`` of the view.
     """
 
-    def __init__(self, act: ActQuant, bits: int, config: QuantConfig) -> None:
-        self.layout = act.layout
-        self.slots = [self._prepare(act, s, bits, config) for s in range(len(act.axis))]
-
-    def _prepare(self, act: ActQuant, s: int, bits: int, config: QuantConfig) -> _SlotQuant:
-        axis, gi = act.axis[s], act.group_index[s]
-        scale, zp, qmin, qmax = group_params(act.ranges[s], bits, config, axis)
-        k = act.k(s)
-        outlier_mask = outlier = None
-        if config.profile == "tensorrt" and config.outlier_bits is not None and k > 1 and config.outlier_bits != bits:
-            outlier_mask = gi == k - 1
-            if config.outlier_bits != FLOAT_BITS:
-                o = group_params(act.ranges[s][k - 1 :], config.outlier_bits, config, axis)
-                outlier = (o[0][gi], o[1][gi], o[2], o[3])
-        if axis == LAYER:
-            return _SlotQuant(axis, None, scale.reshape(()), zp.reshape(()), qmin, qmax)
-        dim = self._dim(axis)
-        return _SlotQuant(axis, dim, scale[gi], zp[gi], qmin, qmax, outlier_mask, outlier)
-
-    def _dim(self, axis: str) -> int:
-        if self.layout == CONV:
-            return 1 if axis == CHANNEL else 2  # pixel: on the (B, C, H*W) view
-        return -1 if axis == CHANNEL else 1
+    def __init__(self, plan: ActPlan) -> None:
+        self.plan = plan
+        self.layout = plan.layout
 
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        q = self.slots[slot if len(self.slots) > 1 else 0]
+        sp = self.plan.slot(slot)
         shape = x.shape
-        if self.layout == CONV and q.axis == PIXEL:
-            x = x.flatten(2)
-        dim = None if q.dim is None else q.dim % x.ndim
-        x_hat = fake_quantize_affine(x, q.scale, q.zero_point, q.qmin, q.qmax, axis=dim)
-        if q.outlier_mask is not None:
-            if q.outlier is None:
-                kept = x
-            else:
-                kept = fake_quantize_affine(x, q.outlier[0], q.outlier[1], q.outlier[2], q.outlier[3], axis=dim)
-            view = [1] * x.ndim
-            view[dim] = -1
-            x_hat = torch.where(q.outlier_mask.view(view), kept, x_hat)
+        v = quant_view(x, self.layout, sp.axis)
+        dim = axis_dim(self.layout, sp.axis, v.ndim)
+        g = sp.element_grid
+        x_hat = fake_quantize_affine(v, g.scale, g.zero_point, g.qmin, g.qmax, axis=dim)
+        if sp.outlier_mask is not None:
+            o = sp.outlier_element_grid
+            kept = v if o is None else fake_quantize_affine(v, o.scale, o.zero_point, o.qmin, o.qmax, axis=dim)
+            x_hat = torch.where(along(sp.outlier_mask, v.ndim, dim), kept, x_hat)
         return x_hat.reshape(shape)
 
 
@@ -136,9 +65,9 @@ class ProbsFakeQuant:
     """Attention probabilities: log2 (or uniform) with a real-time max per prompt or per batch, or a
     static calibrated max; ``__call__(probs, slot, batch_size)`` on ``(B*heads, N, M)``."""
 
-    def __init__(self, probs: ProbsQuant, config: QuantConfig) -> None:
-        self.kind, self.mode, self.bits = config.attn_probs, config.attn_scale, config.abits
-        self.static_max = probs.static_max
+    def __init__(self, plan: ProbsPlan) -> None:
+        self.kind, self.mode, self.bits = plan.kind, plan.mode, plan.bits
+        self.static_max = plan.static_max
 
     def scale(self, p: torch.Tensor, slot: int, batch_size: int) -> torch.Tensor:
         if self.mode == "static":
@@ -155,16 +84,6 @@ class ProbsFakeQuant:
             return fake_log2_quantize(p, s, self.bits)
         qmax = 2**self.bits - 1
         return fake_quantize_affine(p / s, 1.0 / qmax, 0, 0, qmax) * s
-
-
-def fake_quantize_weight(weight: torch.Tensor, wq: WeightQuant) -> torch.Tensor:
-    """The layer's weight after its Q/DQ (float32, same shape)."""
-    qmin, qmax = quant_range(wq.bits, signed=wq.symmetric)
-    if wq.granularity == "tensor":
-        return fake_quantize_affine(weight, wq.scale, wq.zero_point, qmin, qmax)
-    if wq.granularity == "block":
-        return fake_quantize_affine(weight, wq.scale, wq.zero_point, qmin, qmax, axis=1, block_size=wq.block)
-    return fake_quantize_affine(weight, wq.scale, wq.zero_point, qmin, qmax, axis=0)
 
 
 # ---------------------------------------------------------------------------- modules
@@ -201,101 +120,54 @@ class QuantLayer(torch.nn.Module):
         return F.linear(x, self.weight_hat, m.bias)
 
 
-OUTPUT_BITS = 8  # onnxruntime profile: QLinearConv writes uint8 whatever the activation bits
-
-
 class BranchConvLayer(torch.nn.Module):
-    """``onnxruntime``-profile Conv2d: one branch per input-channel group, each a whole
-    QLinearConv unit, summed, then the float bias.
+    """``onnxruntime``-profile Conv2d: one branch per input-channel group (``ActPlan.branches``),
+    each a whole QLinearConv unit, summed, then the float bias.
 
     Branch g: the group's channels -> per-step uint8 Q/DQ of the group's range -> conv with the
     matching input slice of the fake-quantized weight -> per-step uint8 Q/DQ of the branch's own
-    output range (``OutputQuant``). A layer-wise site is one branch over every channel. With
-    ``observe`` set and no output ranges, each branch's bias-free output is passed to
-    ``observe(branch, y, slot)`` instead of being quantized (the output calibration pass).
+    output range (``LayerPlan.output``). A layer-wise site is one branch over every channel. With
+    ``observe`` set and no output plan, each branch's bias-free output is passed to
+    ``observe(group, y, slot)`` instead of being quantized (the output calibration pass).
     """
 
     def __init__(
         self,
-        name: str,
+        plan: LayerPlan,
         inner: torch.nn.Conv2d,
         weight_hat: torch.Tensor,
-        act: ActQuant,
-        bits: int,
-        config: QuantConfig,
-        out: OutputQuant | None,
         ctx: StepContext,
         observe=None,
     ):
         super().__init__()
-        self.name, self.inner, self.ctx, self.observe = name, inner, ctx, observe
-        gi = act.group_index[0]
-        self.branches = branch_channels(act, inner.in_channels)
+        self.name, self.inner, self.ctx, self.observe = plan.name, inner, ctx, observe
+        self.branches = plan.input.branches(inner.in_channels)
         self.whole = len(self.branches) == 1
-        n = len(act.axis)
-        k = act.k(0)
-        scale, zp = torch.zeros(n, k), torch.zeros(n, k)
-        for s in range(n):
-            if not torch.equal(act.group_index[s], gi) or act.axis[s] != act.axis[0]:
-                raise RecipeError(
-                    f"{name}: group membership changes across steps; this layer needs an onnxruntime-profile recipe"
-                )
-            sc, z, self.qmin, self.qmax = group_params(act.ranges[s], bits, config, act.axis[s])
-            scale[s], zp[s] = sc, z
-        self.scale, self.zp = scale, zp
-        self.weights = [weight_hat[:, idx].contiguous() for _, idx in self.branches]
-        self.out = None
-        if out is not None:
-            if out.ranges.shape[:2] != (n, k):
-                raise RecipeError(
-                    f"{name}: output ranges of shape {tuple(out.ranges.shape)} do not match {n} slots x {k} groups"
-                )
-            params = [group_params(out.ranges[s], OUTPUT_BITS, config, LAYER) for s in range(n)]
-            self.out = (
-                torch.stack([p[0] for p in params]),
-                torch.stack([p[1] for p in params]),
-                params[0][2],
-                params[0][3],
-            )
-        elif observe is None:
-            raise RecipeError(
-                f"{name}: the onnxruntime profile quantizes conv outputs and this recipe has no output "
-                "ranges for it (calibrate with dgq.calibrate.calibrate, or add them with calibrate_outputs)"
-            )
+        self.n_slots = plan.input.n_slots
+        self.weights = [weight_hat[:, b.index].contiguous() for b in self.branches]
+        self.out = plan.output
+        if self.out is None and observe is None:
+            raise RecipeError(f"{plan.name}: no output ranges to quantize with and nothing to observe them")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.ctx.current()
-        si = slot if self.scale.shape[0] > 1 else 0
+        si = slot if self.n_slots > 1 else 0
         m = self.inner
         dtype, x = x.dtype, x.float()
         out = None
-        for j, (g, idx) in enumerate(self.branches):
-            xg = x if self.whole else torch.index_select(x, 1, idx)
-            xg = fake_quantize_affine(xg, self.scale[si, g], self.zp[si, g], self.qmin, self.qmax)
-            y = F.conv2d(xg, self.weights[j], None, m.stride, m.padding, m.dilation, m.groups)
+        for b, w in zip(self.branches, self.weights, strict=True):
+            xg = x if self.whole else torch.index_select(x, 1, b.index)
+            xg = fake_quantize_affine(xg, b.scale[si], b.zero_point[si], b.qmin, b.qmax)
+            y = F.conv2d(xg, w, None, m.stride, m.padding, m.dilation, m.groups)
             if self.out is None:
-                self.observe(g, y, si)
+                self.observe(b.group, y, si)
             else:
-                oscale, ozp, qmin, qmax = self.out
-                y = fake_quantize_affine(y, oscale[si, g], ozp[si, g], qmin, qmax)
+                o = self.out
+                y = fake_quantize_affine(y, o.scale[si, b.group], o.zero_point[si, b.group], o.qmin, o.qmax)
             out = y if out is None else out + y
         if m.bias is not None:
             out = out + m.bias.detach().float().view(1, -1, 1, 1)
         return out.to(dtype)
-
-
-def branch_channels(act: ActQuant, channels: int) -> list[tuple[int, torch.Tensor]]:
-    """``[(group, channel indices)]`` of the non-empty input-channel groups of a conv site (one
-    group of every channel for a layer-wise site)."""
-    if act.axis[0] == LAYER:
-        return [(0, torch.arange(channels))]
-    gi = act.group_index[0]
-    out = []
-    for g in range(act.k(0)):
-        idx = torch.nonzero(gi == g).flatten()
-        if idx.numel():
-            out.append((g, idx))
-    return out
 
 
 class SimulationHandle:
@@ -327,29 +199,38 @@ def slot_hook(unet: torch.nn.Module, ctx: StepContext, slot_of) -> torch.utils.h
     return unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _swap_layers(
-    unet: torch.nn.Module, recipe: Recipe, ctx: StepContext, handle: SimulationHandle, observe_outputs
-) -> None:
-    config = recipe.config
-    for site in layer_sites(unet, config):
-        module = unet.get_submodule(site.name)
-        wq = recipe.weights.get(site.name)
-        weight_hat = (
-            module.weight.detach().float() if wq is None else fake_quantize_weight(module.weight.detach().float(), wq)
-        )
-        act = recipe.acts.get(site.input_key)
-        act_q = None if act is None else ActFakeQuant(act, config.abits, config)
-        if wq is None and act_q is None:
-            continue
-        handle.swapped[site.name] = module
-        if config.profile == "onnxruntime" and act is not None and isinstance(module, torch.nn.Conv2d):
-            observe = None if observe_outputs is None or site.name in recipe.outputs else observe_outputs(site.name)
-            new = BranchConvLayer(
-                site.name, module, weight_hat, act, config.abits, config, recipe.outputs.get(site.name), ctx, observe
-            )
+def _swap_layers(unet: torch.nn.Module, plan: QuantPlan, ctx: StepContext, handle: SimulationHandle, observe_outputs):
+    for name, lp in plan.layers.items():
+        module = unet.get_submodule(name)
+        w = module.weight.detach().float()
+        weight_hat = w if lp.weight is None else lp.weight.fake(w)
+        handle.swapped[name] = module
+        if lp.branch_outputs:
+            observe = None if lp.output is not None or observe_outputs is None else observe_outputs(name)
+            new = BranchConvLayer(lp, module, weight_hat, ctx, observe)
         else:
-            new = QuantLayer(module, weight_hat, act_q, ctx, matmul=config.profile == "onnxruntime")
-        set_module(unet, site.name, new)
+            act = None if lp.input is None else ActFakeQuant(lp.input)
+            new = QuantLayer(module, weight_hat, act, ctx, matmul=lp.matmul)
+        set_module(unet, name, new)
+
+
+def _set_processors(unet: torch.nn.Module, plan: QuantPlan, ctx: StepContext, handle: SimulationHandle) -> None:
+    handle.processors = dict(unet.attn_processors)
+    new = dict(handle.processors)
+    for name, ap in plan.attention.items():
+
+        def act(p: ActPlan | None) -> ActFakeQuant | None:
+            return None if p is None else ActFakeQuant(p)
+
+        new[f"{name}.processor"] = DGQAttnProcessor(
+            ctx,
+            q=act(ap.q),
+            k=act(ap.k),
+            v=act(ap.v),
+            probs=None if ap.probs is None else ProbsFakeQuant(ap.probs),
+            keep_bos=ap.keep_bos,
+        )
+    unet.set_attn_processor(new)
 
 
 def apply_recipe(
@@ -357,38 +238,22 @@ def apply_recipe(
 ) -> SimulationHandle:
     """Quantize ``unet`` in place as ``recipe`` says. Returns a handle whose ``remove()`` undoes it.
 
-    ``observe_outputs(layer_name) -> callable(branch, y, slot)``: the output calibration pass of the
-    ``onnxruntime`` profile (conv outputs are observed instead of quantized where the recipe has no
-    range for them)."""
+    The whole recipe is planned (and validated) before the UNet is touched, and any failure while
+    applying it restores the float UNet. ``observe_outputs(layer_name) -> callable(group, y, slot)``:
+    the output calibration pass of the ``onnxruntime`` profile (conv outputs are observed instead of
+    quantized where the recipe has no range for them)."""
     if check_model:
         recipe.check_model(unet)
-    config = recipe.config
+    plan = build_plan(unet, recipe, output_required=observe_outputs is None)
     ctx = StepContext()
     handle = SimulationHandle(unet)
-    handle.hooks.append(slot_hook(unet, ctx, recipe.slot_of))
     try:
-        _swap_layers(unet, recipe, ctx, handle, observe_outputs)
-    except Exception:
+        handle.hooks.append(slot_hook(unet, ctx, recipe.slot_of))
+        _swap_layers(unet, plan, ctx, handle, observe_outputs)
+        _set_processors(unet, plan, ctx, handle)
+    except BaseException:
         handle.remove()
         raise
-    handle.processors = dict(unet.attn_processors)
-    new = dict(handle.processors)
-    for site in attention_sites(unet, config):
-
-        def act(role, site=site):
-            a = recipe.acts.get(site.key(role))
-            return None if a is None else ActFakeQuant(a, config.abits, config)
-
-        probs = recipe.probs.get(site.key("probs"))
-        new[f"{site.name}.processor"] = DGQAttnProcessor(
-            ctx,
-            q=act("q"),
-            k=act("k"),
-            v=act("v"),
-            probs=None if probs is None else ProbsFakeQuant(probs, config),
-            keep_bos=config.bos_fp,
-        )
-    unet.set_attn_processor(new)
     return handle
 
 

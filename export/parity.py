@@ -60,15 +60,12 @@ def layer_divergence(lowered, onnx_path: str | Path, inputs: tuple, feeds: dict[
     """Per-layer SQNR (dB) of the ONNX graph at ``onnx_path`` (ONNX Runtime, optimizations off) against
     ``lowered`` (an :class:`export.qdq.Lowered`) called with ``inputs``; ``feeds`` are the same
     inputs by graph input name. Layers in execution order."""
-    import onnxruntime as ort
-
-    from export.qdq import _LoweredLayer
+    from export.ort_session import create_session
+    from export.qdq import LoweredLayer
 
     module = lowered.module
     layers = {
-        n[len("unet.") :]: m
-        for n, m in module.named_modules()
-        if isinstance(m, _LoweredLayer) and n.startswith("unet.")
+        n[len("unet.") :]: m for n, m in module.named_modules() if isinstance(m, LoweredLayer) and n.startswith("unet.")
     }
     captured: dict[str, torch.Tensor] = {}
     order: list[str] = []
@@ -95,10 +92,7 @@ def layer_divergence(lowered, onnx_path: str | Path, inputs: tuple, feeds: dict[
         if t is not None and t not in existing:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
             existing.add(t)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session = create_session(model.SerializeToString(), optimize=False)
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, feeds), strict=True))
     return [

@@ -117,6 +117,59 @@ def int4_tensor(name: str, values: np.ndarray, signed: bool) -> onnx.TensorProto
     )
 
 
+def own_weight_initializers(model: onnx.ModelProto) -> int:
+    """Give every weight DequantizeLinear its own integer weight and zero-point initializers.
+
+    The exporter deduplicates equal initializers (all-zero zero points of equally wide layers) into
+    one, read through Identity nodes. ONNX Runtime's exact integer path for x86 CPUs without VNNI
+    converts each int8 weight and its zero point to uint8 in place, and refuses a zero point that
+    two weights share ("Attempt to replace the existing tensor"). Returns the number of copies made.
+    """
+    g = model.graph
+    init = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def source(name: str) -> str:
+        while name not in init and name in producer and producer[name].op_type == "Identity":
+            name = producer[name].input[0]
+        return name
+
+    integer = (TensorProto.INT8, TensorProto.UINT8)
+    claimed: set[str] = set()
+    copies: list[onnx.TensorProto] = []
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or source(n.input[0]) not in init:
+            continue
+        for pos in (0, 2):
+            if pos >= len(n.input) or source(n.input[pos]) not in init:
+                continue
+            src = init[source(n.input[pos])]
+            if src.data_type not in integer:
+                continue
+            name = src.name
+            if name in claimed:
+                name = f"{src.name}.{len(copies)}"
+                t = onnx.TensorProto()
+                t.CopyFrom(src)
+                t.name = name
+                copies.append(t)
+            claimed.add(name)
+            n.input[pos] = name
+    g.initializer.extend(copies)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    while True:  # Identity nodes of deduplicated initializers that nothing reads any more
+        dead = [n for n in g.node if n.op_type == "Identity" and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return len(copies)
+
+
 def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
     """Store the integer weights of every DequantizeLinear as INT4/UINT4 (with their zero points).
 
@@ -248,6 +301,7 @@ def export_onnx(
     warnings_found: list[str] = []
 
     def post(model: onnx.ModelProto) -> None:
+        own_weight_initializers(model)
         if four_bit:
             n = pack_int4_weights(model, gemm_only=target == "tensorrt")
             log.info("packed %d weights as INT4", n)
@@ -344,11 +398,11 @@ def ort_integer_kernels(path: Path) -> dict[str, int]:
     (MatMulNBits at accuracy level 0, as the runtime runs it)."""
     import onnxruntime as ort
 
+    from export.ort_session import session_options
+
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so = session_options(optimize=True, threads=None)
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
     return {k: ops[k] for k in ORT_INTEGER_OPS if ops.get(k)}

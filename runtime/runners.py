@@ -191,17 +191,8 @@ class OnnxRuntimeRunner(Runner):
     def _activate(self) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if self.optimization == "all"
-            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        )
-        if self.threads is not None:
-            options.intra_op_num_threads = int(self.threads)
-        # ORT rewrites DQ -> MatMul into MatMulNBits whose default accuracy level 4 quantizes the
-        # activations too; level 0 keeps the graph's own semantics (the export is held to the simulator).
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        from export.ort_session import create_session
+
         providers = self.providers if self.providers is not None else default_ort_providers()
         unknown = [p for p in providers if p not in ort.get_available_providers()]
         if unknown:
@@ -209,7 +200,9 @@ class OnnxRuntimeRunner(Runner):
                 f"{self.name}: execution provider(s) {unknown} are not in this onnxruntime build "
                 f"(available: {ort.get_available_providers()})"
             )
-        session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        # The project's session options: the optimized graph computes what its nodes say on every CPU
+        # (MatMulNBits at accuracy level 0; ORT's exact integer path where its fast one saturates).
+        session = create_session(self.path, self.optimization == "all", self.threads, providers)
         got = [(i.name, i.type) for i in session.get_inputs()]
         want = [(t.name, _ORT_TYPES[t.dtype]) for t in self.spec.inputs]
         if got != want:

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics
     from dgq.config import preset
     from dgq.prompts import calibration_prompts
+    from export.ort_session import session_options
     from export.qdq_export import ORT_INTEGER_OPS, ORT_PRESET, export_onnx
 
     torch.set_num_threads(args.threads)
@@ -168,11 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, generator=g
     ).numpy()
     for k, folder in folders.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so = session_options(optimize=True, threads=args.threads)  # as the runtime runs it
         so.optimized_model_filepath = str(folder / "unet.optimized.onnx")
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as runtime.runners does
         sessions[k] = ort.InferenceSession(str(folder / "unet.onnx"), so, providers=["CPUExecutionProvider"])
         names = {i.name for i in sessions[k].get_inputs()}
         f = {

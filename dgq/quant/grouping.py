@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dgq.quant.layout import CHANNEL, LAYER, PIXEL, axis_dim, quant_view
 from dgq.quant.primitives import affine_params_from_range
 
-CHANNEL, PIXEL, LAYER = "channel", "pixel", "layer"
 LAYOUTS = ("linear", "conv", "conv_unfold", "attention")
 _NDIM = {"linear": (2, 3), "conv": (4,), "conv_unfold": (4,), "attention": (4,)}
 
@@ -76,10 +76,11 @@ class ConvGeometry:
 
 def _channel_last_3d(x: Tensor, layout: str, conv: ConvGeometry | None) -> Tensor:
     """``x`` as ``(B', pixels, channels)`` (a view where possible)."""
-    if layout == "linear":
-        return x
-    if layout == "conv":
-        return x.flatten(2).transpose(1, 2)
+    if layout in ("linear", "conv"):
+        v = quant_view(x, layout, PIXEL)
+        return (
+            v.transpose(axis_dim(layout, PIXEL, v.ndim), axis_dim(layout, CHANNEL, v.ndim)) if layout == "conv" else v
+        )
     if layout == "conv_unfold":
         if conv is None:
             raise ValueError('layout "conv_unfold" needs the conv geometry (conv=ConvGeometry(...))')

@@ -189,7 +189,8 @@ def _log2_quantize(x: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 
 def _log2_dequantize(q: Tensor, scale: Tensor) -> Tensor:
-    return scale * torch.exp2(-q)
+    # 2 ** -q as Pow (ONNX has no Exp2; torch.exp2 does not export); exact for the integer levels
+    return scale * torch.pow(2.0, -q)
 
 
 # --------------------------------------------------------------------------- public API

@@ -1,0 +1,430 @@
+"""The quantizer plan: every number a quantized UNet computes with, derived once from a recipe.
+
+A recipe holds what calibration found (per site and timestep slot: the grouping axis, group
+membership and group ranges; weight scales; conv output ranges for the ``onnxruntime`` profile).
+The plan turns it into quantizer parameters under the profile's rules: per slot the integer grid,
+a scale and zero point per group, the tensor dim they run along, the group kept apart at another
+precision (``tensorrt``'s outlier group), and the input-channel branches of a layer whose grouping
+is fixed across steps. The PyTorch simulator (``dgq.simulate``) and every export target
+(``export.qdq``) read these objects and compute nothing of their own, so a rule changed here
+changes both, and their bit-equality tests hold the lowering to the simulator.
+
+Which tensor dim an axis is (``quant_view``/``axis_dim``) is defined once in ``dgq.quant.layout``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from dgq.config import QuantConfig
+from dgq.quant import (
+    CHANNEL,
+    LAYER,
+    PIXEL,
+    affine_params_from_range,
+    along,
+    fake_quantize_affine,
+    quant_range,
+    symmetric_scale_from_absmax,
+)
+from dgq.recipe import ActQuant, OutputQuant, ProbsQuant, Recipe, RecipeError, WeightQuant
+from dgq.sites import CONV, attention_sites, layer_sites
+
+FLOAT_BITS = 16  # outlier_bits == 16: the group stays in floating point
+OUTPUT_BITS = 8  # onnxruntime profile: QLinearConv writes uint8 whatever the activation bits
+# The grids of ONNX's 8-bit Q/DQ containers; a narrower grid (6 bits, say) is clipped into one.
+INT8_GRID = quant_range(8, signed=True)
+UINT8_GRID = quant_range(8, signed=False)
+INT16_GRID = (-(2**15), 2**15 - 1)
+
+
+# ---------------------------------------------------------------------------- quantizers
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Uniform quantizer parameters of K groups: ``scale``/``zero_point`` float32 ``(K,)`` (zero
+    points integer valued) on the integer grid ``[qmin, qmax]``."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def bits(self) -> int:
+        return (self.qmax - self.qmin + 1).bit_length() - 1
+
+    @property
+    def container(self) -> tuple[int, int]:
+        """The 8-bit ONNX grid this quantizer's integers are stored on."""
+        return INT8_GRID if self.signed else UINT8_GRID
+
+    @property
+    def narrower(self) -> bool:
+        """Fewer levels than its 8-bit container (clipped to its own grid before the Q/DQ)."""
+        return (self.qmin, self.qmax) != self.container
+
+    def group(self, g: int) -> Grid:
+        return Grid(self.scale[g : g + 1], self.zero_point[g : g + 1], self.qmin, self.qmax)
+
+
+def act_grid(ranges: torch.Tensor, bits: int, config: QuantConfig, axis: str) -> Grid:
+    """Per-group parameters from ``(K, 2)`` (min, max) ranges under the config's profile.
+
+    Symmetric profiles (``tensorrt``, ``symmetric=True``): ``scale = amax / (2^(b-1)-1)`` on the
+    signed grid. Otherwise asymmetric on the unsigned grid; a layer-wise range, and every range of
+    the ``onnxruntime`` profile (its kernels have no 16-bit zero points), is widened to contain 0 so
+    that the zero point lies on the grid.
+    """
+    lo, hi = ranges[:, 0].float(), ranges[:, 1].float()
+    if config.is_symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        return Grid(symmetric_scale_from_absmax(amax, bits), torch.zeros_like(amax), *quant_range(bits, signed=True))
+    scale, zp = affine_params_from_range(lo, hi, bits, include_zero=axis == LAYER or config.profile == "onnxruntime")
+    return Grid(scale, zp, *quant_range(bits, signed=False))
+
+
+@dataclass
+class SlotPlan:
+    """One activation quantizer at one timestep slot.
+
+    ``group_index``: int64 ``(n,)`` group of each element along ``axis`` (``(1,)`` for ``layer``);
+    ``grid``: per group; ``outlier_group``: the group kept apart (``tensorrt``), quantized with
+    ``outlier`` (its own grid) or, when ``outlier`` is None, left in floating point.
+    """
+
+    axis: str
+    group_index: torch.Tensor
+    grid: Grid
+    outlier_group: int | None = None
+    outlier: Grid | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.grid.scale.numel())
+
+    @functools.cached_property
+    def element_grid(self) -> Grid:
+        """The grid with one scale and zero point per element of the axis (one in all for ``layer``)."""
+        if self.axis == LAYER:
+            g = self.grid
+            return Grid(g.scale.reshape(()), g.zero_point.reshape(()), g.qmin, g.qmax)
+        gi = self.group_index
+        return Grid(self.grid.scale[gi], self.grid.zero_point[gi], self.grid.qmin, self.grid.qmax)
+
+    @functools.cached_property
+    def outlier_mask(self) -> torch.Tensor | None:
+        """bool ``(n,)``: the elements of the outlier group, or None."""
+        return None if self.outlier_group is None else self.group_index == self.outlier_group
+
+    @functools.cached_property
+    def outlier_element_grid(self) -> Grid | None:
+        if self.outlier is None:
+            return None
+        o = self.outlier
+        return Grid(
+            o.scale.expand(self.group_index.numel()), o.zero_point.expand(self.group_index.numel()), o.qmin, o.qmax
+        )
+
+
+@dataclass
+class Branch:
+    """One input-channel group of a layer with a fixed grouping: its channel indices and, per slot,
+    its scale and zero point (``(S,)``; None: the group stays in floating point)."""
+
+    group: int
+    index: torch.Tensor
+    bits: int
+    scale: torch.Tensor | None
+    zero_point: torch.Tensor | None
+    qmin: int
+    qmax: int
+
+    @property
+    def is_float(self) -> bool:
+        return self.scale is None
+
+
+@dataclass
+class ActPlan:
+    """An activation site: its layout (``conv``, ``linear``, ``qkv``), bits and per-slot plans."""
+
+    key: str
+    layout: str
+    bits: int
+    slots: list[SlotPlan]
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    def slot(self, s: int) -> SlotPlan:
+        """The plan of slot ``s`` (slot 0 for a site with one set for all steps)."""
+        return self.slots[s if len(self.slots) > 1 else 0]
+
+    @property
+    def axes(self) -> list[str]:
+        return [s.axis for s in self.slots]
+
+    @property
+    def fixed_grouping(self) -> bool:
+        """One axis and one group membership for every slot (what a branch per group needs)."""
+        first = self.slots[0]
+        return all(s.axis == first.axis and torch.equal(s.group_index, first.group_index) for s in self.slots)
+
+    @property
+    def has_outliers(self) -> bool:
+        return any(s.outlier_group is not None for s in self.slots)
+
+    def branches(self, channels: int) -> list[Branch]:
+        """The non-empty input-channel groups of a site with a fixed grouping, as branches (one
+        branch of every channel for a layer-wise site). Raises RecipeError otherwise."""
+        if not self.fixed_grouping:
+            raise RecipeError(f"{self.key}: group membership changes across steps; branches need one grouping")
+        first = self.slots[0]
+        if first.axis not in (CHANNEL, LAYER):
+            raise RecipeError(f"{self.key}: {first.axis} groups are not input-channel branches")
+        if first.axis == LAYER:
+            groups = [(0, torch.arange(channels))]
+        else:
+            groups = [(g, torch.nonzero(first.group_index == g).flatten()) for g in range(first.k)]
+        out = []
+        for g, idx in groups:
+            if idx.numel() == 0:
+                continue
+            outlier = first.outlier_group == g
+            grids = [s.outlier if outlier else s.grid.group(g) for s in self.slots]
+            if outlier and first.outlier is None:
+                out.append(Branch(g, idx, FLOAT_BITS, None, None, 0, 0))
+                continue
+            scale = torch.stack([gr.scale.reshape(()) for gr in grids])
+            zp = torch.stack([gr.zero_point.reshape(()) for gr in grids])
+            out.append(Branch(g, idx, grids[0].bits, scale, zp, grids[0].qmin, grids[0].qmax))
+        return out
+
+
+def plan_act(key: str, act: ActQuant, bits: int, config: QuantConfig) -> ActPlan:
+    """The plan of one activation site of a recipe (validated against the recipe's own shapes)."""
+    if not (len(act.axis) == len(act.group_index) == len(act.ranges)) or not act.axis:
+        raise RecipeError(f"{key}: axis, group_index and ranges must have one entry per slot")
+    outlier_bits = config.outlier_bits if config.profile == "tensorrt" else None
+    slots = []
+    for s, (axis, gi, ranges) in enumerate(zip(act.axis, act.group_index, act.ranges, strict=True)):
+        if axis not in (CHANNEL, PIXEL, LAYER):
+            raise RecipeError(f"{key}: slot {s} has axis {axis!r}; expected channel, pixel or layer")
+        if ranges.ndim != 2 or ranges.shape[1] != 2 or not bool(torch.isfinite(ranges).all()):
+            raise RecipeError(f"{key}: slot {s} ranges must be a finite (K, 2) tensor, got {tuple(ranges.shape)}")
+        k = int(ranges.shape[0])
+        if gi.numel() and (int(gi.min()) < 0 or int(gi.max()) >= k):
+            raise RecipeError(f"{key}: slot {s} group index outside [0, {k})")
+        grid = act_grid(ranges, bits, config, axis)
+        outlier_group = outlier = None
+        if outlier_bits is not None and outlier_bits != bits and k > 1:
+            outlier_group = k - 1  # groups are sorted: the last one is the widest
+            if outlier_bits != FLOAT_BITS:
+                outlier = act_grid(ranges[k - 1 :], outlier_bits, config, axis)
+        slots.append(SlotPlan(axis, gi.long(), grid, outlier_group, outlier))
+    return ActPlan(key, act.layout, bits, slots)
+
+
+# ---------------------------------------------------------------------------- weights and outputs
+
+
+@dataclass
+class WeightPlan:
+    """Weight quantizer of one layer: per output channel (``axis`` 0, ``scale`` ``(O,)``), per
+    tensor (``axis`` None) or block-wise along the input dim (``axis`` 1, ``block`` elements)."""
+
+    bits: int
+    granularity: str
+    block: int | None
+    grid: Grid  # scale/zero_point of the recipe's shape (O,), () or blocked
+
+    @property
+    def axis(self) -> int | None:
+        return {"tensor": None, "channel": 0, "block": 1}[self.granularity]
+
+    def _expanded(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = self.grid.scale, self.grid.zero_point
+        if self.granularity == "tensor":
+            return s.reshape(()), z.reshape(())
+        if self.granularity == "block":
+            size = w.shape[1]
+            return (
+                s.repeat_interleave(self.block, dim=1).narrow(1, 0, size),
+                z.repeat_interleave(self.block, dim=1).narrow(1, 0, size),
+            )
+        return along(s, w.ndim, 0), along(z, w.ndim, 0)
+
+    def fake(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight after its Q/DQ (float32, same shape)."""
+        g = self.grid
+        if self.granularity == "tensor":
+            return fake_quantize_affine(w, g.scale, g.zero_point, g.qmin, g.qmax)
+        if self.granularity == "block":
+            return fake_quantize_affine(w, g.scale, g.zero_point, g.qmin, g.qmax, axis=1, block_size=self.block)
+        return fake_quantize_affine(w, g.scale, g.zero_point, g.qmin, g.qmax, axis=0)
+
+    def integers(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight's integers on the grid, int8 (signed grid) or uint8, same shape."""
+        s, z = self._expanded(w)
+        q = torch.clamp(torch.round(w.float() / s) + z, self.grid.qmin, self.grid.qmax)
+        return q.to(torch.int8 if self.grid.signed else torch.uint8)
+
+
+def plan_weight(name: str, wq: WeightQuant) -> WeightPlan:
+    if wq.granularity not in ("tensor", "channel", "block"):
+        raise RecipeError(f"{name}: weight granularity {wq.granularity!r} is not tensor, channel or block")
+    qmin, qmax = quant_range(wq.bits, signed=wq.symmetric)
+    return WeightPlan(wq.bits, wq.granularity, wq.block, Grid(wq.scale.float(), wq.zero_point.float(), qmin, qmax))
+
+
+@dataclass
+class OutputPlan:
+    """Quantized outputs of a conv's branches (``onnxruntime``): per slot and group ``(S, K)``
+    scales and zero points on the uint8 grid."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+
+
+def plan_output(name: str, out: OutputQuant, n_slots: int, k: int, config: QuantConfig) -> OutputPlan:
+    if tuple(out.ranges.shape[:2]) != (n_slots, k):
+        raise RecipeError(
+            f"{name}: output ranges of shape {tuple(out.ranges.shape)} do not match {n_slots} slots x {k} groups"
+        )
+    grids = [act_grid(out.ranges[s], OUTPUT_BITS, config, LAYER) for s in range(n_slots)]
+    return OutputPlan(
+        torch.stack([g.scale for g in grids]), torch.stack([g.zero_point for g in grids]), grids[0].qmin, grids[0].qmax
+    )
+
+
+# ---------------------------------------------------------------------------- layers, attention, UNet
+
+
+@dataclass
+class LayerPlan:
+    """One Conv2d/Linear: its weight, input and (``onnxruntime`` convs) output quantizers."""
+
+    name: str
+    kind: str  # CONV or LINEAR
+    weight: WeightPlan | None
+    input: ActPlan | None
+    output: OutputPlan | None = None
+    # onnxruntime profile: conv inputs are branches with quantized outputs; Linear layers run as MatMul
+    branch_outputs: bool = False
+    matmul: bool = False
+
+
+@dataclass
+class ProbsPlan:
+    """Attention probabilities: ``kind`` log2/uniform, ``mode`` prompt/batch/static max."""
+
+    kind: str
+    mode: str
+    bits: int
+    static_max: torch.Tensor | None
+
+
+@dataclass
+class AttentionPlan:
+    name: str
+    q: ActPlan | None
+    k: ActPlan | None
+    v: ActPlan | None
+    probs: ProbsPlan | None
+    keep_bos: bool
+
+
+@dataclass
+class QuantPlan:
+    """Every quantized site of a UNet for one recipe, in module order."""
+
+    config: QuantConfig
+    slots: list[float]
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    attention: dict[str, AttentionPlan] = field(default_factory=dict)
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots) if self.config.time_aware else 1
+
+
+def plan_layer(
+    name: str,
+    kind: str,
+    wq: WeightQuant | None,
+    act: ActQuant | None,
+    out: OutputQuant | None,
+    config: QuantConfig,
+    *,
+    output_required: bool = True,
+) -> LayerPlan:
+    """The plan of one Conv2d/Linear (``kind`` CONV or LINEAR) from its recipe entries.
+
+    ``output_required=False`` allows an ``onnxruntime`` conv without output ranges (the output
+    calibration pass, which observes them instead)."""
+    weight = None if wq is None else plan_weight(name, wq)
+    inp = None if act is None else plan_act(f"{name}.input", act, config.abits, config)
+    ort = config.profile == "onnxruntime"
+    branch_outputs = ort and kind == CONV and inp is not None
+    output = None
+    if branch_outputs:
+        if not inp.fixed_grouping:
+            raise RecipeError(
+                f"{name}: group membership changes across steps; this layer needs an onnxruntime-profile recipe"
+            )
+        if out is not None:
+            output = plan_output(name, out, inp.n_slots, inp.slots[0].k, config)
+        elif output_required:
+            raise RecipeError(
+                f"{name}: the onnxruntime profile quantizes conv outputs and this recipe has no output "
+                "ranges for it (calibrate with dgq.calibrate.calibrate, or add them with calibrate_outputs)"
+            )
+    return LayerPlan(name, kind, weight, inp, output, branch_outputs, matmul=ort and kind != CONV)
+
+
+def build_plan(unet: torch.nn.Module, recipe: Recipe, output_required: bool = True) -> QuantPlan:
+    """The plan of ``recipe`` on ``unet`` (sites from the module tree and the recipe's config).
+
+    Validates every entry before anything is applied; a recipe entry for a layer that is not in
+    ``unet`` raises RecipeError."""
+    config = recipe.config
+    plan = QuantPlan(config, list(recipe.slots))
+    known = {n for n, _ in unet.named_modules()}
+    unknown = sorted(k for k in recipe.weights if k not in known)
+    if unknown:
+        raise RecipeError(f"recipe layers {unknown[:3]} are not in this UNet")
+    for site in layer_sites(unet, config):
+        wq = recipe.weights.get(site.name)
+        act = recipe.acts.get(site.input_key)
+        if wq is None and act is None:
+            continue
+        out = recipe.outputs.get(site.name)
+        plan.layers[site.name] = plan_layer(site.name, site.kind, wq, act, out, config, output_required=output_required)
+    for site in attention_sites(unet, config):
+
+        def act(role: str, site=site) -> ActPlan | None:
+            a = recipe.acts.get(site.key(role))
+            return None if a is None else plan_act(site.key(role), a, config.abits, config)
+
+        probs: ProbsQuant | None = recipe.probs.get(site.key("probs"))
+        plan.attention[site.name] = AttentionPlan(
+            site.name,
+            act("q"),
+            act("k"),
+            act("v"),
+            None if probs is None else ProbsPlan(config.attn_probs, config.attn_scale, config.abits, probs.static_max),
+            config.bos_fp,
+        )
+    return plan

@@ -1,0 +1,127 @@
+"""The ``onnxruntime`` target: the node patterns ONNX Runtime's CPU integer kernels fuse.
+
+Every quantized conv is a sum of branches, one per input-channel group (one branch for a
+layer-wise site), each a whole QLinearConv node unit: uint8 Q/DQ of the group with the step's scale
+and zero point (Gathered from per-step tables: ONNX Runtime fuses those), the DQ'd int8 weight
+slice, the conv without bias, and a uint8 Q/DQ of the branch's calibrated per-step output range;
+the float bias is added after the sum (a bias inside the unit would need a constant scale). Linear
+layers: a per-step per-tensor uint8 Q/DQ feeding MatMul with an (in, out) DQ'd weight, which fuses
+into MatMulIntegerToFloat. Weights stay in INT8 containers (4-bit values included): the integer
+kernels take int8.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgq.attention import StepContext
+from dgq.plan import UINT8_GRID, LayerPlan
+from dgq.recipe import RecipeError
+from export.qdq.faithful import FaithfulLayer
+from export.qdq.ops import QDQ, LoweredLayer, LoweringError, SiteSummary, WeightDQ, at_slot, f32, integer_weight
+
+
+class OrtConvLayer(LoweredLayer):
+    """``onnxruntime`` Conv2d (:class:`dgq.simulate.BranchConvLayer` lowered): per input-channel
+    group a whole QLinearConv node unit, the branches summed in float, then the float bias.
+
+    Branch g: Gather the group's channels (none for a single branch) -> uint8 Q/DQ with the step's
+    scale and zero point (Gather of a per-step table by ``step_index``) -> Conv with the DQ'd int8
+    weight slice (per output channel, zero points 0) and no bias -> uint8 Q/DQ with the branch's
+    per-step output range. ONNX Runtime fuses each branch into QLinearConv; it does not fuse a unit
+    with a bias whose scale is not a constant, so the bias is added after the sum.
+    """
+
+    @classmethod
+    def accepts(cls, plan: LayerPlan) -> bool:
+        return plan.branch_outputs
+
+    def __init__(self, plan: LayerPlan, inner: nn.Module, ctx: StepContext, act: nn.Module | None = None):
+        super().__init__(plan.name, inner, ctx)
+        wp = plan.weight
+        if wp is None or not wp.grid.signed or wp.granularity == "block":
+            raise LoweringError(
+                f"{plan.name}: the onnxruntime target needs symmetric per-channel or per-tensor int8 conv weights"
+            )
+        if plan.output is None:
+            raise LoweringError(
+                f"{plan.name}: the recipe has no output ranges for this conv (calibrate with --profile onnxruntime)"
+            )
+        try:
+            self.branches = plan.input.branches(inner.in_channels)
+        except RecipeError as err:
+            raise LoweringError(f"{err}; calibrate with --profile onnxruntime") from err
+        self.n_slots, self.bits = plan.input.n_slots, plan.input.bits
+        q_full, s, z = integer_weight(wp, inner.weight.detach().float())
+        self.register_buffer("w_scale", s)
+        self.register_buffer("w_zp", z)
+        self.w_axis = wp.axis
+        self.whole = len(self.branches) == 1
+        out = plan.output
+        for b in self.branches:
+            g = b.group
+            self.register_buffer(f"b{g}_idx", b.index)
+            self.register_buffer(f"b{g}_w", q_full[:, b.index].contiguous())
+            self.register_buffer(f"b{g}_xs", b.scale.float())
+            self.register_buffer(f"b{g}_xz", b.zero_point.to(torch.uint8))
+            self.register_buffer(f"b{g}_ys", out.scale[:, g].float())
+            self.register_buffer(f"b{g}_yz", out.zero_point[:, g].to(torch.uint8))
+            if (b.qmin, b.qmax) != UINT8_GRID:  # bounds of x on the narrower grid
+                self.register_buffer(f"b{g}_lo", ((b.qmin - b.zero_point) * b.scale).float())
+                self.register_buffer(f"b{g}_hi", ((b.qmax - b.zero_point) * b.scale).float())
+
+    def _pick(self, name: str, slot) -> torch.Tensor:
+        return at_slot(getattr(self, name), self.n_slots, slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.ctx.current()
+        x = f32(x)
+        out = None
+        for b in self.branches:
+            g = b.group
+            xg = x if self.whole else torch.index_select(x, 1, getattr(self, f"b{g}_idx"))
+            if (b.qmin, b.qmax) != UINT8_GRID:
+                xg = torch.minimum(torch.maximum(xg, self._pick(f"b{g}_lo", slot)), self._pick(f"b{g}_hi", slot))
+            xg = QDQ.apply(xg, self._pick(f"b{g}_xs", slot), self._pick(f"b{g}_xz", slot), None)
+            w = WeightDQ.apply(getattr(self, f"b{g}_w"), self.w_scale, self.w_zp, self.w_axis, None)
+            y = F.conv2d(xg, w, None, *self.conv_args)
+            y = QDQ.apply(y, self._pick(f"b{g}_ys", slot), self._pick(f"b{g}_yz", slot), None)
+            out = y if out is None else out + y
+        return self._add_bias(out)
+
+    def summary(self) -> SiteSummary:
+        return SiteSummary(
+            self.name,
+            "branches",
+            {
+                "branches": [{"channels": int(b.index.numel()), "bits": self.bits} for b in self.branches],
+                "slots": self.n_slots,
+                "quantized_output": True,
+            },
+        )
+
+
+class OrtLinearLayer(FaithfulLayer):
+    """``onnxruntime`` Linear: Q/DQ'd input, then MatMul with an (in, out) DQ'd int8 weight (per
+    output column) and the bias as an Add, the form ONNX Runtime fuses into MatMulIntegerToFloat
+    (a Transpose between the weight's DQ and the MatMul would leave a weight-only MatMulNBits)."""
+
+    def __init__(self, plan: LayerPlan, inner: nn.Module, ctx: StepContext, act: nn.Module | None = None):
+        super().__init__(plan, inner, ctx, act)
+        if self.wbits is None:
+            self.w_float = self.w_float.t().contiguous()
+        else:
+            if self.w_axis == 1:
+                raise LoweringError(
+                    f"{plan.name}: block-wise weights cannot feed MatMulIntegerToFloat; use per-channel weights"
+                )
+            self.w_q = self.w_q.t().contiguous()
+            self.w_axis = None if self.w_axis is None else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x, self.ctx.current())
+        y = torch.matmul(f32(x), self.weight())
+        return y if self.bias is None else y + self.bias
