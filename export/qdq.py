@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import DGQError
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.config import QuantConfig
 from dgq.quant import CHANNEL, LAYER, PIXEL, quant_range
@@ -76,7 +77,7 @@ TARGETS = ("faithful", "tensorrt", "onnxruntime")
 STEP_INPUT = "step_index"
 
 
-class LoweringError(ValueError):
+class LoweringError(DGQError, ValueError):
     """A recipe or layer that the chosen export target cannot express."""
 
 

@@ -24,8 +24,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from common.fsutil import atomic_dir
 from dgq.fingerprint import model_identity
-from dgq.fsutil import atomic_dir
 from dgq.quant import PIXEL
 from dgq.recipe import Recipe
 from export.float_export import (
@@ -124,10 +124,10 @@ def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
     shared with an 8-bit node gets its own copy. ``gemm_only`` (TensorRT: INT4 is a weight-only
     GEMM feature) leaves conv weights in their INT8 container. Returns the number of weights packed.
     """
-    from export.lint import _feeds_gemm, _Graph
+    from export.lint import GraphIndex, feeds_gemm
 
     g = model.graph
-    lint_graph = _Graph(model) if gemm_only else None
+    lint_graph = GraphIndex(model) if gemm_only else None
     init = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
 
@@ -147,7 +147,7 @@ def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
     for n in g.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in init:
             continue
-        if gemm_only and not _feeds_gemm(lint_graph, n.output[0]):
+        if gemm_only and not feeds_gemm(lint_graph, n.output[0]):
             continue
         for pos in (0, 2):
             if pos >= len(n.input) or n.input[pos] not in init:

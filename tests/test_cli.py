@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dgq.cli import build_parser, main
+from app.cli import build_parser, main
 
 
 def _subcommands(parser):

@@ -1,6 +1,7 @@
 import copy
 
-from dgq.report import first_divergence, layer_errors, write_layer_report
+from dgq.eval.metrics import first_divergence
+from dgq.report import layer_errors, write_layer_report
 
 # Weights-only W8 keeps every layer far above this; a broken layer falls far below it.
 DIVERGED_DB = 20.0

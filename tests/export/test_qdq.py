@@ -423,7 +423,7 @@ def test_unsupported_layer_is_refused(tiny_pipe, recipes, tmp_path):
 
 
 def test_cli_export_writes_folder_and_refuses_missing_recipe(tmp_path, capsys):
-    from dgq.cli import main
+    from app.cli import main
 
     assert (
         main(
@@ -443,7 +443,7 @@ def test_cli_export_writes_folder_and_refuses_missing_recipe(tmp_path, capsys):
 
 
 def test_cli_export_onnxruntime_target_calibrates_both_passes(tmp_path, capsys):
-    from dgq.cli import main
+    from app.cli import main
     from dgq.recipe import load
 
     out = tmp_path / "ort"

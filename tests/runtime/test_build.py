@@ -18,7 +18,7 @@ from runtime.build import (
 )
 from tests.runtime import qdq_graphs
 
-HAS_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
+HAS_TRT = any(importlib.util.find_spec(m) is not None for m in build.TENSORRT_MODULES)
 trt_only = pytest.mark.trt
 
 
@@ -267,7 +267,7 @@ def test_not_engine_metadata_refused():
 
 @trt_only
 def test_script_and_cli_build_and_map_errors_to_exit_2(tmp_path, capsys):
-    from dgq.cli import main as dgq_main
+    from app.cli import main as dgq_main
     from scripts.build_engine import main
 
     folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
