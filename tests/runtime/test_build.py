@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -229,9 +230,18 @@ def _env(flavour="tensorrt", version="10.3.0", **gpu):
     }
 
 
-def test_compatible_engine_accepted():
-    check_engine_compatible(_meta(), _env())
-    check_engine_compatible(_meta(), _env(visible=False))  # nothing to compare without a GPU
+@pytest.mark.parametrize(
+    "env",
+    [_env(), _env(visible=False)],  # the build's GPU; no GPU visible (nothing to compare, deserializing will tell)
+    ids=["same-gpu", "no-gpu"],
+)
+def test_compatible_engine_accepted_and_a_changed_version_refused(env):
+    assert check_engine_compatible(_meta(), env) is None
+    # The same pair with only the TensorRT version changed is refused: the acceptance is the check's decision.
+    env = copy.deepcopy(env)
+    env["tensorrt"]["version"] = "10.3.1"
+    with pytest.raises(EngineCompatibilityError, match=r"10\.3\.0 but this process runs 10\.3\.1"):
+        check_engine_compatible(_meta(), env)
 
 
 @pytest.mark.parametrize(
