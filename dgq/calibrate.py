@@ -20,6 +20,7 @@ import torch
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
+from common.constants import DEFAULT_GUIDANCE
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.config import QuantConfig
 from dgq.fingerprint import model_identity
@@ -267,7 +268,7 @@ def collect_statistics(
     pipe: DiffusionPipeline,
     prompts: Sequence[str],
     num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = DEFAULT_GUIDANCE,
     size: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -413,7 +414,7 @@ def calibrate_outputs(
         raise ValueError("output calibration needs at least one prompt")
     meta = recipe.meta
     steps = num_inference_steps or int(meta.get("num_inference_steps", 25))
-    guidance = guidance_scale if guidance_scale is not None else float(meta.get("guidance_scale", 7.5))
+    guidance = guidance_scale if guidance_scale is not None else float(meta.get("guidance_scale", DEFAULT_GUIDANCE))
     size = size or meta.get("size") or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     seed = int(meta.get("seed", 0)) if seed is None else seed
     t0 = time.perf_counter()
@@ -453,7 +454,7 @@ def calibrate(
     prompts: Sequence[str],
     config: QuantConfig,
     num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = DEFAULT_GUIDANCE,
     size: int | None = None,
     seed: int = 0,
     batch_size: int = 8,

@@ -12,9 +12,10 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
+from common.constants import QUANT_TARGETS
+
 CONFIG_VERSION = 1
 
-PROFILES = ("faithful", "tensorrt", "onnxruntime")
 WEIGHT_INITS = ("mse", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "block", "tensor")
 ACT_AXES = ("auto", "channel", "pixel", "layer")
@@ -82,7 +83,7 @@ class QuantConfig:
         check(self.wbits in (2, 3, 4, 5, 6, 7, 8), f"wbits must be in 2..8, got {self.wbits}")
         check(self.abits in (2, 3, 4, 5, 6, 7, 8), f"abits must be in 2..8, got {self.abits}")
         check(isinstance(self.groups, int) and self.groups >= 1, f"groups must be an int >= 1, got {self.groups}")
-        check(self.profile in PROFILES, f"profile must be one of {PROFILES}, got {self.profile!r}")
+        check(self.profile in QUANT_TARGETS, f"profile must be one of {QUANT_TARGETS}, got {self.profile!r}")
         check(self.weight_init in WEIGHT_INITS, f"weight_init must be one of {WEIGHT_INITS}")
         check(
             self.weight_granularity in WEIGHT_GRANULARITIES, f"weight_granularity must be one of {WEIGHT_GRANULARITIES}"

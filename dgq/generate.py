@@ -1,9 +1,9 @@
-"""Image generation, seeded per image: with a diffusers pipeline (the PyTorch backend) or with an export
-folder through :mod:`runtime` (ONNX Runtime or TensorRT)."""
+"""Image generation with a diffusers pipeline (the PyTorch backend), seeded per image.
+
+Generation from an export folder (ONNX Runtime or TensorRT) is :mod:`app.generate`: it needs the runtime."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +12,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from dgq.fsutil import atomic_file
+from common.constants import DEFAULT_GUIDANCE
+from common.fsutil import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def generate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float = DEFAULT_GUIDANCE,
     size: int | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair; ``torch.Generator().manual_seed(seed)`` per image, so an
@@ -62,50 +63,3 @@ def save_images(images: Sequence[Image.Image], folder: str | Path, stem: str = "
             image.save(f, format="PNG")
         paths.append(path)
     return paths
-
-
-def generate_from_export(
-    folder: str | Path,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    steps: int = 25,
-    guidance: float = 7.5,
-    size: int | None = None,
-    backend: str = "auto",
-) -> tuple[list[Image.Image], dict]:
-    """One image per (prompt, seed) pair from an export folder (``runtime.Text2ImagePipeline``), seeded
-    as :func:`generate` is, so a float export gives the PyTorch pipeline's images. Returns the images
-    and a timings document: the backend that ran and per-call stage timings."""
-    from runtime.pipeline import Text2ImagePipeline
-
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-    pipe = Text2ImagePipeline.from_export(folder, backend=backend)
-    chunk = pipe.max_images_per_call
-    images, calls = [], []
-    with pipe:
-        for i in range(0, len(prompts), chunk):
-            out = pipe(
-                list(prompts[i : i + chunk]), seed=list(seeds[i : i + chunk]), steps=steps, guidance=guidance, size=size
-            )
-            images += out.pil()
-            calls.append({"images": len(out.images), **out.timings.to_dict()})
-            log.info("%s: %s", pipe.backend, out.timings.summary())
-    doc = {
-        "backend": pipe.backend,
-        "backend_reason": getattr(pipe, "backend_reason", None),
-        "export": str(folder),
-        "steps": steps,
-        "guidance": guidance,
-        "calls": calls,
-    }
-    return images, doc
-
-
-def save_timings(doc: dict, folder: str | Path, name: str = "timings.json") -> Path:
-    """Write the timings document of :func:`generate_from_export` next to the images."""
-    path = Path(folder) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        f.write((json.dumps(doc, indent=2) + "\n").encode())
-    return path

@@ -27,6 +27,7 @@ from dgq.quant import (
     affine_params_from_range,
     along,
     fake_quantize_affine,
+    integer_range,
     quant_range,
     symmetric_scale_from_absmax,
 )
@@ -38,7 +39,7 @@ OUTPUT_BITS = 8  # onnxruntime profile: QLinearConv writes uint8 whatever the ac
 # The grids of ONNX's 8-bit Q/DQ containers; a narrower grid (6 bits, say) is clipped into one.
 INT8_GRID = quant_range(8, signed=True)
 UINT8_GRID = quant_range(8, signed=False)
-INT16_GRID = (-(2**15), 2**15 - 1)
+INT16_GRID = integer_range(torch.int16)  # the container of zero points off the 8-bit grid
 
 
 # ---------------------------------------------------------------------------- quantizers

@@ -12,8 +12,9 @@ import logging
 import time
 from pathlib import Path
 
+from common.constants import DEFAULT_GUIDANCE
+from common.fsutil import atomic_dir, atomic_file
 from dgq import zoo
-from dgq.fsutil import atomic_dir, atomic_file
 from dgq.generate import generate, save_images
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def run_quickstart(
         pipe = zoo.load_pipeline(str(tmp / "model"))
         pipe.set_progress_bar_config(disable=True)
         log.info("generating %r, %d steps, seed %d", prompt, steps, seed)
-        images = generate(pipe, [prompt], [seed], steps=steps, guidance=5.0)
+        images = generate(pipe, [prompt], [seed], steps=steps, guidance=DEFAULT_GUIDANCE)
         save_images(images, tmp / "images", stem="float")
         summary = {"model": name, "prompt": prompt, "steps": steps, "seed": seed, "seconds": time.perf_counter() - t0}
         with atomic_file(tmp / "summary.json", "w") as f:

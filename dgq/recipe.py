@@ -18,9 +18,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.errors import DGQError
+from common.fsutil import atomic_file
 from dgq.config import QuantConfig
 from dgq.fingerprint import model_identity
-from dgq.fsutil import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ RECIPE_FORMAT = "dgq-recipe"
 RECIPE_VERSION = 1
 
 
-class RecipeError(ValueError):
+class RecipeError(DGQError, ValueError):
     """A recipe file that is unreadable, of another version, incomplete, or for another model."""
 
 

@@ -2,8 +2,8 @@
 
 For the UNet calls of one float generation, every quantized layer's output in the simulated UNet is
 compared with the same layer's output in the float UNet on the same call inputs (errors accumulate
-along the network, as they do at inference). ``first_divergence`` names the first layer whose SQNR
-drops below a threshold: a failing comparison points at a layer, not just at the output.
+along the network, as they do at inference). :func:`dgq.eval.metrics.first_divergence` names the first
+layer whose SQNR drops below a threshold: a failing comparison points at a layer, not just at the output.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from common.constants import DEFAULT_GUIDANCE
 from dgq.eval.capture import record_unet_calls
+from dgq.eval.metrics import energy_ratio_db
 from dgq.recipe import Recipe
 from dgq.simulate import apply_recipe
 from dgq.sites import layer_sites
@@ -51,7 +53,7 @@ def layer_errors(
     prompt: str,
     seed: int = 0,
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float = DEFAULT_GUIDANCE,
     size: int | None = None,
 ) -> list[LayerError]:
     """SQNR of every quantized layer's output, simulated vs float, in execution order (the order the
@@ -83,19 +85,8 @@ def layer_errors(
             e = float((ref[n] - test[n]).pow(2).sum())
             signal[n] += s
             error[n] += e
-            worst[n] = min(worst[n], _db(s, e))
-    return [LayerError(n, _db(signal[n], error[n]), worst[n]) for n in order]
-
-
-def _db(signal: float, error: float) -> float:
-    if error == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / error) if signal > 0 else -math.inf
-
-
-def first_divergence(errors: list[LayerError], threshold_db: float) -> LayerError | None:
-    """The first layer (execution order) whose pooled SQNR is below ``threshold_db``, or None."""
-    return next((e for e in errors if e.sqnr_db < threshold_db), None)
+            worst[n] = min(worst[n], energy_ratio_db(s, e))
+    return [LayerError(n, energy_ratio_db(signal[n], error[n]), worst[n]) for n in order]
 
 
 def write_layer_report(errors: list[LayerError], recipe: Recipe, out_dir: str | Path) -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""Options and entry point shared by ``scripts/export_onnx.py`` and ``dgq export``."""
+"""Options and handler of ``dgq export``, also run standalone as ``scripts/export_onnx.py``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 from pathlib import Path
+
+from common.constants import DEFAULT_GUIDANCE, QUANT_TARGETS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", type=Path, default=None, help="recipe from dgq calibrate (default: calibrate now)")
     p.add_argument(
         "--target",
-        choices=("faithful", "tensorrt", "onnxruntime", "float"),
+        choices=(*QUANT_TARGETS, "float"),
         default="tensorrt",
         help="export target (default tensorrt)",
     )
@@ -77,7 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--steps", type=int, default=25, help="calibration sampler steps; generate with the same (default 25)"
     )
-    p.add_argument("--guidance", type=float, default=7.5, help="calibration guidance (default 7.5)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"calibration guidance (default {DEFAULT_GUIDANCE:g})",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 21 for 4-bit weights)")
     p.add_argument(
         "--components",
@@ -93,8 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.fsutil import check_writable_parent
     from dgq import zoo
-    from dgq.fsutil import check_writable_parent
     from export.qdq_export import export_onnx
 
     out = Path(args.out)
@@ -174,23 +181,3 @@ def _calibrate(pipe, model: str, args: argparse.Namespace):
     )
     recipe.meta["model_spec"] = model
     return recipe
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="export_onnx.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    from dgq.zoo.registry import ModelLoadError
-    from export.float_export import ExportError
-
-    try:
-        return run(args)
-    except (ModelLoadError, ExportError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as err:
-        log.error("%s", err)
-        return 2

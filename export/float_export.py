@@ -34,8 +34,9 @@ import onnx
 import torch
 from torch import nn
 
+from common.fsutil import atomic_dir
 from dgq.fingerprint import model_identity
-from dgq.fsutil import atomic_dir
+from export.errors import ExportError
 from export.iospec import (
     ONNX_ELEM_TYPE,
     NetworkSpec,
@@ -56,10 +57,6 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # 2 GiB minus headroom for the graph it
 # Tensors smaller than this stay inline even in external-data graphs (shapes, small constants).
 EXTERNAL_DATA_MIN_TENSOR_BYTES = 1024
 _PIPELINE_ATTR = {"unet": "unet", "text_encoder": "text_encoder", "vae_decoder": "vae"}
-
-
-class ExportError(RuntimeError):
-    """A pipeline or component this exporter cannot turn into the documented graph."""
 
 
 # --- wrappers: the IO contract as a forward signature -----------------------------------------------

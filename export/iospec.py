@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import DGQError
+
 SPEC_FORMAT = "dgq.iospec"
 SPEC_VERSION = 1
 
@@ -58,7 +60,7 @@ DTYPES = ("float32", "float16", "int32", "int64", "bool")
 ONNX_ELEM_TYPE = {"float32": 1, "float16": 10, "int32": 6, "int64": 7, "bool": 9}
 
 
-class FeedError(ValueError):
+class FeedError(DGQError, ValueError):
     """A feed that does not satisfy a network's IO contract (names the tensor and the dim)."""
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from common.errors import DGQError
+
 INT4_TYPES = (TensorProto.INT4, TensorProto.UINT4)
 FP8_TYPES = tuple(
     getattr(TensorProto, n)
@@ -46,7 +48,7 @@ class Violation:
         return f"[{self.rule}] node {self.node!r}: {self.message}"
 
 
-class LintError(ValueError):
+class LintError(DGQError, ValueError):
     """A ``tensorrt``-target graph that breaks one of TensorRT's quantization rules."""
 
     def __init__(self, violations: list[Violation]):
@@ -56,7 +58,9 @@ class LintError(ValueError):
         super().__init__(f"the graph breaks {len(violations)} TensorRT rule(s):\n  {shown}{more}")
 
 
-class _Graph:
+class GraphIndex:
+    """Producer and consumers of every tensor of a graph, and its build-time constants."""
+
     def __init__(self, model: onnx.ModelProto):
         g = model.graph
         self.init = {t.name: t for t in g.initializer}
@@ -89,18 +93,20 @@ def _name(n: onnx.NodeProto) -> str:
     return n.name or f"{n.op_type}->{n.output[0]}"
 
 
-def _feeds_gemm(g: _Graph, name: str, depth: int = 3) -> bool:
+def feeds_gemm(g: GraphIndex, name: str, depth: int = 3) -> bool:
+    """Whether tensor ``name`` reaches a MatMul/Gemm input directly or through up to ``depth`` of
+    TensorRT's pass-through ops (a weight DQ feeding a GEMM)."""
     for c in g.consumers.get(name, []):
         if c.op_type in GEMMS:
             return True
-        if depth and c.op_type in PASS_THROUGH and _feeds_gemm(g, c.output[0], depth - 1):
+        if depth and c.op_type in PASS_THROUGH and feeds_gemm(g, c.output[0], depth - 1):
             return True
     return False
 
 
 def lint_tensorrt(model: onnx.ModelProto) -> list[Violation]:
     """Every rule violation (errors and warnings) of ``model``, in node order."""
-    g = _Graph(model)
+    g = GraphIndex(model)
     out: list[Violation] = []
     for n in model.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -162,7 +168,7 @@ def lint_tensorrt(model: onnx.ModelProto) -> list[Violation]:
                 out.append(
                     Violation("int4-weight-only", name, "INT4 on an activation; TensorRT has INT4 weight-only GEMMs")
                 )
-            elif not _feeds_gemm(g, n.output[0]):
+            elif not feeds_gemm(g, n.output[0]):
                 out.append(
                     Violation(
                         "int4-weight-only", name, "INT4 weight does not feed a MatMul/Gemm (convs take INT8 weights)"

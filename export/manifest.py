@@ -33,13 +33,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.constants import TARGETS
+from common.errors import DGQError
+
 MANIFEST = "manifest.json"
 FORMAT = "dgq-export"
 VERSION = 1
-TARGETS = ("float", "faithful", "tensorrt", "onnxruntime")
 
 
-class ManifestError(ValueError):
+class ManifestError(DGQError, ValueError):
     """A missing, unreadable, edited or incompatible export folder."""
 
 

@@ -4,8 +4,9 @@
 hooks on every lowered Conv2d/Linear, exposes the matching tensors of the ONNX graph as extra
 outputs (a layer's tensor is the output of the last node the exporter put under the layer's scope,
 ``/unet/down_blocks.0/resnets.0/conv1/...``), runs ONNX Runtime with optimizations off, and returns
-the SQNR of every layer in execution order. ``first_divergence`` names the first layer below a
-threshold: the place to look when a whole-graph parity check fails.
+the SQNR of every layer in execution order (:func:`dgq.eval.metrics.sqnr_db`). ``first_divergence``
+(:func:`dgq.eval.metrics.first_divergence`, exported here too) names the first layer below a threshold: the
+place to look when a whole-graph parity check fails.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
+from dgq.eval.metrics import first_divergence, sqnr_db
 
 
 @dataclass
@@ -45,15 +48,6 @@ def layer_tensors(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
             if node.name.startswith(scope) and node.output:
                 out[name] = node.output[0]
     return out
-
-
-def _sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    ref, x = ref.astype(np.float64), x.astype(np.float64)
-    noise = float(np.mean((ref - x) ** 2))
-    signal = float(np.mean(ref**2))
-    if noise == 0.0:
-        return float("inf")
-    return 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
 def layer_divergence(lowered, onnx_path: str | Path, inputs: tuple, feeds: dict[str, np.ndarray]) -> list[LayerParity]:
@@ -96,13 +90,10 @@ def layer_divergence(lowered, onnx_path: str | Path, inputs: tuple, feeds: dict[
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, feeds), strict=True))
     return [
-        LayerParity(n, tensors[n], _sqnr_db(captured[n].numpy(), values[tensors[n]])) for n in order if n in tensors
+        LayerParity(n, tensors[n], sqnr_db(captured[n], torch.from_numpy(values[tensors[n]])))
+        for n in order
+        if n in tensors
     ]
-
-
-def first_divergence(layers: list[LayerParity], threshold_db: float) -> LayerParity | None:
-    """The first layer (execution order) whose SQNR is below ``threshold_db``, or None."""
-    return next((p for p in layers if p.sqnr_db < threshold_db), None)
 
 
 __all__ = ["LayerParity", "first_divergence", "layer_divergence", "layer_tensors", "module_scope"]

@@ -24,8 +24,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from common.fsutil import atomic_dir
 from dgq.fingerprint import model_identity
-from dgq.fsutil import atomic_dir
 from dgq.quant import PIXEL
 from dgq.recipe import Recipe
 from export.float_export import (
@@ -44,7 +44,6 @@ from export.qdq import STEP_INPUT, Lowered, LoweringError, lower, site_counts
 
 log = logging.getLogger(__name__)
 
-QUANT_TARGETS = ("faithful", "tensorrt", "onnxruntime")
 INT4_OPSET = 21  # INT4 tensors and block-wise DequantizeLinear
 # The onnxruntime profile's calibration defaults (export CLI, benchmark): attention q/k/v and
 # probabilities stay float, because ONNX Runtime CPU runs quantized attention BMMs slower than
@@ -177,10 +176,10 @@ def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
     shared with an 8-bit node gets its own copy. ``gemm_only`` (TensorRT: INT4 is a weight-only
     GEMM feature) leaves conv weights in their INT8 container. Returns the number of weights packed.
     """
-    from export.lint import _feeds_gemm, _Graph
+    from export.lint import GraphIndex, feeds_gemm
 
     g = model.graph
-    lint_graph = _Graph(model) if gemm_only else None
+    lint_graph = GraphIndex(model) if gemm_only else None
     init = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
 
@@ -200,7 +199,7 @@ def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
     for n in g.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in init:
             continue
-        if gemm_only and not _feeds_gemm(lint_graph, n.output[0]):
+        if gemm_only and not feeds_gemm(lint_graph, n.output[0]):
             continue
         for pos in (0, 2):
             if pos >= len(n.input) or n.input[pos] not in init:
@@ -419,4 +418,4 @@ def _float_unet_bytes(pipe: Any, specs: dict, opset: int) -> dict[str, int]:
         return {"unet": path.stat().st_size + sum(p.stat().st_size for p in Path(tmp).glob("*.data"))}
 
 
-__all__ = ["MANIFEST", "ORT_PRESET", "QUANT_TARGETS", "ExportSummary", "export_onnx", "pack_int4_weights"]
+__all__ = ["MANIFEST", "ORT_PRESET", "ExportSummary", "export_onnx", "pack_int4_weights"]

@@ -12,12 +12,11 @@ Engines are tied to the TensorRT flavour and version and to the GPU; :func:`chec
 refuses a mismatch before a runtime tries to deserialize. FP8 Q/DQ is refused for GPUs below compute
 capability 8.9 (Jetson Orin is 8.7: INT8 and FP16 only).
 
-Imports: numpy-free stdlib, ``export.iospec``, ``export.manifest`` and TensorRT (lazily).
+Imports: the standard library, ``common``, ``export.iospec``, ``export.manifest`` and TensorRT (lazily).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,7 +25,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from common.errors import DGQError
+from common.fsutil import atomic_files
 from export.iospec import read_specs
 from export.manifest import read_manifest
 from runtime.engine_report import format_table, inspect_engine, network_report, uses_fp8
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 ENGINE_FORMAT = "dgq-engine"
 ENGINE_VERSION = 1
-MODULES = ("tensorrt", "tensorrt_rtx")
+# The TensorRT Python modules, in order of preference: full TensorRT, else TensorRT-RTX.
+TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")
 FP8_MIN_SM = (8, 9)  # Ada / Hopper; Jetson Orin (8.7) and Ampere have no FP8 tensor cores
 # Full TensorRT versions a feature needs (TensorRT-RTX has all of them since 1.0). Strongly typed
 # networks came with 9.x and INT4 block-wise weight-only DQ with 10.0; JetPack 5 ships 8.5 (neither),
@@ -51,11 +52,11 @@ FP8_MIN_SM = (8, 9)  # Ada / Hopper; Jetson Orin (8.7) and Ampere have no FP8 te
 MIN_TENSORRT = {"strongly typed networks": (10, 0), "INT4 block-wise weights": (10, 0)}
 
 
-class EngineBuildError(ValueError):
+class EngineBuildError(DGQError, ValueError):
     """An export folder, graph or setting that cannot become an engine (the message says why)."""
 
 
-class EngineCompatibilityError(ValueError):
+class EngineCompatibilityError(DGQError, ValueError):
     """An engine built by another TensorRT flavour/version or for another GPU."""
 
 
@@ -93,7 +94,7 @@ class BuildResult:
 # ---- environment: which TensorRT, which GPU -------------------------------------------------------
 
 
-def load_tensorrt(prefer: Sequence[str] = MODULES):
+def load_tensorrt(prefer: Sequence[str] = TENSORRT_MODULES):
     """The first importable TensorRT module among ``prefer``; raises EngineBuildError when none is."""
     for name in prefer:
         try:
@@ -370,45 +371,6 @@ def _refuse_fp8(component: str, report: Mapping[str, Any], target: str | None) -
         )
 
 
-@contextlib.contextmanager
-def _temp_beside(path: Path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _write_all_or_nothing(files: Mapping[Path, bytes]) -> None:
-    """Write every file to a temp sibling, fsync, then rename all into place (the first one last).
-
-    On any failure the temps and the files already renamed are removed: a reader finds a complete
-    engine with its metadata, or none, never an engine next to another build's metadata.
-    """
-    with contextlib.ExitStack() as stack:
-        temps = {}
-        for path, data in files.items():
-            tmp = stack.enter_context(_temp_beside(path))
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; engines are shared build outputs
-            temps[path] = tmp
-        done = []
-        try:
-            for path, tmp in reversed(temps.items()):
-                os.replace(tmp, path)
-                done.append(path)
-        except BaseException:
-            for path in done:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            raise
-
-
 def _json_bytes(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
@@ -503,7 +465,7 @@ def build_component(
     }
     if cache is not None:
         files[Path(settings.timing_cache)] = bytes(config.get_timing_cache().serialize())
-    _write_all_or_nothing(files)
+    atomic_files(files)
     log.info(
         "%s: %.1f MB engine in %.1f s; %s", component, len(plan_bytes) / 1e6, seconds, report["network"]["summary"]
     )

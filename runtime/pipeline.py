@@ -28,6 +28,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
+from common.constants import DEFAULT_GUIDANCE
 from export.iospec import FeedError, NetworkSpec, read_specs
 from export.manifest import ManifestError, read_manifest, step_index
 from runtime.runners import (
@@ -303,7 +304,7 @@ class Text2ImagePipeline:
         prompts: str | Sequence[str],
         seed: int | Sequence[int] = 0,
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float = DEFAULT_GUIDANCE,
         negative_prompt: str | Sequence[str] = "",
         size: int | tuple[int, int] | None = None,
     ) -> Text2ImageOutput:
@@ -441,11 +442,7 @@ def _check_engine(engine: Path, manifest: Mapping[str, Any], folder: Path) -> st
 
     Engines without the builder's ``.engine.json`` are accepted with a warning (nothing to compare).
     """
-    from runtime.build import (
-        check_engine_compatible,
-        current_environment,
-        load_tensorrt,
-    )
+    from runtime.build import TENSORRT_MODULES, check_engine_compatible, current_environment, load_tensorrt
 
     meta_path = Path(f"{engine}.json")
     if not meta_path.is_file():
@@ -463,9 +460,7 @@ def _check_engine(engine: Path, manifest: Mapping[str, Any], folder: Path) -> st
             f"{engine} was built from another {onnx_name} than the one in {folder}; rebuild the engines"
         )
     module = meta.get("tensorrt", {}).get("module")
-    check_engine_compatible(
-        meta, current_environment(load_tensorrt([module] if module else ("tensorrt", "tensorrt_rtx")))
-    )
+    check_engine_compatible(meta, current_environment(load_tensorrt([module] if module else TENSORRT_MODULES)))
     return module
 
 

@@ -30,12 +30,13 @@ from typing import Any, Self
 import numpy as np
 import torch
 
+from common.errors import DGQError
 from export.iospec import FeedError, NetworkSpec
+from runtime.build import TENSORRT_MODULES
 
 log = logging.getLogger(__name__)
 
 Array = np.ndarray | torch.Tensor
-TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")
 # ONNX Runtime's type strings for the spec's dtypes.
 _ORT_TYPES = {
     "float32": "tensor(float)",
@@ -53,11 +54,11 @@ _TORCH_DTYPES = {
 }
 
 
-class RunnerError(RuntimeError):
+class RunnerError(DGQError, RuntimeError):
     """A runner used out of order (infer before activate) or a graph/engine that contradicts its spec."""
 
 
-class BackendUnavailable(ValueError):
+class BackendUnavailable(DGQError, ValueError):
     """The requested backend cannot run on this machine (no CUDA, no TensorRT module)."""
 
 

@@ -5,31 +5,21 @@ python scripts/build_engine.py outputs/export --components unet --workspace-gib 
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
+from app.cli import script_main
 from runtime.build_cli import DESCRIPTION, add_arguments, run
-
-log = logging.getLogger("build_engine")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="build_engine.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    return script_main(
+        "build_engine.py",
+        DESCRIPTION,
+        add_arguments,
+        run,
+        argv,
+        verbose_help="debug logging (TensorRT's info messages too)",
     )
-    add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (TensorRT's info messages too)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-        # EngineBuildError and ManifestError are ValueErrors
-        log.error("%s", err)
-        return 2
 
 
 if __name__ == "__main__":

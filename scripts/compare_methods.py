@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.constants import DEFAULT_GUIDANCE
+
 log = logging.getLogger("compare_methods")
 
 METHODS = {
@@ -133,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=25, help="sampler steps for calibration and evaluation (default 25)"
     )
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"classifier-free guidance (default {DEFAULT_GUIDANCE:g})",
+    )
     parser.add_argument("--bits", nargs="+", default=[f"W{w}A{a}" for w, a in BITS], help="bit widths, e.g. W8A6")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     parser.add_argument(

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from common.constants import DEFAULT_GUIDANCE
+
 log = logging.getLogger("eval_float")
 
 
@@ -30,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=None, help="evaluation prompts, class-balanced (default: all)")
     p.add_argument("--seeds", type=int, default=10, help="image seeds per prompt (default 10)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g})",
+    )
     p.add_argument("--batch-size", type=int, default=20, help="images per pipeline call (default 20)")
     p.add_argument(
         "--num-real", type=int, default=None, help="real test images for FID (default: as many as generated images)"
@@ -47,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from common.fsutil import atomic_file
     from dgq import zoo
     from dgq.eval.data import default_prompts, real_images
     from dgq.eval.fid import fid_from_features, inception_features, load_inception
     from dgq.eval.judge import classify, load_card, load_judge
     from dgq.eval.plots import plot_grid
     from dgq.eval.yardstick import YardstickConfig, generate_images, to_jsonable
-    from dgq.fsutil import atomic_file
 
     start = time.perf_counter()
     config = YardstickConfig(

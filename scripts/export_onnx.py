@@ -10,7 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from export.cli import main
+from app.cli import script_main
+from export.cli import DESCRIPTION, add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main("export_onnx.py", DESCRIPTION, add_arguments, run, argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

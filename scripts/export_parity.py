@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.constants import DEFAULT_GUIDANCE
+
 log = logging.getLogger("export_parity")
 
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load(args.export / "recipe.safetensors")
     model = args.model or recipe.meta.get("model_spec") or zoo.DEFAULT_MODEL
     steps = int(manifest.get("steps") or recipe.meta.get("num_inference_steps") or 25)
-    guidance = args.guidance if args.guidance is not None else float(manifest.get("guidance") or 7.5)
+    guidance = args.guidance if args.guidance is not None else float(manifest.get("guidance") or DEFAULT_GUIDANCE)
     pipe = zoo.load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     qpipe = simulate(pipe, recipe)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = json.dumps(result, indent=2)
     if args.out:
-        from dgq.fsutil import atomic_file
+        from common.fsutil import atomic_file
 
         with atomic_file(args.out, "w") as f:
             f.write(text + "\n")

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for name, t in times.items()
             }
-    from dgq.fsutil import emit_json
+    from common.fsutil import emit_json
 
     sys.stdout.write(emit_json(result, args.out))
     return 0

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
         "speedup_vs_float": {k: base / statistics.median(v) for k, v in times.items()},
     }
-    from dgq.fsutil import emit_json
+    from common.fsutil import emit_json
 
     sys.stdout.write(emit_json(result, args.out))
     return 0

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("emulating other CPUs needs an x86_64 machine with qemu-x86_64 (apt-get install qemu-user)")
     import onnxruntime as ort
 
-    from dgq.fsutil import emit_json
+    from common.fsutil import emit_json
 
     result: dict = {"onnxruntime": ort.__version__, "native_cpu_flags": cpu_flags(), "paths": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,9 @@ def _has_cuda() -> bool:
 
 
 def _has_tensorrt() -> bool:
-    return any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
+    from runtime.build import TENSORRT_MODULES
+
+    return any(importlib.util.find_spec(m) is not None for m in TENSORRT_MODULES)
 
 
 def pytest_configure(config):

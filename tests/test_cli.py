@@ -1,13 +1,23 @@
+import argparse
 import json
 
 import pytest
 
-from dgq.cli import build_parser, main
+from app.cli import build_parser, main
 
 
-def _subcommands(parser):
-    action = next(a for a in parser._actions if a.dest == "command")
-    return action.choices
+def _subparsers_action(parser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _commands(parser, prefix=()):
+    """(command path, parser, its one-line help) of every subcommand, nested ones included."""
+    action = _subparsers_action(parser)
+    helps = {a.dest: a.help for a in action._choices_actions}
+    for name, sub in action.choices.items():
+        yield (*prefix, name), sub, helps.get(name)
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            yield from _commands(sub, (*prefix, name))
 
 
 def test_help_lists_subcommands(capsys):
@@ -15,15 +25,24 @@ def test_help_lists_subcommands(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name in ("quickstart", "zoo", "generate"):
-        assert name in out
+    for name in ("quickstart", "zoo", "generate", "calibrate", "inspect", "report", "export", "build", "eval"):
+        assert f"    {name} " in out, name
 
 
-def test_every_subcommand_has_help(capsys):
-    for name, sub in _subcommands(build_parser()).items():
-        text = sub.format_help()
-        assert sub.description or sub.format_usage(), name
-        assert "--help" in text or "-h" in text
+def test_every_subcommand_and_option_is_documented():
+    commands = list(_commands(build_parser()))
+    assert {path[0] for path, _, _ in commands} >= {"quickstart", "zoo", "generate", "calibrate", "export", "build"}
+    assert ("zoo", "save") in [path for path, _, _ in commands]
+    undocumented = []
+    for path, sub, one_line in commands:
+        if not one_line:
+            undocumented.append(f"{' '.join(path)}: no help line in its parent's listing")
+        if len(path) == 1 and not sub.description:
+            undocumented.append(f"{' '.join(path)}: no description")
+        for action in sub._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help:
+                undocumented.append(f"{' '.join(path)} {action.option_strings or action.dest}: no help")
+    assert not undocumented, undocumented
 
 
 def test_quickstart_writes_model_image_and_summary(tmp_path, capsys):
@@ -40,15 +59,41 @@ def test_quickstart_writes_model_image_and_summary(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qs"]
 
 
-def test_generate_is_seeded(tmp_path):
+def test_generate_is_seeded_per_image(tmp_path):
     import numpy as np
     from PIL import Image
 
-    for run in ("a", "b"):
-        assert main(["generate", "--model", "tiny", "--steps", "2", "--out", str(tmp_path / run)]) == 0
-    a = np.asarray(Image.open(tmp_path / "a" / "image_000.png"))
-    b = np.asarray(Image.open(tmp_path / "b" / "image_000.png"))
-    assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+    def run(name, *extra):
+        assert main(["generate", "--model", "tiny", "--steps", "2", "--out", str(tmp_path / name), *extra]) == 0
+        return [np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("image_*.png"))]
+
+    (a,) = run("a", "--image-seed", "3")
+    (again,) = run("again", "--image-seed", "3")
+    (other,) = run("other", "--image-seed", "4")
+    pair = run("pair", "--image-seed", "3", "--num-images", "2")
+    assert a.shape == (32, 32, 3) and np.array_equal(a, again)
+    assert not np.array_equal(a, other)  # the seed reaches the noise
+    # image i of a run has seed --image-seed + i, whatever else is in the run
+    assert len(pair) == 2 and np.array_equal(pair[0], a) and np.array_equal(pair[1], other)
+
+
+def test_user_errors_exit_2_with_one_line_and_bugs_keep_their_traceback(caplog):
+    from app.cli import run_command
+    from runtime.runners import RunnerError
+
+    def fails(exc):
+        def handler(_args):
+            raise exc
+
+        return handler
+
+    for exc in (RunnerError("engine not active"), ValueError("bad --steps"), FileExistsError("out exists")):
+        caplog.clear()
+        assert run_command(fails(exc), None) == 2
+        assert [r.getMessage() for r in caplog.records] == [str(exc)]
+    with pytest.raises(KeyError):
+        run_command(fails(KeyError("a bug")), None)
+    assert run_command(lambda _args: None, None) == 0
 
 
 def test_calibrate_inspect_and_refusals(tmp_path, capsys):

@@ -10,6 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
+from common.constants import DEFAULT_GUIDANCE
+
 log = logging.getLogger(__name__)
 
 SAME = "same"
@@ -45,7 +47,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="image seeds per prompt (default 2)")
     p.add_argument("--seed-start", type=int, default=0, help="first image seed (default 0)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g})",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
     p.add_argument(
         "--num-real", type=int, default=500, help="real test images for FID vs real; 0 skips it (default 500)"

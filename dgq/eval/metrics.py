@@ -1,4 +1,5 @@
-"""Fidelity metrics as pure tensor functions: SQNR, cosine, MSE, PSNR, SSIM.
+"""Fidelity metrics as pure tensor functions: SQNR, cosine, MSE, PSNR, SSIM; and the first of a sequence of
+per-layer SQNRs to fall below a threshold.
 
 Every function takes a reference and a test tensor of the same shape and computes in float64.
 ``per_sample=False`` (the default) returns one Python float for the whole tensor;
@@ -9,6 +10,8 @@ How a metric is aggregated over samples is part of its definition and stated in 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +72,20 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor, per_sample: bool = False) -> 
     ``+inf`` when ``test == ref`` exactly.
     """
     return _out(energy_ratio_db(*energies(ref, test, per_sample)), per_sample)
+
+
+class HasSQNR(Protocol):
+    sqnr_db: float
+
+
+T = TypeVar("T", bound=HasSQNR)
+
+
+def first_divergence(layers: Iterable[T], threshold_db: float) -> T | None:
+    """The first item (in the given order: execution order for per-layer results) whose ``sqnr_db`` is
+    below ``threshold_db``, or None. ``-inf`` (an all-zero reference with an error) counts as below;
+    ``+inf`` (identical) and NaN do not."""
+    return next((layer for layer in layers if layer.sqnr_db < threshold_db), None)
 
 
 def cosine(ref: torch.Tensor, test: torch.Tensor, per_sample: bool = False) -> torch.Tensor | float:

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.constants import DEFAULT_GUIDANCE
 from dgq.eval import metrics
 from dgq.eval.capture import UNetCall, record_unet_calls, replay
 
@@ -43,7 +44,7 @@ class YardstickConfig:
 
     seeds: tuple[int, ...] = (0,)
     steps: int = 25
-    guidance: float = 5.0
+    guidance: float = DEFAULT_GUIDANCE
     size: int | None = None  # pixels; None: the pipeline's default
     batch_size: int = 8
     noise_fidelity: bool = True
@@ -363,8 +364,8 @@ def _short_name(names: Sequence[str], label: int | None) -> str:
 def write_report(result: YardstickResult, out_dir: str | Path, title: str = "") -> dict[str, Path]:
     """Write ``results.json``, ``summary.txt``, ``sqnr_per_step.png`` (with noise metrics) and
     ``pairs.png`` (reference over candidate images) to ``out_dir``; returns their paths."""
+    from common.fsutil import atomic_file
     from dgq.eval.plots import plot_pairs, plot_sqnr_per_step
-    from dgq.fsutil import atomic_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

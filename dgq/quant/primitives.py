@@ -202,6 +202,16 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
+def integer_range(dtype: torch.dtype) -> tuple[int, int]:
+    """Grid of an integer container type, what an ONNX QuantizeLinear whose zero point has that type
+    saturates to: ``torch.uint8`` -> ``(0, 255)``, ``torch.int8`` -> ``(-128, 127)``, ``torch.int16`` ->
+    ``(-32768, 32767)``. A narrower quantizer grid inside the container is :func:`quant_range`."""
+    if dtype not in _INT_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in _INT_DTYPES]}, got {dtype}")
+    info = torch.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
 def quantize_affine(
     x: Tensor,
     scale: Tensor | Number,

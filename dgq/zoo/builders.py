@@ -66,7 +66,8 @@ def _seeded(seed: int, build):
         return build().eval()
 
 
-def _check_components(components: Iterable[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+def check_components(components: Iterable[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The components asked for (all of ``allowed`` when None); refuses a name the model lacks."""
     if components is None:
         return allowed
     components = tuple(components)
@@ -85,7 +86,7 @@ def build_sd(
     components: Iterable[str] | None = None,
 ) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with seeded random weights; absent components are ``None``."""
-    wanted = _check_components(components, SD_COMPONENTS)
+    wanted = check_components(components, SD_COMPONENTS)
     unet = _seeded(seed, lambda: UNet2DConditionModel(**unet_cfg)) if "unet" in wanted else None
     text = _seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg))) if "text_encoder" in wanted else None
     vae = _seeded(seed + 2, lambda: AutoencoderKL(**vae_cfg)) if "vae" in wanted else None
@@ -124,7 +125,7 @@ def build_sd21(seed: int = 0, components: Iterable[str] | None = None) -> Stable
 
 
 def build_sdxl(seed: int = 0, components: Iterable[str] | None = None) -> StableDiffusionXLPipeline:
-    wanted = _check_components(components, SDXL_COMPONENTS)
+    wanted = check_components(components, SDXL_COMPONENTS)
     unet = _seeded(seed, lambda: UNet2DConditionModel(**configs.SDXL_UNET)) if "unet" in wanted else None
     text = (
         _seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(**configs.CLIP_L_TEXT)))

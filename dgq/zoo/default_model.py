@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import BertModel, BertTokenizerFast
 
-from dgq.zoo.builders import SD_COMPONENTS, _check_components
+from dgq.zoo.builders import SD_COMPONENTS, check_components
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "fashion"
 MAX_TOKENS = 16  # captions are short; the pipeline pads every prompt to this many tokens
@@ -77,7 +77,7 @@ def build_fashion(
     """
     del seed
     weights_dir = Path(weights_dir)
-    wanted = _check_components(components, SD_COMPONENTS)
+    wanted = check_components(components, SD_COMPONENTS)
     for sub in ("unet", "vae"):
         if sub in wanted and not (weights_dir / sub / "config.json").is_file():
             raise FileNotFoundError(

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
+from common.errors import DGQError
 from dgq.zoo import builders
 from dgq.zoo.default_model import build_fashion
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(DGQError, RuntimeError):
     """A model spec that names no zoo entry, no existing folder, and no reachable hub id."""
 
 

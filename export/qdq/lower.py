@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.constants import QUANT_TARGETS
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.plan import ActPlan, LayerPlan, build_plan
 from dgq.recipe import Recipe, RecipeError
@@ -24,7 +25,7 @@ from export.qdq.onnxruntime import OrtConvLayer, OrtLinearLayer
 from export.qdq.ops import LoweredLayer, LoweringError, SiteSummary, Slotted
 from export.qdq.tensorrt import BranchedLayer, UnitLayer, UnitScaleActQuant
 
-TARGETS = ("faithful", "tensorrt", "onnxruntime")
+TARGETS = QUANT_TARGETS
 
 # (target, layer kind) -> lowering classes, tried in order (the first that accepts the layer's plan).
 LOWERINGS: dict[tuple[str, str], tuple[type[LoweredLayer], ...]] = {

@@ -14,22 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import DGQError
 from dgq.attention import StepContext
-from dgq.plan import INT8_GRID, INT16_GRID, UINT8_GRID, WeightPlan
-from dgq.quant import along
+from dgq.plan import INT8_GRID, WeightPlan
+from dgq.quant import along, integer_range
 
 STEP_INPUT = "step_index"
 ONE = torch.ones(())
 ZERO_I8 = torch.zeros((), dtype=torch.int8)
 
 
-class LoweringError(ValueError):
+class LoweringError(DGQError, ValueError):
     """A recipe or layer that the chosen export target cannot express."""
-
-
-def grid_of(zero_point: torch.Tensor) -> tuple[int, int]:
-    """The integer grid of a Q/DQ pair, from its zero point's ONNX type."""
-    return {torch.uint8: UINT8_GRID, torch.int8: INT8_GRID, torch.int16: INT16_GRID}[zero_point.dtype]
 
 
 class QDQ(torch.autograd.Function):
@@ -39,7 +35,7 @@ class QDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, axis):
-        qmin, qmax = grid_of(zero_point)
+        qmin, qmax = integer_range(zero_point.dtype)
         s = along(scale, x.ndim, axis)
         z = along(zero_point.float(), x.ndim, axis)
         return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s

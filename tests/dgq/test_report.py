@@ -1,9 +1,8 @@
 import copy
 
-from dgq.report import first_divergence, layer_errors, write_layer_report
-
-# Weights-only W8 keeps every layer far above this; a broken layer falls far below it.
-DIVERGED_DB = 20.0
+from dgq.eval.metrics import first_divergence
+from dgq.report import layer_errors, write_layer_report
+from tests.tolerances import REPORT_BROKEN_LAYER_MAX_SQNR_DB, REPORT_DIVERGED_DB
 
 
 def test_first_divergence_names_the_broken_layer(tiny_pipe, tiny_recipe, tmp_path):
@@ -11,7 +10,7 @@ def test_first_divergence_names_the_broken_layer(tiny_pipe, tiny_recipe, tmp_pat
     recipe.acts, recipe.probs = {}, {}
     recipe.weights = dict(tiny_recipe.weights)
     clean = layer_errors(tiny_pipe, recipe, "a photo of a cat", steps=2)
-    assert first_divergence(clean, DIVERGED_DB) is None
+    assert first_divergence(clean, REPORT_DIVERGED_DB) is None
     victim = "up_blocks.1.resnets.0.conv1"
     broken = copy.copy(recipe.weights[victim])
     broken.scale = broken.scale * 200  # nearly every weight rounds to the zero point
@@ -19,7 +18,7 @@ def test_first_divergence_names_the_broken_layer(tiny_pipe, tiny_recipe, tmp_pat
     errors = layer_errors(tiny_pipe, recipe, "a photo of a cat", steps=2)
     names = [e.name for e in errors]
     assert names == [e.name for e in clean]
-    hit = first_divergence(errors, DIVERGED_DB)
-    assert hit is not None and hit.name == victim and hit.sqnr_db < 10
+    hit = first_divergence(errors, REPORT_DIVERGED_DB)
+    assert hit is not None and hit.name == victim and hit.sqnr_db < REPORT_BROKEN_LAYER_MAX_SQNR_DB
     paths = write_layer_report(errors, tiny_recipe, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths.values())

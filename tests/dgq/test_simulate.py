@@ -6,16 +6,13 @@ import torch
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.calibrate import ActObserver, build_act_quant
 from dgq.config import QuantConfig
+from dgq.eval.metrics import sqnr_db
 from dgq.plan import plan_act
 from dgq.quant import CHANNEL, LAYER
 from dgq.recipe import ActQuant, RecipeError
 from dgq.simulate import ActFakeQuant, QuantLayer, apply_recipe, simulate
 from dgq.sites import CONV, LINEAR
 from tests.tolerances import ATTN_PROCESSOR_ATOL, OUTLIER_DGQ_MIN_SQNR_DB, TINY_W8A8_MIN_SQNR_DB
-
-
-def sqnr_db(ref, test):
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - test).pow(2).sum()))
 
 
 def unet_inputs(pipe, t, seed=0):

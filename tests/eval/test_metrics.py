@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dgq.eval import metrics
-from tests.tolerances import METRIC_ANALYTIC_ATOL, SSIM_REFERENCE_ATOL
+from tests.tolerances import METRIC_ANALYTIC_ATOL, METRIC_FLOAT32_INPUT_ATOL, SSIM_REFERENCE_ATOL
 
 
 def _images(n=3, c=3, h=24, w=20, seed=0):
@@ -30,7 +30,7 @@ def test_sqnr_of_a_scaled_copy_is_analytic():
     # test = (1 - a) * ref  ->  error energy = a^2 * signal energy  ->  SQNR = -20 log10(a).
     x = _images()
     for a in (0.1, 0.01, 0.5):
-        assert metrics.sqnr_db(x, (1 - a) * x) == pytest.approx(-20 * math.log10(a), abs=1e-6)
+        assert metrics.sqnr_db(x, (1 - a) * x) == pytest.approx(-20 * math.log10(a), abs=METRIC_ANALYTIC_ATOL)
 
 
 def test_sqnr_aggregate_pools_energies_not_per_sample_decibels():
@@ -49,9 +49,9 @@ def test_psnr_of_a_known_noise_level_is_analytic():
     sign = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.5, -1.0, 1.0)
     for e, data_range in ((0.01, 2.0), (0.1, 1.0), (0.05, 255.0)):
         value = metrics.psnr(x, x + e * sign, data_range=data_range)
-        assert value == pytest.approx(20 * math.log10(data_range / e), abs=1e-6)
+        assert value == pytest.approx(20 * math.log10(data_range / e), abs=METRIC_FLOAT32_INPUT_ATOL)
         per = metrics.psnr(x, x + e * sign, data_range=data_range, per_sample=True)
-        assert per.tolist() == pytest.approx([20 * math.log10(data_range / e)] * 2, abs=1e-6)
+        assert per.tolist() == pytest.approx([20 * math.log10(data_range / e)] * 2, abs=METRIC_FLOAT32_INPUT_ATOL)
 
 
 def test_psnr_aggregate_is_finite_when_only_some_images_match():
@@ -59,7 +59,7 @@ def test_psnr_aggregate_is_finite_when_only_some_images_match():
     y = x.clone()
     y[1] += 0.1
     assert math.isinf(metrics.psnr(x, y, 2.0, per_sample=True)[0])
-    assert metrics.psnr(x, y, 2.0) == pytest.approx(10 * math.log10(4 / (0.01 / 2)), abs=1e-6)
+    assert metrics.psnr(x, y, 2.0) == pytest.approx(10 * math.log10(4 / (0.01 / 2)), abs=METRIC_ANALYTIC_ATOL)
 
 
 def test_cosine_and_mse_known_values():
@@ -110,7 +110,7 @@ def test_psnr_is_invariant_to_the_value_range_convention_but_ssim_is_not():
     # on absolute means, so SSIM must be computed on [0, 1] images (what the yardstick does).
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     y = (x + 0.1).clamp(0, 1)
-    assert metrics.psnr(x, y, 1.0) == pytest.approx(metrics.psnr(2 * x - 1, 2 * y - 1, 2.0), abs=1e-9)
+    assert metrics.psnr(x, y, 1.0) == pytest.approx(metrics.psnr(2 * x - 1, 2 * y - 1, 2.0), abs=METRIC_ANALYTIC_ATOL)
     assert abs(metrics.ssim(x, y, 1.0) - metrics.ssim(2 * x - 1, 2 * y - 1, 2.0)) > 0.1
 
 
@@ -122,6 +122,27 @@ def test_energy_ratio_matches_sqnr():
     pooled = metrics.energy_ratio_db(float(signal.sum()), float(error.sum()))
     assert pooled == pytest.approx(metrics.sqnr_db(x, y), abs=METRIC_ANALYTIC_ATOL)
     assert metrics.energy_ratio_db(1.0, 0.0) == math.inf
+
+
+def test_sqnr_edge_cases_agree_between_tensors_and_pooled_energies():
+    # The per-layer report pools energies (energy_ratio_db), the export parity check compares tensors
+    # (sqnr_db): the same cases must give the same answers.
+    zero, one = torch.zeros(2, 3), torch.ones(2, 3)
+    cases = [(one, one, math.inf), (zero, zero, math.inf), (zero, one, -math.inf)]
+    for ref, test, want in cases:
+        signal, error = metrics.energies(ref, test)
+        assert metrics.sqnr_db(ref, test) == want
+        assert metrics.energy_ratio_db(float(signal), float(error)) == want
+
+
+def test_first_divergence_is_the_first_below_the_threshold_in_order():
+    from types import SimpleNamespace as Layer
+
+    layers = [Layer(name=n, sqnr_db=v) for n, v in [("a", math.inf), ("b", 30.0), ("c", math.nan), ("d", -math.inf)]]
+    assert metrics.first_divergence(layers, 20.0).name == "d"  # -inf diverged; NaN and +inf do not count
+    assert metrics.first_divergence([*layers[:2], Layer(name="e", sqnr_db=19.9), layers[3]], 20.0).name == "e"
+    assert metrics.first_divergence(layers[:3], 20.0) is None
+    assert metrics.first_divergence([], 20.0) is None
 
 
 def test_summarize_reports_mean_median_min_max():

@@ -408,13 +408,13 @@ def test_unsupported_layer_is_refused(tiny_pipe, recipes, tmp_path):
     conv.padding_mode = "reflect"
     recipe = copy.copy(recipes["faithful"])
     recipe.check_model = lambda unet: None  # same weights; only the layer type changed
-    with pytest.raises((ExportError, ValueError), match="padding_mode"):
+    with pytest.raises(ExportError, match="padding_mode"):
         export_onnx(pipe, tmp_path / "x", recipe, "faithful")
     assert not (tmp_path / "x").exists()
 
 
 def test_cli_export_writes_folder_and_refuses_missing_recipe(tmp_path, capsys):
-    from dgq.cli import main
+    from app.cli import main
 
     assert (
         main(
@@ -434,7 +434,7 @@ def test_cli_export_writes_folder_and_refuses_missing_recipe(tmp_path, capsys):
 
 
 def test_cli_export_onnxruntime_target_calibrates_both_passes(tmp_path, capsys):
-    from dgq.cli import main
+    from app.cli import main
     from dgq.recipe import load
 
     out = tmp_path / "ort"
@@ -469,12 +469,10 @@ def test_cli_export_onnxruntime_target_calibrates_both_passes(tmp_path, capsys):
 @pytest.mark.trt
 @pytest.mark.parametrize("name", ["tensorrt", "tensorrt_w4"])
 def test_tensorrt_target_builds_and_reports_quantized_layers(exports, name, tmp_path):
-    """CI proves every exported tensorrt graph parses and compiles (TensorRT-RTX builds AOT on CPU)."""
-    import importlib.util
+    """CI proves every exported tensorrt graph parses and compiles (TensorRT-RTX builds AOT on CPU;
+    the ``trt`` marker skips without a TensorRT module)."""
     import json as _json
 
-    if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
-        pytest.skip("needs the tensorrt or tensorrt_rtx module")
     from runtime.build import build_engines
 
     folder, _ = exports[name]

@@ -17,6 +17,7 @@ from dgq.eval import metrics
 from dgq.prompts import calibration_prompts
 from export.lint import lint_tensorrt
 from export.qdq_export import ORT_PRESET, export_onnx
+from runtime.build import TENSORRT_MODULES
 from tests.tolerances import RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
 
 pytestmark = pytest.mark.slow
@@ -98,7 +99,7 @@ def test_tensorrt_graphs_pass_the_lint(fashion_exports):
 @pytest.mark.trt
 @pytest.mark.parametrize("name,scheme", [("tensorrt", "INT8"), ("tensorrt_w4", "INT4 weights")])
 def test_default_model_engines_build(fashion_exports, name, scheme, tmp_path):
-    if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
+    if not any(importlib.util.find_spec(m) for m in TENSORRT_MODULES):
         pytest.skip("needs the tensorrt or tensorrt_rtx module")
     import json
 

@@ -5,12 +5,13 @@ import importlib
 import pytest
 
 from export.iospec import specs_from_json
+from runtime.build import TENSORRT_MODULES
 
 pytestmark = [pytest.mark.trt, pytest.mark.slow]
 
 
 def tensorrt():
-    for name in ("tensorrt", "tensorrt_rtx"):
+    for name in TENSORRT_MODULES:
         try:
             return importlib.import_module(name)
         except ImportError:

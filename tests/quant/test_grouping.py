@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dgq.eval.metrics import sqnr_db
 from dgq.quant import (
     CHANNEL,
     LAYER,
@@ -42,10 +42,6 @@ def with_outlier_channels(shape, channel_dim, outliers, seed=0) -> torch.Tensor:
         u[:2] = torch.tensor([-1.0, 1.0])
         x[tuple(idx)] = u.reshape(x[tuple(idx)].shape) * (300.0 + 0.1 * j)
     return x
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    return 10 * math.log10(float(ref.pow(2).sum()) / float((ref - approx).pow(2).sum()))
 
 
 # ------------------------------------------------------------------ step 1: statistics

@@ -12,11 +12,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from dgq.eval.metrics import sqnr_db
 from dgq.quant import (
     affine_params_from_range,
     dequantize_affine,
     fake_log2_quantize,
     fake_quantize_affine,
+    integer_range,
     log2_dequantize,
     log2_quantize,
     minmax_range,
@@ -249,6 +251,15 @@ def test_affine_params_formula_and_include_zero():
         assert qmin <= float(z) <= qmax
 
 
+def test_container_grids_are_the_8_bit_quantizer_grids():
+    # The Q/DQ export saturates to the container type's grid; for 8-bit containers it is the 8-bit quantizer grid.
+    assert integer_range(torch.uint8) == quant_range(8, signed=False) == (0, 255)
+    assert integer_range(torch.int8) == quant_range(8, signed=True) == (-128, 127)
+    assert integer_range(torch.int16) == (-(2**15), 2**15 - 1)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        integer_range(torch.float32)
+
+
 def test_symmetric_scale_grid():
     assert quant_range(8, signed=True) == (-128, 127) and quant_range(4, signed=True) == (-8, 7)
     scale = symmetric_scale_from_absmax(torch.tensor([127.0, 0.0]), 8)
@@ -402,10 +413,6 @@ def test_mse_search_blockwise_partial_block_equals_search_on_the_block():
 
 
 # ------------------------------------------------------------------ outlier injection
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    return 10 * math.log10(float(ref.pow(2).sum()) / float((ref - approx).pow(2).sum()))
 
 
 def test_outlier_channels_in_their_own_group_keep_sqnr():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -18,7 +19,7 @@ from runtime.build import (
 )
 from tests.runtime import qdq_graphs
 
-HAS_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
+HAS_TRT = any(importlib.util.find_spec(m) is not None for m in build.TENSORRT_MODULES)
 trt_only = pytest.mark.trt
 
 
@@ -229,9 +230,18 @@ def _env(flavour="tensorrt", version="10.3.0", **gpu):
     }
 
 
-def test_compatible_engine_accepted():
-    check_engine_compatible(_meta(), _env())
-    check_engine_compatible(_meta(), _env(visible=False))  # nothing to compare without a GPU
+@pytest.mark.parametrize(
+    "env",
+    [_env(), _env(visible=False)],  # the build's GPU; no GPU visible (nothing to compare, deserializing will tell)
+    ids=["same-gpu", "no-gpu"],
+)
+def test_compatible_engine_accepted_and_a_changed_version_refused(env):
+    assert check_engine_compatible(_meta(), env) is None
+    # The same pair with only the TensorRT version changed is refused: the acceptance is the check's decision.
+    env = copy.deepcopy(env)
+    env["tensorrt"]["version"] = "10.3.1"
+    with pytest.raises(EngineCompatibilityError, match=r"10\.3\.0 but this process runs 10\.3\.1"):
+        check_engine_compatible(_meta(), env)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +277,7 @@ def test_not_engine_metadata_refused():
 
 @trt_only
 def test_script_and_cli_build_and_map_errors_to_exit_2(tmp_path, capsys):
-    from dgq.cli import main as dgq_main
+    from app.cli import main as dgq_main
     from scripts.build_engine import main
 
     folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")

@@ -218,7 +218,7 @@ def test_outside_profile_refused_before_running(tiny):
 
 
 def test_cli_generate_onnx(tiny, tmp_path, capsys):
-    from dgq.cli import main
+    from app.cli import main
 
     torch_pipe, folder = tiny
     out = tmp_path / "images"
@@ -257,7 +257,7 @@ def test_cli_generate_onnx(tiny, tmp_path, capsys):
 
 
 def test_cli_generate_onnx_refusals_exit_2(tiny, tmp_path):
-    from dgq.cli import main
+    from app.cli import main
 
     _, folder = tiny
     edited = shutil.copytree(folder, tmp_path / "edited")

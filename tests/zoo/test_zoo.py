@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from app.cli import main as cli_main
 from dgq import zoo
-from dgq.cli import main as cli_main
 from dgq.fingerprint import config_hash, model_identity, weights_hash
 from dgq.zoo import configs
 from dgq.zoo.clip_tokenizer import build_clip_tokenizer

@@ -1,6 +1,8 @@
 """The ``dgq`` console entry point. Each subcommand is a thin layer over one library call.
 
-Heavy imports (torch, diffusers) happen inside the handlers so ``dgq --help`` answers at once.
+Heavy imports (torch, diffusers) happen inside the handlers so ``dgq --help`` answers at once. Every
+command, and the standalone scripts built with :func:`script_main`, runs through :func:`run_command`,
+the one place that turns an error a user can act on into a one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -8,9 +10,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from common.constants import DEFAULT_GUIDANCE, QUANT_TARGETS
+from common.errors import DGQError
+
 log = logging.getLogger("dgq")
+
+# What a user can act on from its message: the project's own errors, the argument checks of library
+# functions (plain ValueErrors: a bad --steps, an unknown preset) and unusable paths. Anything else is
+# a bug and keeps its traceback.
+USER_ERRORS = (DGQError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
 
 DEFAULT_PROMPT = "a photo of a dress"
 
@@ -38,8 +49,8 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 
 def _zoo_save(args: argparse.Namespace) -> int:
+    from common.fsutil import atomic_dir
     from dgq import zoo
-    from dgq.fsutil import atomic_dir
 
     pipe = zoo.build_pipeline(args.name, seed=args.seed)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
@@ -66,10 +77,12 @@ def _add_zoo(sub) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from dgq.generate import generate, generate_from_export, save_images, save_timings
+    from dgq.generate import generate, save_images
 
     seeds = list(range(args.image_seed, args.image_seed + args.num_images))
     if args.onnx is not None:
+        from app.generate import generate_from_export, save_timings
+
         if args.model is not None:
             raise ValueError("--model and --onnx both name what to run; give one")
         if args.steps is None:
@@ -135,7 +148,12 @@ def _add_generate(sub) -> None:
         default=None,
         help="denoising steps (default 25; with --onnx of a quantized export: the steps it was calibrated with)",
     )
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g})",
+    )
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--out", type=Path, default=Path("outputs/images"), help="output folder (default outputs/images)")
     p.set_defaults(func=_generate)
@@ -173,10 +191,10 @@ def _add_quickstart(sub) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     import time
 
+    from common.fsutil import check_writable_parent
     from dgq import zoo
     from dgq.calibrate import calibrate
     from dgq.config import preset
-    from dgq.fsutil import check_writable_parent
     from dgq.prompts import calibration_prompts
     from dgq.summary import recipe_summary
 
@@ -226,7 +244,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub) -> None:
-    from dgq.config import ACT_AXES, ATTN_PROBS, ATTN_SCALES, PRESETS, PROFILES, WEIGHT_GRANULARITIES, WEIGHT_INITS
+    from dgq.config import ACT_AXES, ATTN_PROBS, ATTN_SCALES, PRESETS, WEIGHT_GRANULARITIES, WEIGHT_INITS
 
     p = sub.add_parser(
         "calibrate",
@@ -244,7 +262,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--groups", type=int, help="K, groups per activation (default 16; 1 = layer-wise)")
     p.add_argument(
         "--profile",
-        choices=PROFILES,
+        choices=QUANT_TARGETS,
         help="faithful (paper semantics), tensorrt or onnxruntime (what those runtimes execute; default faithful)",
     )
     p.add_argument("--act-axis", choices=ACT_AXES, help="grouping axis rule (default auto = spread rule)")
@@ -267,7 +285,12 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--prompts", type=Path, help="prompt file, one per line (default: built-in list)")
     p.add_argument("--num-prompts", type=int, default=64, help="calibration prompts (default 64, as the paper)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"classifier-free guidance (default {DEFAULT_GUIDANCE:g})",
+    )
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.set_defaults(func=_calibrate)
@@ -294,8 +317,9 @@ def _add_inspect(sub) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from dgq import zoo
+    from dgq.eval.metrics import first_divergence
     from dgq.recipe import load
-    from dgq.report import first_divergence, layer_errors, write_layer_report
+    from dgq.report import layer_errors, write_layer_report
 
     recipe = load(args.recipe)
     pipe = zoo.load_pipeline(args.model or recipe.meta.get("model_spec"), seed=args.seed)
@@ -308,7 +332,7 @@ def _report(args: argparse.Namespace) -> int:
         args.prompt,
         seed=args.image_seed,
         steps=steps,
-        guidance=recipe.meta.get("guidance_scale", 7.5),
+        guidance=recipe.meta.get("guidance_scale", DEFAULT_GUIDANCE),
         size=recipe.meta.get("size"),
     )
     paths = write_layer_report(errors, recipe, args.out)
@@ -390,22 +414,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from dgq.zoo.registry import ModelLoadError
-    from export.float_export import ExportError
 
+
+def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """``func(args)``'s exit status, or 2 with the message logged on one line for a :data:`USER_ERRORS`."""
     try:
-        return int(args.func(args) or 0)
-    except (ModelLoadError, ExportError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as err:
-        # RecipeError is a ValueError
+        return int(func(args) or 0)
+    except USER_ERRORS as err:
         log.error("%s", err)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    return run_command(args.func, args)
+
+
+def script_main(
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int | None],
+    argv: list[str] | None = None,
+    verbose_help: str = "debug logging",
+) -> int:
+    """A standalone script with one command's options (``scripts/export_onnx.py`` is ``dgq export``)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Atomic file and folder writes: a failed or interrupted job leaves nothing half-written."""
+"""Atomic file, folder and file-group writes: a failed or interrupted job leaves nothing half-written.
+
+New files and folders get the permissions a plain ``open``/``mkdir`` would give under the process umask.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -72,6 +75,43 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_files(files: Mapping[Path, bytes]) -> None:
+    """Write a group of files so a reader finds all of them from this call or none of them.
+
+    Every file goes to a temporary sibling, is fsynced, then all are renamed into place, the first one
+    last (the file readers look for first, e.g. an engine before its metadata). On any failure the
+    temporaries and the files already renamed are removed, so no file is left beside another call's
+    companion.
+    """
+    with contextlib.ExitStack() as stack:
+        temps: dict[Path, str] = {}
+        for path, data in files.items():
+            path = Path(path)
+            check_writable_parent(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            stack.callback(_unlink_missing_ok, tmp)
+            os.chmod(tmp, _default_mode(False))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            temps[path] = tmp
+        done = []
+        try:
+            for path, tmp in reversed(temps.items()):
+                os.replace(tmp, path)
+                done.append(path)
+        except BaseException:
+            for path in done:
+                _unlink_missing_ok(path)
+            raise
+
+
+def _unlink_missing_ok(path: str | os.PathLike) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def emit_json(result, out: str | os.PathLike | None) -> str:
