@@ -33,7 +33,7 @@ class DGQAttnProcessor:
 
     ``probs`` hooks also receive ``batch_size`` so a per-prompt scale can be taken per batch item.
     In cross-attention with ``keep_bos``, the BOS key row bypasses the ``k`` hook and the BOS
-    probability column bypasses the ``probs`` hook (METHOD.md 5).
+    probability column bypasses the ``probs`` hook (docs/method.md, section 6).
     """
 
     def __init__(

@@ -148,7 +148,7 @@ def _onnxruntime_grouping(layout: str, merged: AxisStats, config: QuantConfig) -
 
 
 def build_act_quant(layout: str, per_slot: dict[int, AxisStats], n_slots: int, config: QuantConfig) -> ActQuant:
-    """Steps 2-4 of METHOD.md 3 for one site over its slots.
+    """Steps 2-4 of the activation grouping (docs/method.md, section 4) for one site over its slots.
 
     ``faithful``: an independent grouping per slot (membership is static per layer and timestep).
     ``tensorrt``: one grouping over all slots (a branch per group in the graph), per-slot ranges.
@@ -204,7 +204,7 @@ def weight_quant(weight: torch.Tensor, kind: str, config: QuantConfig) -> Weight
 class KeyObserver:
     """q/k/v-style observer for keys that keeps the BOS row's statistics apart.
 
-    One pass then serves configs with and without BOS separation (METHOD.md 5): ``rest`` holds the
+    One pass then serves configs with and without BOS separation (docs/method.md, section 6): ``rest`` holds the
     statistics without token 0, ``bos`` those of token 0 alone; ``with_bos`` puts them together.
     """
 
@@ -348,7 +348,7 @@ def collect_statistics(
 
 
 def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantConfig, progress: bool = True) -> Recipe:
-    """The DGQ search (METHOD.md 3-5) for ``config`` on collected statistics; weights from ``unet``."""
+    """The DGQ search (docs/method.md, sections 4-6) for ``config`` on collected statistics; weights from ``unet``."""
     if model_identity(unet) != stats.model:
         raise ValueError("these statistics were collected on another model")
     n_slots = len(stats.slots)

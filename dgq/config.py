@@ -22,7 +22,7 @@ ACT_AXES = ("auto", "channel", "pixel", "layer")
 ATTN_PROBS = ("log2", "uniform", "float")
 ATTN_SCALES = ("prompt", "batch", "static")
 
-# Layers the paper keeps in float (METHOD.md 2).
+# Layers the paper keeps in float (docs/method.md, section 1).
 PAPER_KEEP_FLOAT = ("conv_in", "conv_out")
 # The TensorRT SD demo's float layers: time embedding MLPs, resnet shortcuts, output norm/projection.
 TRT_DEMO_KEEP_FLOAT = (
@@ -42,7 +42,7 @@ class QuantConfig:
 
     Bits: ``wbits`` for weights (8 or 4), ``abits`` for activations and attention (8, 6 or 4).
     ``groups`` is DGQ's K (1 = one layer-wise range per timestep). ``profile`` selects the semantics
-    (see DESIGN.md): ``faithful`` = asymmetric per-group ranges on the chosen axis; ``tensorrt`` =
+    (docs/method.md, section 7): ``faithful`` = asymmetric per-group ranges on the chosen axis; ``tensorrt`` =
     symmetric per-group scales with group membership fixed across timesteps (one branch per group in
     the exported graph) and the widest (outlier) group kept at ``outlier_bits`` (16 = float);
     ``onnxruntime`` = what ONNX Runtime's CPU integer kernels run: asymmetric (uint8) per-step
@@ -60,13 +60,14 @@ class QuantConfig:
     weight_granularity: str = "channel"
     weight_block: int = 128
     # activations
-    act_axis: str = "auto"  # "auto" = the spread rule of METHOD.md 3.2
+    act_axis: str = "auto"  # "auto" = the spread rule (docs/method.md, section 4)
     time_aware: bool = True  # one parameter set per timestep slot (False: one set for all steps)
     symmetric: bool = False  # forced True by the tensorrt profile
     quantize_qkv: bool = True
     outlier_bits: int | None = None  # tensorrt profile: bits of the widest group (16 = keep float)
     # attention probabilities
-    attn_probs: str = "uniform"  # METHOD.md: log2; uniform measured better on the default model (README)
+    # the paper: log2; uniform measured better on the default model (docs/method.md, section 8)
+    attn_probs: str = "uniform"
     attn_scale: str = "prompt"  # real-time max per prompt, per batch, or a static calibrated max
     bos_fp: bool = True  # cross-attention: BOS column (and BOS key row) kept in full precision
     # which layers stay float: fnmatch patterns over diffusers module names
@@ -149,11 +150,12 @@ def _preset(**kw: Any) -> dict[str, Any]:
     return kw
 
 
-# Method and baselines (issue 4): all computed by the same code, differing only in these fields.
+# Method and baselines: all computed by the same code, differing only in these fields.
 PRESETS: dict[str, dict[str, Any]] = {
-    # DGQ as the paper describes it.
+    # DGQ as this project runs it by default: the paper's grouping, time-aware ranges and BOS handling,
+    # with uniform attention probabilities (measured better than log2 on the default model; docs/method.md).
     "dgq": _preset(),
-    # DGQ exactly as METHOD.md states it: log2 attention probabilities (the default is uniform, which
+    # DGQ with the paper's attention quantizer: log2 attention probabilities (the default is uniform, which
     # measured better on the default model at every bit width tried; README, compare_methods).
     "dgq-paper": _preset(attn_probs="log2"),
     # DGQ with one layer-wise range per timestep (Q-Diffusion-like, time-aware).

@@ -1,6 +1,6 @@
 """TensorRT's explicit-quantization rules, checked on an ONNX graph without a GPU.
 
-Rules (DESIGN.md, "TensorRT facts"; each violation names the node):
+Rules (docs/export-targets.md, "TensorRT rules"; each violation names the node):
 
 - ``zero-point``: every QuantizeLinear/DequantizeLinear has a zero point of 0 (or none).
 - ``int8-container``: 8-bit activations are INT8, not UINT8 (TensorRT has no UINT8 Q/DQ).

@@ -1,4 +1,4 @@
-"""On-device runtime (issue 6): engines and ONNX Runtime sessions behind one runner interface, the
+"""On-device runtime: engines and ONNX Runtime sessions behind one runner interface, the
 engine builder, and the sampler loop.
 
 Imports only onnx/onnxruntime/tensorrt, numpy/torch tensors, a diffusers scheduler, ``common`` and

@@ -1,4 +1,4 @@
-"""DGQ grouping search (METHOD.md section 3), one function per step of the paper.
+"""DGQ grouping search (docs/method.md, section 4), one function per step of the paper.
 
 Step 1  ``axis_minmax`` / ``AxisStats``: min and max of every element of the two candidate axes
         (channel, pixel/token), streamed over calibration batches.
@@ -334,8 +334,8 @@ class GroupingResult:
     def affine_params(self, bits: int, include_zero: bool | None = None) -> tuple[Tensor, Tensor]:
         """Per-group ``(scale, zero_point)``, float32 ``(K,)``, via ``affine_params_from_range``.
 
-        ``include_zero=None`` follows METHOD.md: the layer-wise range is widened to contain 0, group
-        ranges are used as they are.
+        ``include_zero=None`` follows the method (docs/method.md, section 4): the layer-wise range is
+        widened to contain 0, group ranges are used as they are.
         """
         if include_zero is None:
             include_zero = self.axis == LAYER

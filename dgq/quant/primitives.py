@@ -1,4 +1,4 @@
-"""Quantizer primitives: small pure tensor functions, one formula each (METHOD.md section 1).
+"""Quantizer primitives: small pure tensor functions, one formula each (docs/method.md, section 2).
 
 Uniform affine quantization follows ONNX ``QuantizeLinear`` / ``DequantizeLinear`` (opset 21) to the bit:
 
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 SUPPORTED_BITS = tuple(range(2, 9))
-SCALE_FLOOR = 1e-8  # METHOD.md 3.4: Delta = max((max - min) / (2^b - 1), 1e-8)
+SCALE_FLOOR = 1e-8  # docs/method.md, section 4: Delta = max((max - min) / (2^b - 1), 1e-8)
 
 Number = float | int
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -287,7 +287,7 @@ def fake_quantize_affine(
 def affine_params_from_range(
     rmin: Tensor | Number, rmax: Tensor | Number, bits: int, include_zero: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Asymmetric parameters of a range (METHOD.md 3.4), element-wise over any shape.
+    """Asymmetric parameters of a range (docs/method.md, section 4), element-wise over any shape.
 
     ``scale = max((rmax - rmin) / (2^b - 1), 1e-8)``, ``zero_point = round(-rmin / scale)``, for the
     unsigned grid ``quant_range(bits, signed=False)``. With ``include_zero`` the range is first widened
@@ -350,7 +350,7 @@ def log2_quantize(x: Tensor, scale: Tensor | Number, bits: int) -> Tensor:
             (a scalar for a batch-wide max, ``(B, 1, 1, 1)`` for one max per prompt).
     Returns:
         float32 integer-valued levels in ``[0, 2^b - 1]``: ``x = 0`` gives the last level ``2^b - 1``,
-        ``x >= scale`` gives 0. Levels are not zeroed below the last one (METHOD.md section 1).
+        ``x >= scale`` gives 0. Levels are not zeroed below the last one (docs/method.md, section 2).
     """
     x, scale = _check_log2_args(x, scale, bits)
     return _log2_quantize(x, scale, bits)
@@ -433,7 +433,7 @@ def mse_search_range(
     *,
     block_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Range minimizing ``mean |x_hat - x|^p`` among shrunken min-max ranges (METHOD.md section 1).
+    """Range minimizing ``mean |x_hat - x|^p`` among shrunken min-max ranges (docs/method.md, section 2).
 
     Candidates ``i = 0 .. steps-1`` scale the min-max range (widened to contain 0, as in BRECQ and
     Q-Diffusion, so that shrinking moves both ends toward 0) by ``1 - shrink * i``; candidate 0 is

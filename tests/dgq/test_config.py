@@ -3,10 +3,13 @@ import pytest
 from dgq.config import PRESETS, TRT_DEMO_KEEP_FLOAT, QuantConfig, preset
 
 
-def test_defaults_are_the_paper_setting():
+def test_defaults_are_the_documented_dgq_setting():
+    """The paper's bits, K, kept-float layers and BOS handling; uniform attention probabilities
+    (the documented deviation; ``dgq-paper`` has log2)."""
     c = QuantConfig()
     assert (c.wbits, c.abits, c.groups, c.profile, c.attn_probs, c.bos_fp) == (8, 8, 16, "faithful", "uniform", True)
     assert c.keep_float == ("conv_in", "conv_out")
+    assert preset("dgq") == c and preset("dgq-paper").attn_probs == "log2"
     assert not c.is_symmetric and QuantConfig(profile="tensorrt").is_symmetric
     # onnxruntime: uint8 activations with zero points, int8 weights with zero points 0
     ort = QuantConfig(profile="onnxruntime")
