@@ -59,6 +59,11 @@ PERTURBED_MIN_COSINE = 0.9
 # same float64 metric on the same tensors, so equal up to summation order.
 YARDSTICK_REPLAY_SQNR_RTOL = 1e-12
 
+# The stress model fashion-outliers: a planted channel's largest magnitude against the median channel's
+# at its site (factors 16-64 times a channel that was typical before planting). The "10-100x" of SD's
+# real outliers, at its lower end.
+PLANTED_OUTLIER_MIN_RATIO = 10.0
+
 # --- simulator (parity ladder rung 2) --------------------------------------------------------------
 # DGQAttnProcessor with no hooks against diffusers' own processor: same math, different op order
 # (float32 softmax, baddbmm), so equal to float32 round-off.

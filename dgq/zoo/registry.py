@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 from common.errors import DGQError
 from dgq.zoo import builders
 from dgq.zoo.default_model import build_fashion
+from dgq.zoo.outliers import build_fashion_outliers
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,16 @@ register(
         "fashion",
         "SD architecture trained on Fashion-MNIST, 64x64, MiniLM text encoder (UNet 3.4M)",
         build_fashion,
+        trained=True,
+    )
+)
+
+register(
+    ZooEntry(
+        "fashion-outliers",
+        "the default model with SD-like activation outlier channels planted (16-64x, FFN and attention "
+        "output inputs); float output bit-identical to fashion",
+        build_fashion_outliers,
         trained=True,
     )
 )
