@@ -351,6 +351,10 @@ class TensorRTRunner(Runner):
     fails otherwise, and this runner says so.
     """
 
+    # torch device type of the IO buffers: "cuda" always, except in tests, where stand-ins for
+    # TensorRT and torch.cuda run the real control flow on CPU tensors.
+    device_type = "cuda"
+
     def __init__(
         self,
         engine_path: str | os.PathLike,
@@ -371,7 +375,7 @@ class TensorRTRunner(Runner):
             raise ValueError(f"module must be one of {TENSORRT_MODULES}, got {module!r}")
         self.module = module
         self.cuda_graph = cuda_graph
-        self.device = f"cuda:{device}"
+        self.device = f"{self.device_type}:{device}"
         self.trt = None
         self.engine = None
         self.context = None
