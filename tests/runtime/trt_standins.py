@@ -290,6 +290,7 @@ class FakeContext:
         self.strategy = strategy
         self.config = config
         self.device_memory: tuple[int, int] | None = None
+        self.memory_bindings: list[tuple[int, int]] = []  # every set_device_memory, in order
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
         self.streams: list[int] = []  # the stream handle of every execute_async_v3, in order
@@ -309,6 +310,7 @@ class FakeContext:
         if have < size:
             raise BufferError(f"set_device_memory: {size} bytes declared at {memory:#x}, the buffer holds {have}")
         self.device_memory = (int(memory), int(size))
+        self.memory_bindings.append(self.device_memory)
 
     def set_input_shape(self, name: str, shape) -> bool:
         net = self.engine.network
