@@ -446,7 +446,7 @@ class TensorRTRunner(Runner):
         self.stream = None
         self.graph_mode = "off"
         self._graphs: OrderedDict[tuple, tuple[Any, dict, dict]] = OrderedDict()  # signature -> graph, in, out
-        self._graph_pool = None
+        self._bound: tuple | None = None  # the input-shape signature the context is bound to
         self._capture_refused: str | None = None
         self._runtime_cache = None
         self._runtime_cache_blob: bytes | None = None
@@ -488,6 +488,7 @@ class TensorRTRunner(Runner):
         # A new context has no device memory bound, whatever the pool's generation says.
         self._pool_generation = -1
         self._graphs.clear()
+        self._bound = None
         self.stream = torch.cuda.Stream(device=self.device)
 
     def _create_context(self, trt: Any, engine: Any) -> Any:
@@ -581,6 +582,11 @@ class TensorRTRunner(Runner):
             if captured is not None:
                 self._graphs.move_to_end(signature)
                 graph, in_bufs, out_bufs = captured
+                if self._bound != signature:
+                    # The graph holds this signature's shapes and addresses; keep the context's state
+                    # (which a plain run for another shape changed) the same as when it was captured.
+                    self._bind(in_bufs, out_bufs)
+                    self._bound = signature
                 for n, buf in in_bufs.items():
                     buf.copy_(to_torch(feed[n]), non_blocking=True)
                 graph.replay()
@@ -593,6 +599,7 @@ class TensorRTRunner(Runner):
                     for t in self.spec.outputs
                 }
                 self._bind(in_bufs, out_bufs)
+                self._bound = signature
                 self._execute()
                 graph_owned = capture and self._capture(signature, in_bufs, out_bufs)
             # A graph's buffers are rewritten by its next replay: hand out copies.
@@ -644,11 +651,11 @@ class TensorRTRunner(Runner):
         if capturable is not None and not capturable(self.stream.cuda_stream):
             self._refuse_capture("TensorRT says this context cannot be captured on its stream (is_stream_capturable)")
             return False
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()  # one memory pool for all of this runner's graphs
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream):
+            # Each graph gets its own memory pool: torch lets graphs share one only when they replay in
+            # capture order, and a pipeline alternates shapes freely.
+            with torch.cuda.graph(graph, stream=self.stream):
                 self._execute()
         except (RuntimeError, RunnerError) as err:
             self._refuse_capture(f"capture failed: {err}")
@@ -667,7 +674,7 @@ class TensorRTRunner(Runner):
     def _deactivate(self) -> None:
         self._save_runtime_cache()
         self._graphs.clear()
-        self._graph_pool = None
+        self._bound = None
         self._runtime_cache = None
         self.context = None
         self.engine = None

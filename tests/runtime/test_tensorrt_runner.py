@@ -169,6 +169,9 @@ def test_alternating_shapes_keep_one_graph_each(standin):
             feed = unet_like_feed(runner.spec, seed=i, batch=1 + i % 2)
             np.testing.assert_array_equal(as_numpy(runner.infer(feed)["noise_pred"]), _want(feed))
     assert standin.cuda.captures == 2
+    context = _contexts(standin)[0]
+    assert len(context.streams) == 4  # two plain runs and two captures; the other calls replayed
+    assert context.shapes["sample"] == (2, 4, 8, 8)  # rebound to the last replayed graph's shapes
 
 
 def test_not_capturable_runs_plainly_with_a_warning(standin, caplog):

@@ -572,7 +572,6 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "device", lambda device=None: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
         monkeypatch.setattr(torch.cuda, "graph", self.graph)
-        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("stand-in pool",))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.events.append(("device_sync",)))
 
         def record_stream(tensor, stream):
