@@ -23,9 +23,11 @@ from tests.runtime.trt_standins import (
     CudaGraphStrategy,
     FakeNetwork,
     as_numpy,
+    engine_meta,
     unet_like_compute,
     unet_like_feed,
     unet_like_spec,
+    write_engines,
 )
 
 
@@ -134,7 +136,7 @@ def test_runs_on_its_stream_after_the_callers_and_hands_outputs_back(standin, ca
     runner = standin.runner(_network())
     cuda = standin.cuda
     with runner:
-        side = cuda.Stream() if caller == "side" else cuda.default
+        side = torch.cuda.Stream() if caller == "side" else cuda.default
         with cuda.stream(side):
             out = runner.infer(unet_like_feed(runner.spec))["noise_pred"]
     own = runner_stream = _contexts(standin)[0].streams[0]
@@ -257,29 +259,12 @@ def test_engine_metadata_module_is_loaded_even_when_both_are_installed(standin, 
         path = tmp_path / label / "unet.engine"
         path.parent.mkdir()
         path.write_bytes(standin.modules["tensorrt_rtx"].plan_for(network))
-        meta = standin_meta(standin.modules["tensorrt_rtx"], network.spec)
+        meta = engine_meta(standin.modules["tensorrt_rtx"], network.spec)
         path.with_name("unet.engine.json").write_text(json.dumps(meta))
         engines[label] = path
     results = measure_latency(engines, "unet", runs=3, warmup=1)
     assert set(results) == {"a", "b"} and all(r["runs"] == 3 and r["median_ms"] >= 0 for r in results.values())
     assert len(standin.modules["tensorrt_rtx"].engines) == 2 and standin.modules["tensorrt"].engines == []
-
-
-def standin_meta(module, spec, onnx_sha256=None) -> dict:
-    """The ``.engine.json`` runtime.build writes, for a stand-in engine built ahead of time."""
-    return {
-        "format": "dgq-engine",
-        "version": 1,
-        "component": spec.name,
-        "tensorrt": {
-            "module": module.__name__,
-            "flavour": "tensorrt-rtx" if module.__name__ == "tensorrt_rtx" else "tensorrt",
-            "version": module.__version__,
-        },
-        "gpu": {"visible": False, "note": "AOT, no GPU", "target_sm": None},
-        "export": {"onnx_sha256": onnx_sha256, "target": "float"},
-        "iospec": spec.to_dict(),
-    }
 
 
 # ---- the pipeline over stand-in engines -------------------------------------------------------------------
@@ -292,34 +277,8 @@ def tiny(tmp_path_factory):
     return export_tiny(tmp_path_factory.mktemp("trt_pipeline") / "onnx")[1]
 
 
-def _ort_network(folder, spec) -> FakeNetwork:
-    """A stand-in engine that computes with ONNX Runtime on the export's own graph (1 thread, as the reference)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(folder / f"{spec.name}.onnx"), options, providers=["CPUExecutionProvider"])
-
-    def compute(inputs):
-        values = session.run(spec.output_names, {n: t.numpy() for n, t in inputs.items()})
-        return {n: torch.from_numpy(v) for n, v in zip(spec.output_names, values, strict=True)}
-
-    return FakeNetwork(spec, compute)
-
-
 def _standin_engines(standin, folder, engine_dir, module="tensorrt_rtx", **tensorrt) -> None:
-    """``<component>.engine`` + ``.engine.json`` for every component, as runtime.build writes them."""
-    from export.iospec import read_specs
-    from export.manifest import read_manifest
-
-    manifest, specs = read_manifest(folder), read_specs(folder)
-    engine_dir.mkdir(exist_ok=True)
-    for component in ("text_encoder", "unet", "vae_decoder"):
-        path = engine_dir / f"{component}.engine"
-        path.write_bytes(standin.modules[module].plan_for(_ort_network(folder, specs[component])))
-        meta = standin_meta(standin.modules[module], specs[component], manifest["files"][f"{component}.onnx"]["sha256"])
-        meta["tensorrt"].update(tensorrt)
-        path.with_name(f"{component}.engine.json").write_text(json.dumps(meta))
+    write_engines(standin.modules[module], folder, engine_dir, **tensorrt)
 
 
 @pytest.mark.parametrize("module", ["tensorrt", "tensorrt_rtx"])
@@ -327,7 +286,7 @@ def test_pipeline_over_engines_twice_matches_onnxruntime(standin, tiny, tmp_path
     from runtime.pipeline import Text2ImagePipeline
 
     _standin_engines(standin, tiny, tmp_path / "engines", module)
-    reference = Text2ImagePipeline.from_export(tiny, backend="onnxruntime", threads=1)
+    reference = Text2ImagePipeline.from_export(tiny, backend="onnxruntime", optimization="off", threads=1)
     want = reference(PROMPTS, seed=[3, 4], steps=3, guidance=5.0).images
     pipe = Text2ImagePipeline.from_export(tiny, backend="tensorrt", engine_dir=tmp_path / "engines", cuda_graph=True)
     assert pipe.backend == f"tensorrt ({module})"

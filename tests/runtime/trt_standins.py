@@ -39,6 +39,7 @@ import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -146,13 +147,13 @@ _FAKE_CUDA: FakeCuda | None = None
 def address_registry() -> Iterator[AddressRegistry]:
     """Install a fresh :class:`AddressRegistry` for the stand-in engines (a context manager)."""
     global _REGISTRY
-    registry = AddressRegistry()
+    registry, outer = AddressRegistry(), _REGISTRY
     _REGISTRY = registry
     try:
         with registry.installed():
             yield registry
     finally:
-        _REGISTRY = None
+        _REGISTRY = outer
 
 
 def _registry() -> AddressRegistry:
@@ -525,11 +526,6 @@ class FakeCuda:
             work()
 
     # the torch.cuda functions
-    def Stream(self, device=None, priority=0):  # torch.cuda.Stream
-        stream = FakeStream(self, f"stream{len(self.streams)}")
-        self.streams.append(stream)
-        return stream
-
     def current_stream(self, device=None) -> FakeStream:
         return self.current
 
@@ -564,12 +560,23 @@ class FakeCuda:
         from runtime.runners import TensorRTRunner
 
         cuda = self
+
+        # Classes where torch's are classes: libraries evaluate annotations like `torch.cuda.Stream | None`.
+        class Stream(FakeStream):
+            def __init__(self, device=None, priority=0):
+                super().__init__(cuda, f"stream{len(cuda.streams)}")
+                cuda.streams.append(self)
+
+        class Device(contextlib.nullcontext):
+            def __init__(self, device=None):
+                super().__init__()
+
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: STANDIN_GPU)
-        monkeypatch.setattr(torch.cuda, "Stream", self.Stream)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
         monkeypatch.setattr(torch.cuda, "current_stream", self.current_stream)
         monkeypatch.setattr(torch.cuda, "stream", self.stream)
-        monkeypatch.setattr(torch.cuda, "device", lambda device=None: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "device", Device)
         monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
         monkeypatch.setattr(torch.cuda, "graph", self.graph)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.events.append(("device_sync",)))
@@ -624,3 +631,76 @@ def unet_like_feed(spec: NetworkSpec, seed: int = 0, batch: int = 2, hw: int = 8
 
 def as_numpy(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+# ---- stand-in engines of an export folder ----------------------------------------------------------------
+
+
+def onnx_network(folder: Path, spec: NetworkSpec, perturb: float = 0.0) -> FakeNetwork:
+    """A stand-in engine computing with ONNX Runtime on the export's own graph (CPU, 1 thread,
+    optimizations off: the graph as written). ``perturb``: added to every float output, a broken engine."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(folder / f"{spec.name}.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def compute(inputs):
+        values = session.run(spec.output_names, {n: t.cpu().numpy() for n, t in inputs.items()})
+        out = {n: torch.from_numpy(v) for n, v in zip(spec.output_names, values, strict=True)}
+        return {n: (v + perturb if perturb and v.is_floating_point() else v) for n, v in out.items()}
+
+    return FakeNetwork(spec, compute)
+
+
+def engine_meta(module: types.ModuleType, spec: NetworkSpec, onnx_sha256: str | None = None) -> dict:
+    """The ``.engine.json`` runtime.build writes, for a stand-in engine built ahead of time."""
+    return {
+        "format": "dgq-engine",
+        "version": 1,
+        "component": spec.name,
+        "tensorrt": {
+            "module": module.__name__,
+            "flavour": "tensorrt-rtx" if module.__name__ == "tensorrt_rtx" else "tensorrt",
+            "version": module.__version__,
+        },
+        "gpu": {"visible": False, "note": "AOT, no GPU", "target_sm": None},
+        "export": {"onnx_sha256": onnx_sha256, "target": "float"},
+        "iospec": spec.to_dict(),
+    }
+
+
+def write_engines(
+    module: types.ModuleType,
+    folder: Path,
+    engine_dir: Path | None = None,
+    perturb: Mapping[str, float] | None = None,
+    **tensorrt: str,
+) -> dict:
+    """``<component>.engine`` + ``.engine.json`` for every component of an export folder, as
+    runtime.build writes them (``tensorrt``: metadata overrides, e.g. ``version``); returns
+    runtime.build's ``{component: BuildResult}``."""
+    import json
+
+    from export.iospec import read_specs
+    from export.manifest import read_manifest
+    from runtime.build import BuildResult
+
+    folder = Path(folder)
+    engine_dir = Path(engine_dir) if engine_dir is not None else folder
+    manifest, specs = read_manifest(folder), read_specs(folder)
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for component in manifest["components"]:
+        path = engine_dir / f"{component}.engine"
+        network = onnx_network(folder, specs[component], (perturb or {}).get(component, 0.0))
+        path.write_bytes(module.plan_for(network))
+        meta = engine_meta(module, specs[component], manifest["files"][f"{component}.onnx"]["sha256"])
+        meta["tensorrt"].update(tensorrt)
+        meta_path = engine_dir / f"{component}.engine.json"
+        meta_path.write_text(json.dumps(meta))
+        report = engine_dir / f"{component}.engine.report.json"
+        report.write_text("{}")
+        results[component] = BuildResult(component, path, meta_path, report, path.stat().st_size, 0.0)
+    return results
