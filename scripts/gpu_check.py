@@ -401,15 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out / "gpu_check_torch.json", result)
         return 1 if result["failures"] else 0
 
-    from dgq import zoo
-
-    args.model = args.model or zoo.DEFAULT_MODEL
-    env = environment()
-    doc: dict[str, Any] = {
-        "environment": env,
-        "model": args.model,
-        "settings": {k: str(v) for k, v in vars(args).items()},
-    }
+    env = environment()  # first: without a GPU nothing else is worth loading
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    doc: dict[str, Any] = {"environment": env, "model": args.model or "default", "settings": settings}
     if not env["ready"]:
         sys.stdout.write(
             f"GPU check skipped: {env['reason']}. Engines can still be built ahead of time "
@@ -418,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out / "gpu_check.json", doc | {"status": "skipped"})
         return 0
     log.info("%s %s on %s", env["tensorrt"]["module"], env["tensorrt"]["version"], env.get("device"))
+    from dgq import zoo
+
+    args.model = doc["model"] = args.model or zoo.DEFAULT_MODEL
 
     results = {variant: check_variant(variant, args) for variant in args.variants}
     built = {v: Path(r["export"]) / "unet.engine" for v, r in results.items() if "engines" in r}
