@@ -414,7 +414,8 @@ class TensorRTRunner(Runner):
     """
 
     # torch device type of the IO buffers: "cuda" always, except in tests, where stand-ins for
-    # TensorRT and torch.cuda run the real control flow on CPU tensors.
+    # TensorRT and torch.cuda run the real control flow on CPU tensors (device "cpu", which, like a
+    # CUDA device, .to() returns a tensor already on it from unchanged).
     device_type = "cuda"
 
     def __init__(
@@ -438,7 +439,7 @@ class TensorRTRunner(Runner):
             raise ValueError(f"module must be one of {TENSORRT_MODULES}, got {module!r}")
         self.module = module
         self.cuda_graph = cuda_graph
-        self.device = f"{self.device_type}:{device}"
+        self.device = f"{self.device_type}:{device}" if self.device_type == "cuda" else self.device_type
         self.runtime_cache_path = Path(runtime_cache) if runtime_cache is not None else None
         self.trt = None
         self.engine = None
