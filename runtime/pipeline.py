@@ -170,7 +170,7 @@ class Text2ImagePipeline:
         by :mod:`runtime.build`) must name this export's graph and a TensorRT and GPU this process has.
         When it does not (engines built elsewhere, e.g. TensorRT-RTX engines copied to a Jetson),
         ``"tensorrt"`` raises and ``"auto"`` warns and falls back to ONNX Runtime.
-        ``cuda_graph``: replay the UNet engine through a CUDA graph while shapes stay the same.
+        ``cuda_graph``: run the UNet engine through CUDA graphs (:class:`~runtime.runners.TensorRTRunner`).
         The choice is logged and kept in ``.backend``. ``verify`` checks every file's hash against the
         manifest (raises :class:`~export.manifest.ManifestError` for an edited folder).
         """
@@ -189,7 +189,6 @@ class Text2ImagePipeline:
         engine_dir = Path(engine_dir) if engine_dir is not None else folder
         engines = {c: engine_dir / f"{c}.engine" for c in COMPONENTS}
         chosen, reason = _choose_backend(backend, engines)
-        modules: dict[str, str | None] = {}
         if chosen == "tensorrt":
             try:
                 modules = {c: _check_engine(engines[c], manifest, folder) for c in COMPONENTS}
