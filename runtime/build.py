@@ -8,9 +8,13 @@ export decides them) with one optimization profile taken from the export's IO sp
 Features the installed TensorRT may lack are applied where its API has them, and the metadata says
 what was applied: TensorRT-RTX 1.7, for one, accepts a timing cache but documents it as a no-op.
 
-Engines are tied to the TensorRT flavour and version and to the GPU; :func:`check_engine_compatible`
-refuses a mismatch before a runtime tries to deserialize. FP8 Q/DQ is refused for GPUs below compute
-capability 8.9 (Jetson Orin is 8.7: INT8 and FP16 only).
+Engines are tied to the TensorRT flavour and version and, for full TensorRT, to the GPU model;
+TensorRT-RTX engines run on any GPU of the compute capabilities they were built for.
+:func:`check_engine_compatible` refuses a mismatch before a runtime tries to deserialize. FP8 Q/DQ
+is refused for GPUs below compute capability 8.9 (Jetson Orin is 8.7: INT8 and FP16 only).
+
+Supported TensorRT major versions: :data:`SUPPORTED_MAJORS`; another one is refused on import with
+a message that says which to install.
 
 Imports: the standard library, ``common``, ``export.iospec``, ``export.manifest`` and TensorRT (lazily).
 """
@@ -50,6 +54,11 @@ FP8_MIN_SM = (8, 9)  # Ada / Hopper; Jetson Orin (8.7) and Ampere have no FP8 te
 # networks came with 9.x and INT4 block-wise weight-only DQ with 10.0; JetPack 5 ships 8.5 (neither),
 # JetPack 6 ships 10.3 (both).
 MIN_TENSORRT = {"strongly typed networks": (10, 0), "INT4 block-wise weights": (10, 0)}
+# The major version of each module this code is written for (pyproject pins the same). TensorRT-RTX
+# 1.7 is the one that builds engines in CI; TensorRT 10.x (JetPack 6 ships 10.3) was checked against
+# its Python bindings by review only. 8.x lacks strongly typed networks and INT4 weights; 11.x and
+# TensorRT-RTX 2.x are releases this code has not been checked against.
+SUPPORTED_MAJORS = {"tensorrt": 10, "tensorrt_rtx": 1}
 
 
 class EngineBuildError(DGQError, ValueError):
@@ -63,7 +72,13 @@ class EngineCompatibilityError(DGQError, ValueError):
 @dataclass(frozen=True)
 class BuildSettings:
     """What the builder is asked for. ``target_sm`` ("8.7") names the GPU an AOT build targets when
-    none is visible (FP8 refusal, TensorRT-RTX compute-capability target); a visible GPU wins."""
+    none is visible (FP8 refusal, TensorRT-RTX compute-capability target); a visible GPU wins.
+
+    ``tf32``: allow TF32 for float32 convolutions/GEMMs (TensorRT's default; about 1e-3 relative
+    error per GEMM on Ampere and newer, so float32 parity checks build with it off).
+    ``capturable``: where TensorRT has ``BuilderFlag.REQUIRE_USER_ALLOCATION`` (TensorRT-RTX), build
+    engines that never allocate at run time, which stream capture into a CUDA graph requires.
+    """
 
     workspace_gib: float | None = 4.0
     timing_cache: str | None = None
@@ -71,6 +86,8 @@ class BuildSettings:
     weight_streaming: bool = False
     optimization_level: int | None = None
     target_sm: str | None = None
+    tf32: bool = True
+    capturable: bool = True
 
     def __post_init__(self):
         if self.workspace_gib is not None and self.workspace_gib <= 0:
@@ -94,13 +111,38 @@ class BuildResult:
 # ---- environment: which TensorRT, which GPU -------------------------------------------------------
 
 
+def unsupported_tensorrt(module: str, version: str) -> str | None:
+    """Why TensorRT ``module`` (``tensorrt`` or ``tensorrt_rtx``) at ``version`` cannot be used here, or None."""
+    want = SUPPORTED_MAJORS.get(module)
+    if want is None:
+        return f"{module} is not a TensorRT module this code knows (expected one of {list(SUPPORTED_MAJORS)})"
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        return f"{module} reports version {version!r}, whose major version cannot be read"
+    if major == want:
+        return None
+    if module == "tensorrt":
+        hint = "this code supports TensorRT 10.x (JetPack 6 ships 10.3): install tensorrt>=10.3,<11"
+        if major < want:
+            hint += "; JetPack 5's TensorRT 8.x cannot build strongly typed or INT4 graphs, use JetPack 6"
+    else:
+        hint = "this code supports TensorRT-RTX 1.x: install tensorrt-rtx>=1.0,<2"
+    return f"{module} {version} is not supported: {hint}"
+
+
 def load_tensorrt(prefer: Sequence[str] = TENSORRT_MODULES):
-    """The first importable TensorRT module among ``prefer``; raises EngineBuildError when none is."""
+    """The first importable TensorRT module among ``prefer``; raises EngineBuildError when none is, or
+    when the first one is a major version this code does not support."""
     for name in prefer:
         try:
-            return importlib.import_module(name)
+            trt = importlib.import_module(name)
         except ImportError:
             continue
+        problem = unsupported_tensorrt(name, getattr(trt, "__version__", "?"))
+        if problem is not None:
+            raise EngineBuildError(problem)
+        return trt
     raise EngineBuildError(
         "no TensorRT Python module: install tensorrt (desktop; on Jetson it comes with JetPack) or "
         f"tensorrt-rtx; tried {list(prefer)}"
@@ -114,6 +156,15 @@ def tensorrt_identity(trt) -> dict[str, str]:
         "flavour": "tensorrt-rtx" if module == "tensorrt_rtx" else "tensorrt",
         "version": trt.__version__,
     }
+
+
+def sm_of_member(member: str) -> str:
+    """The compute capability of a TensorRT-RTX ``ComputeCapability`` member: ``"8.9"`` for ``SM89``,
+    ``"12.0"`` for ``SM120`` (the last digit is the minor)."""
+    digits = str(member).rsplit(".", 1)[-1].removeprefix("SM")
+    if len(digits) < 2 or not digits.isdigit():
+        raise EngineBuildError(f"{member!r} is not a ComputeCapability.SM<major><minor> member")
+    return f"{int(digits[:-1])}.{digits[-1]}"
 
 
 def _parse_sm(text: str) -> tuple[int, int]:
@@ -164,8 +215,10 @@ def check_engine_compatible(engine_meta: Mapping[str, Any], environment: Mapping
     """Refuse, with a message saying what differs, an engine this process cannot load.
 
     The TensorRT flavour and version must match exactly (plans are not portable across versions). When
-    a GPU is visible its compute capability must be the one the engine was built on, or one of a
-    TensorRT-RTX AOT build's targets, and its name must match an engine built on a GPU.
+    a GPU is visible: a full TensorRT engine built on a GPU needs that GPU model (name and compute
+    capability); an engine with recorded compute-capability targets (TensorRT-RTX, or an AOT build)
+    needs one of them; a TensorRT-RTX engine without targets was built for TensorRT-RTX's default set
+    and is left to its runtime to accept or refuse.
     """
     if engine_meta.get("format") != ENGINE_FORMAT:
         raise EngineCompatibilityError(
@@ -186,7 +239,8 @@ def check_engine_compatible(engine_meta: Mapping[str, Any], environment: Mapping
     gpu, now = engine_meta["gpu"], env["gpu"]
     if not now.get("visible"):
         return  # nothing to compare; deserialization will need a GPU anyway
-    if gpu.get("visible"):
+    portable = built["flavour"] == "tensorrt-rtx"  # RTX engines target compute capabilities, not one GPU model
+    if gpu.get("visible") and not portable:
         if gpu["compute_capability"] != now["compute_capability"] or gpu["name"] != now["name"]:
             raise EngineCompatibilityError(
                 f"{what} was built for {gpu['name']} (SM {gpu['compute_capability']}) but this GPU is "
@@ -194,10 +248,22 @@ def check_engine_compatible(engine_meta: Mapping[str, Any], environment: Mapping
                 "on this device"
             )
     elif gpu.get("target_sm") and now["compute_capability"] not in gpu["target_sm"]:
+        how = "on a GPU" if gpu.get("visible") else "ahead of time"
         raise EngineCompatibilityError(
-            f"{what} was built ahead of time for SM {', '.join(gpu['target_sm'])} but this GPU is "
+            f"{what} was built {how} for SM {', '.join(gpu['target_sm'])} but this GPU is "
             f"{now['name']} (SM {now['compute_capability']}); rebuild it for this GPU"
         )
+
+
+def check_engine_loadable(engine_meta: Mapping[str, Any]) -> str | None:
+    """:func:`check_engine_compatible` against the TensorRT module the engine names (its metadata's
+    ``tensorrt.module``), not whichever is installed first: with both ``tensorrt`` and
+    ``tensorrt_rtx`` installed, RTX engines load in ``tensorrt_rtx``. Returns that module name (None for
+    metadata without one). Raises EngineBuildError when that module is missing or unsupported here,
+    EngineCompatibilityError when the engine was built for another version or GPU."""
+    module = engine_meta.get("tensorrt", {}).get("module")
+    check_engine_compatible(engine_meta, current_environment(load_tensorrt([module] if module else TENSORRT_MODULES)))
+    return module
 
 
 def read_engine_meta(engine_path: str | os.PathLike) -> dict[str, Any]:
@@ -317,6 +383,14 @@ def _configure(trt, builder, spec, settings: BuildSettings, gpu: Mapping[str, An
                 f"{flag.lower()} was asked for but {trt.__name__} {trt.__version__} has no BuilderFlag.{flag}"
             )
         _try(applied, flag.lower(), lambda f=flag: config.set_flag(getattr(trt.BuilderFlag, f)))
+    if not settings.tf32:
+        _try(applied, "tf32", lambda: config.clear_flag(trt.BuilderFlag.TF32), False)
+    if settings.capturable and hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
+        _try(
+            applied,
+            "require_user_allocation",
+            lambda: config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION),
+        )
     if not gpu.get("visible") and settings.target_sm and hasattr(trt, "ComputeCapability"):
         member = "SM" + settings.target_sm.replace(".", "")
         if not hasattr(trt.ComputeCapability, member):
@@ -375,6 +449,21 @@ def _json_bytes(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _gpu_meta(trt, config, gpu: Mapping[str, Any]) -> dict[str, Any]:
+    """The GPU an engine is for: the visible one, plus the compute capabilities it targets when the
+    builder records them (TensorRT-RTX; None there means its default set)."""
+    if num := getattr(config, "num_compute_capabilities", 0):
+        members = [str(config.get_compute_capability(i)).rsplit(".", 1)[-1] for i in range(num)]
+        targets = [sm_of_member(m) for m in members if m.startswith("SM")]
+        if "CURRENT" in members and gpu.get("visible"):
+            targets.append(gpu["compute_capability"])
+    else:
+        targets = []
+    if gpu.get("visible"):
+        return dict(gpu) | ({"target_sm": targets or None} if trt.__name__ == "tensorrt_rtx" else {})
+    return {"visible": False, "note": "AOT, no GPU", "target_sm": targets or None}
+
+
 def build_component(
     trt,
     export_dir: Path,
@@ -420,19 +509,7 @@ def build_component(
                 "the layer precisions above come from the parsed network"
             ),
         }
-    if num := getattr(config, "num_compute_capabilities", 0):
-        targets = [str(config.get_compute_capability(i)).rsplit(".", 1)[-1] for i in range(num)]
-    else:
-        targets = []
-    gpu_meta = (
-        dict(gpu)
-        if gpu.get("visible")
-        else {
-            "visible": False,
-            "note": "AOT, no GPU",
-            "target_sm": [f"{t[2]}.{t[3:]}" for t in targets if t.startswith("SM")] or None,
-        }
-    )
+    gpu_meta = _gpu_meta(trt, config, gpu)
     recipe = manifest.get("recipe") or {}
     meta = {
         "format": ENGINE_FORMAT,
@@ -491,11 +568,14 @@ def build_engines(
     optimization_level: int | None = None,
     target_sm: str | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+    tf32: bool = True,
+    capturable: bool = True,
 ) -> dict[str, BuildResult]:
     """Build ``<component>.engine`` for each component of a verified export folder.
 
     ``components`` defaults to the manifest's; ``out_dir`` to the export folder. The export's hashes
     are checked first (an edited graph is refused). ``progress`` wraps the component iterable (tqdm).
+    ``tf32`` / ``capturable``: see :class:`BuildSettings`.
     Raises EngineBuildError (a ValueError; ManifestError too) or FileExistsError without ``overwrite``.
     """
     export_dir = Path(export_dir)
@@ -512,6 +592,8 @@ def build_engines(
         weight_streaming,
         optimization_level,
         target_sm,
+        tf32,
+        capturable,
     )
     out = Path(out_dir) if out_dir is not None else export_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -168,8 +168,10 @@ class Text2ImagePipeline:
         ``"onnxruntime"`` (``providers``, default CUDA EP when available else CPU; ``optimization``
         ``"all"``/``"off"``; ``threads``), or ``"auto"``: TensorRT when it could run, else ONNX Runtime.
         ``engine_dir``: where the engines are (default ``folder``); an engine's ``.engine.json`` (written
-        by :mod:`runtime.build`) must name this export's graph and this process's TensorRT and GPU.
-        ``cuda_graph``: replay the UNet engine through a CUDA graph while shapes stay the same.
+        by :mod:`runtime.build`) must name this export's graph and a TensorRT and GPU this process has.
+        When it does not (engines built elsewhere, e.g. TensorRT-RTX engines copied to a Jetson),
+        ``"tensorrt"`` raises and ``"auto"`` warns and falls back to ONNX Runtime.
+        ``cuda_graph``: run the UNet engine through CUDA graphs (:class:`~runtime.runners.TensorRTRunner`).
         The choice is logged and kept in ``.backend``. ``verify`` checks every file's hash against the
         manifest (raises :class:`~export.manifest.ManifestError` for an edited folder).
         """
@@ -189,7 +191,14 @@ class Text2ImagePipeline:
         engines = {c: engine_dir / f"{c}.engine" for c in COMPONENTS}
         chosen, reason = _choose_backend(backend, engines)
         if chosen == "tensorrt":
-            modules = {c: _check_engine(engines[c], manifest, folder) for c in COMPONENTS}
+            try:
+                modules = {c: _check_engine(engines[c], manifest, folder) for c in COMPONENTS}
+            except ValueError as err:  # EngineCompatibilityError, EngineBuildError, ManifestError
+                if backend == "tensorrt":
+                    raise
+                chosen, reason = "onnxruntime", f"engines present but not loadable here: {err}"
+                log.warning("backend auto: falling back to ONNX Runtime; %s", reason)
+        if chosen == "tensorrt":
             pool = DeviceMemoryPool()  # one scratch buffer for the three engines (they run in turn)
             runners = {
                 c: TensorRTRunner(
@@ -442,7 +451,7 @@ def _check_engine(engine: Path, manifest: Mapping[str, Any], folder: Path) -> st
 
     Engines without the builder's ``.engine.json`` are accepted with a warning (nothing to compare).
     """
-    from runtime.build import TENSORRT_MODULES, check_engine_compatible, current_environment, load_tensorrt
+    from runtime.build import check_engine_loadable
 
     meta_path = Path(f"{engine}.json")
     if not meta_path.is_file():
@@ -459,9 +468,7 @@ def _check_engine(engine: Path, manifest: Mapping[str, Any], folder: Path) -> st
         raise ManifestError(
             f"{engine} was built from another {onnx_name} than the one in {folder}; rebuild the engines"
         )
-    module = meta.get("tensorrt", {}).get("module")
-    check_engine_compatible(meta, current_environment(load_tensorrt([module] if module else TENSORRT_MODULES)))
-    return module
+    return check_engine_loadable(meta)
 
 
 def _choose_backend(backend: str, engines: Mapping[str, Path]) -> tuple[str, str]:

@@ -48,16 +48,16 @@ def measure_latency(engines: dict[str, Path], component: str, runs: int, warmup:
     import torch
 
     from export.iospec import NetworkSpec
-    from runtime.build import check_engine_compatible, read_engine_meta
+    from runtime.build import check_engine_loadable, read_engine_meta
     from runtime.runners import TensorRTRunner
 
     runners, feeds = {}, {}
     gen = torch.Generator().manual_seed(0)
     for label, path in engines.items():
         meta = read_engine_meta(path)
-        check_engine_compatible(meta)
+        module = check_engine_loadable(meta)  # the module that built it, not the first one installed
         spec = NetworkSpec.from_dict(meta["iospec"])
-        runners[label] = TensorRTRunner(path, spec).activate()
+        runners[label] = TensorRTRunner(path, spec, module=module).activate()
         feeds[label] = _random_feed(spec, torch, runners[label].device, gen)
     times: dict[str, list[float]] = {label: [] for label in engines}
     try:

@@ -103,8 +103,9 @@ FP16_MAX_FILE_SIZE_RATIO = 0.6
 RUNTIME_IMAGE_MAX_ABS_LEVELS = 2
 RUNTIME_IMAGE_MAX_DIFF_FRACTION = 0.01
 # TensorRT (float32 engines of the float export, GPU only) against ONNX Runtime CPU. NOT YET MEASURED
-# (no GPU lent so far): TensorRT may run float32 convolutions/GEMMs in TF32, so these are generous
-# guesses to be replaced by measured values on the first GPU run.
+# (no GPU lent so far): generous guesses to be replaced by measured values on the first GPU run. The
+# engines are built with TF32 off (runtime.build's tf32=False): TensorRT allows TF32 by default, whose
+# 10-bit mantissa products alone cost about 1e-3 relative per GEMM on Ampere and newer.
 TRT_FLOAT_MAX_REL_ERR = 1e-3  # one UNet call, max |trt - ort| / max |ort|
 RUNTIME_TRT_IMAGE_MAX_ABS_LEVELS = 8
 RUNTIME_TRT_IMAGE_MAX_DIFF_FRACTION = 0.05

@@ -64,6 +64,8 @@ def test_tiny_float_graphs_build_with_metadata_and_report(tiny_engines, tiny_exp
         assert "applied" in meta["applied"]["timing_cache"]  # recorded either way (a no-op on TensorRT-RTX)
         if not meta["gpu"]["visible"]:
             assert meta["gpu"]["note"] == "AOT, no GPU"
+        if meta["tensorrt"]["flavour"] == "tensorrt-rtx":  # capturable into CUDA graphs (the real graphs build so)
+            assert meta["applied"]["require_user_allocation"] == {"applied": True, "value": True}
         report = json.loads(res.report.read_text())
         net = report["network"]
         assert net["quantized"]["total"] == 0 and net["quantized"]["float"] > 0
@@ -267,6 +269,29 @@ def test_aot_engine_checked_against_its_targets():
         check_engine_compatible(aot, _env(visible=True, name="RTX 3090", compute_capability="8.6"))
 
 
+def test_rtx_engines_run_on_any_gpu_of_their_targets():
+    # TensorRT-RTX engines are portable across the compute capabilities they target, whatever GPU
+    # model built them; full TensorRT engines stay tied to the model (test_incompatible_engine_refused).
+    rtx = {"flavour": "tensorrt-rtx", "module": "tensorrt_rtx", "version": "1.7.1"}
+    built_on = {"visible": True, "name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}
+    meta = _meta(**built_on, target_sm=["8.6", "8.9", "12.0"]) | {"tensorrt": rtx}
+    for name, sm in (("NVIDIA RTX 6000 Ada Generation", "8.9"), ("NVIDIA GeForce RTX 5090", "12.0")):
+        check_engine_compatible(meta, _env("tensorrt-rtx", "1.7.1", visible=True, name=name, compute_capability=sm))
+    with pytest.raises(EngineCompatibilityError, match=r"built on a GPU for SM 8\.6, 8\.9, 12\.0 .*SM 7\.5"):
+        check_engine_compatible(meta, _env("tensorrt-rtx", "1.7.1", visible=True, name="T4", compute_capability="7.5"))
+    default_targets = _meta(**built_on, target_sm=None) | {"tensorrt": rtx}  # left to TensorRT-RTX's runtime
+    check_engine_compatible(
+        default_targets, _env("tensorrt-rtx", "1.7.1", visible=True, name="A", compute_capability="8.6")
+    )
+
+
+def test_rtx_compute_capability_members_read_as_major_minor():
+    members = ("SM75", "SM80", "SM86", "SM89", "SM120", "SM121", "ComputeCapability.SM120")
+    assert [build.sm_of_member(m) for m in members] == ["7.5", "8.0", "8.6", "8.9", "12.0", "12.1", "12.0"]
+    with pytest.raises(EngineBuildError, match="CURRENT"):
+        build.sm_of_member("CURRENT")
+
+
 def test_not_engine_metadata_refused():
     with pytest.raises(EngineCompatibilityError, match="not a dgq-engine"):
         check_engine_compatible({"format": "other"}, _env())
@@ -332,3 +357,40 @@ def test_aot_target_sm_recorded_or_refused(tmp_path):
     with pytest.raises(EngineBuildError, match=r"cannot target SM 8\.7"):
         build_engines(folder, target_sm="8.7", overwrite=True)
     assert (folder / "unet.engine").is_file()  # the refused rebuild left the earlier engine alone
+
+
+@trt_only
+@pytest.mark.parametrize("sm, gpu", [("12.0", "NVIDIA GeForce RTX 5090"), ("12.1", "NVIDIA GB10")])
+def test_aot_blackwell_engine_is_accepted_on_its_gpu(tmp_path, sm, gpu):
+    trt = build.load_tensorrt()
+    if not hasattr(trt, "ComputeCapability") or build.gpu_info()["visible"]:
+        pytest.skip("AOT compute-capability targets are a TensorRT-RTX feature used without a GPU")
+    if not hasattr(trt.ComputeCapability, "SM" + sm.replace(".", "")):
+        pytest.skip(f"{trt.__name__} {trt.__version__} has no SM {sm} target")
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    meta = build.read_engine_meta(build_engines(folder, target_sm=sm)["unet"].engine)
+    assert meta["gpu"]["target_sm"] == [sm]
+    here = _env("tensorrt-rtx", meta["tensorrt"]["version"], visible=True, name=gpu, compute_capability=sm)
+    check_engine_compatible(meta, here)
+
+
+@trt_only
+def test_tf32_off_and_capturable_are_applied_and_recorded(tmp_path):
+    trt = build.load_tensorrt()
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    meta = build.read_engine_meta(build_engines(folder, tf32=False)["unet"].engine)
+    assert meta["settings"]["tf32"] is False and meta["settings"]["capturable"] is True
+    assert meta["applied"]["tf32"] == {"applied": True, "value": False}
+    if hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
+        assert meta["applied"]["require_user_allocation"] == {"applied": True, "value": True}
+    meta = build.read_engine_meta(build_engines(folder, capturable=False, overwrite=True)["unet"].engine)
+    assert "require_user_allocation" not in meta["applied"] and "tf32" not in meta["applied"]
+
+
+def test_unsupported_majors_are_named_with_what_to_install():
+    assert build.unsupported_tensorrt("tensorrt", "10.3.0.30") is None
+    assert build.unsupported_tensorrt("tensorrt_rtx", "1.7.1.116") is None
+    assert "install tensorrt>=10.3,<11" in build.unsupported_tensorrt("tensorrt", "11.0.0")
+    assert "JetPack 6" in build.unsupported_tensorrt("tensorrt", "8.5.2")
+    assert "install tensorrt-rtx>=1.0,<2" in build.unsupported_tensorrt("tensorrt_rtx", "2.0")
+    assert "major version cannot be read" in build.unsupported_tensorrt("tensorrt", "dev")
