@@ -98,6 +98,10 @@ def fashion_prompts(count: int, seed: int = 0) -> list[str]:
     return [caption(i % len(CLASS_NAMES), rng) for i in range(count)]
 
 
+# Zoo models trained on Fashion-MNIST captions: calibrated with the captions they were trained on.
+FASHION_MODELS = ("fashion", "fashion-outliers")
+
+
 def calibration_prompts(model: str | None, count: int = 64, prompt_file: str | Path | None = None) -> list[str]:
     """``count`` prompts: from ``prompt_file`` when given, the default model's captions for the
     ``fashion`` model, else the built-in general list (repeated if ``count`` exceeds it)."""
@@ -105,7 +109,7 @@ def calibration_prompts(model: str | None, count: int = 64, prompt_file: str | P
         raise ValueError(f"need at least one calibration prompt, got {count}")
     if prompt_file is not None:
         prompts = read_prompt_file(prompt_file)
-    elif model == "fashion":
+    elif model in FASHION_MODELS:
         return fashion_prompts(count)
     else:
         prompts = list(GENERAL_PROMPTS)

@@ -68,3 +68,9 @@ def test_factors_must_be_powers_of_two():
     unet = zoo.build_pipeline("fashion", components=["unet"]).unet
     with pytest.raises(ValueError, match="powers of two"):
         plant_outliers(unet, factors=(10.0,))
+
+
+def test_calibrated_with_the_captions_it_was_trained_on():
+    from dgq.prompts import calibration_prompts
+
+    assert calibration_prompts("fashion-outliers", 8) == calibration_prompts("fashion", 8)
