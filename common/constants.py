@@ -18,4 +18,10 @@ TARGETS = ("float", *QUANT_TARGETS)
 # those of inference.
 DEFAULT_GUIDANCE = 5.0
 
-__all__ = ["DEFAULT_GUIDANCE", "QUANT_TARGETS", "TARGETS"]
+# DGQ's K by default: 16 groups where groups are per-element scales (the faithful target, the paper's
+# setting), 4 where every group of a channel-grouped layer is a branch of the graph (tensorrt and
+# onnxruntime targets: each branch is a GEMM of its own; README, what the branches cost).
+FAITHFUL_GROUPS = 16
+BRANCH_GROUPS = 4
+
+__all__ = ["BRANCH_GROUPS", "DEFAULT_GUIDANCE", "FAITHFUL_GROUPS", "QUANT_TARGETS", "TARGETS"]

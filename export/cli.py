@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.constants import DEFAULT_GUIDANCE, QUANT_TARGETS
+from common.constants import BRANCH_GROUPS, DEFAULT_GUIDANCE, FAITHFUL_GROUPS, QUANT_TARGETS
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,6 @@ Examples:
 """
 
 
-BRANCH_GROUPS = 4  # default K where each group is a branch of the graph (README: what the branches cost)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -65,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--groups",
         type=int,
         default=None,
-        help="DGQ's K when calibrating (default 16; for the tensorrt and "
+        help=f"DGQ's K when calibrating (default {FAITHFUL_GROUPS}; for the tensorrt and "
         f"onnxruntime targets, where every group of a channel-grouped layer is a branch, {BRANCH_GROUPS})",
     )
     p.add_argument(
@@ -146,24 +143,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _calibrate(pipe, model: str, args: argparse.Namespace):
     from dgq.calibrate import calibrate
-    from dgq.config import preset
     from dgq.prompts import calibration_prompts
+    from export.qdq_export import target_config
 
-    if args.target == "tensorrt":
-        config = preset(
-            "dgq",
-            wbits=args.wbits,
-            abits=args.abits,
-            groups=args.groups or BRANCH_GROUPS,
-            profile="tensorrt",
-            outlier_bits=args.outlier_bits,
-        )
-    elif args.target == "onnxruntime":
-        from export.qdq_export import ORT_PRESET
-
-        config = preset("dgq", wbits=args.wbits, abits=args.abits, groups=args.groups or BRANCH_GROUPS, **ORT_PRESET)
-    else:
-        config = preset("dgq", wbits=args.wbits, abits=args.abits, groups=args.groups or 16)
+    config = target_config(args.target, args.wbits, args.abits, args.groups, args.outlier_bits)
     log.info(
         "no --recipe: calibrating %s with %s (%d prompts, %d steps)",
         model,

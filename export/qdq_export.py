@@ -24,7 +24,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from common.constants import BRANCH_GROUPS, FAITHFUL_GROUPS, QUANT_TARGETS
 from common.fsutil import atomic_dir
+from dgq.config import QuantConfig, preset
 from dgq.fingerprint import model_identity
 from dgq.quant import PIXEL
 from dgq.recipe import Recipe
@@ -50,6 +52,22 @@ INT4_OPSET = 21  # INT4 tensors and block-wise DequantizeLinear
 # float at SD latent sizes (its QDQ MatMul fusion needs constant scales and the probabilities' scale
 # is per prompt), and the linear/conv integer kernels carry the speed-up.
 ORT_PRESET = {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float"}
+OUTLIER_BITS = 16  # tensorrt: the widest group stays float
+
+
+def target_config(
+    target: str, wbits: int = 8, abits: int = 8, groups: int | None = None, outlier_bits: int | None = OUTLIER_BITS
+) -> QuantConfig:
+    """The DGQ config a quantized export ``target`` is calibrated with by default (``groups`` None:
+    its default K)."""
+    if target == "tensorrt":
+        k = groups or BRANCH_GROUPS
+        return preset("dgq", wbits=wbits, abits=abits, groups=k, profile="tensorrt", outlier_bits=outlier_bits)
+    if target == "onnxruntime":
+        return preset("dgq", wbits=wbits, abits=abits, groups=groups or BRANCH_GROUPS, **ORT_PRESET)
+    if target == "faithful":
+        return preset("dgq", wbits=wbits, abits=abits, groups=groups or FAITHFUL_GROUPS)
+    raise ExportError(f"target {target!r} has no DGQ config; quantized targets: {list(QUANT_TARGETS)}")
 
 
 @dataclass
