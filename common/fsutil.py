@@ -152,7 +152,7 @@ def _unlock(path: Path, fd: int) -> None:
 _HELD: dict[Path, int] = {}
 
 
-def check_replaceable(path: Path, overwrite: bool, owned: Owned | None, what: str = "output") -> None:
+def check_replaceable(path: Path, overwrite: bool, owned: Owned | None, what: str = "file or folder") -> None:
     """Raise unless ``path`` is free, or ``overwrite`` is set and ``owned(path)`` recognises it."""
     if not os.path.lexists(path):
         return
@@ -160,18 +160,23 @@ def check_replaceable(path: Path, overwrite: bool, owned: Owned | None, what: st
         raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
     if owned is not None and not owned(path):
         raise NotOwnedError(
-            f"{path} exists and is not a {what} dgq wrote; --overwrite replaces only those, so move or "
-            "delete it yourself, or choose another output path"
+            f"{path} exists and is not a {what} written by dgq; --overwrite replaces only what dgq wrote, so "
+            "move or delete it yourself, or choose another output path"
         )
 
 
 @contextlib.contextmanager
 def claim_output(
-    path: str | os.PathLike, overwrite: bool = False, owned: Owned | None = None, what: str = "output"
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    owned: Owned | None = None,
+    what: str = "file or folder",
+    parents: bool = True,
 ) -> Iterator[Path]:
     """Hold output ``path`` for this process for the block; yields its absolute path.
 
-    Creates missing parent folders, refuses an unwritable one, takes the claim (or raises
+    Creates missing parent folders (``parents``; else a missing one is an error), refuses an
+    unwritable one, takes the claim (or raises
     :class:`OutputBusyError`), removes stale temporaries of ``path``, and checks that ``path`` is
     free or replaceable (:func:`check_replaceable`). Claiming a path this process already holds
     nests (only the checks run again).
@@ -185,10 +190,11 @@ def claim_output(
         finally:
             _HELD[path] -= 1
         return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PermissionError(f"cannot create the folder {path.parent} for {path}: {err.strerror}") from err
+    if parents:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermissionError(f"cannot create the folder {path.parent} for {path}: {err.strerror}") from err
     check_writable_parent(path)
     fd = _lock(path)
     _HELD[path] = 1
@@ -216,7 +222,7 @@ def scratch_dir(near: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(
-    path: str | os.PathLike, overwrite: bool = False, owned: Owned | None = None, what: str = "output"
+    path: str | os.PathLike, overwrite: bool = False, owned: Owned | None = None, what: str = "file or folder"
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``path`` only if the block succeeds.
 

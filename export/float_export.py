@@ -34,6 +34,7 @@ import onnx
 import torch
 from torch import nn
 
+from common.constants import SUPPORTED_OPSETS
 from common.fsutil import TMP_PREFIX, atomic_dir
 from dgq.fingerprint import model_identity
 from export.errors import ExportError
@@ -50,11 +51,6 @@ from export.manifest import COMPONENTS, MANIFEST, is_export_folder, write_manife
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-# The opsets the tests export and check graphs at: 17 (the default, the one the float and TensorRT
-# graphs are compared with PyTorch at) through 21 (INT4 tensors, block-wise DequantizeLinear and the
-# INT16 zero points of the faithful target need it). Outside it, the legacy exporter fails with a
-# traceback (below 7) or writes graphs nothing here was checked against.
-SUPPORTED_OPSETS = (17, 18, 19, 20, 21)
 # Protobuf cannot serialize a message over 2 GiB; past this many bytes of weights the graph keeps
 # its tensors in one ``<name>.onnx.data`` file next to it.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # 2 GiB minus headroom for the graph itself

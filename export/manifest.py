@@ -165,9 +165,7 @@ def validate(manifest: Any, path: Path) -> None:
     except ValueError as err:  # NaN or infinity somewhere
         raise bad("digest", f"cannot be checked ({err})") from err
     if want != digest:
-        raise ManifestError(
-            f"{path}: the manifest's content does not match its digest (edited or damaged); re-export"
-        )
+        raise ManifestError(f"{path}: the manifest's content does not match its digest (edited or damaged); re-export")
     if manifest["target"] not in TARGETS:
         raise bad("target", f"is {manifest['target']!r}, not one of {list(TARGETS)}")
     comps = manifest["components"]
