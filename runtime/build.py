@@ -382,7 +382,10 @@ def _logger(trt):
     class _Logger(trt.ILogger):
         def log(self, severity, msg):
             try:
-                log.log(levels.get(severity, logging.INFO), "[TensorRT] %s", msg)
+                level = levels.get(severity, logging.INFO)
+                if _INTERRUPTS.pending:  # TensorRT reports the build it cancels for Ctrl-C as an error
+                    level = min(level, logging.DEBUG)
+                log.log(level, "[TensorRT] %s", msg)
             except KeyboardInterrupt:  # TensorRT would swallow it: keep it for raise_pending
                 _INTERRUPTS.pending = True
 

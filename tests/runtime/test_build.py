@@ -134,7 +134,7 @@ def test_fp8_graph_refused_for_jetson_orin(tmp_path):
     folder = qdq_graphs.export_folder(tmp_path / "fp8", "fp8")
     with pytest.raises(EngineBuildError, match=r"FP8 Q/DQ .* SM 8\.7 \(Jetson Orin\).*>= 8\.9"):
         build_engines(folder, target_sm="8.7")
-    assert _files(folder) == ["iospec.json", "manifest.json", "unet.onnx"]
+    assert _files(folder) == ["iospec.json", "manifest.json", "recipe.safetensors", "unet.onnx"]
 
 
 def test_fp8_refusal_rule_needs_sm89():
@@ -199,7 +199,7 @@ def test_failure_while_writing_leaves_no_engine(tmp_path, monkeypatch):
     monkeypatch.setattr(build.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="disk full"):
         build_engines(folder)
-    assert _files(folder) == ["iospec.json", "manifest.json", "unet.onnx"]
+    assert _files(folder) == ["iospec.json", "manifest.json", "recipe.safetensors", "unet.onnx"]
 
 
 @trt_only
