@@ -160,8 +160,8 @@ def check_replaceable(path: Path, overwrite: bool, owned: Owned | None, what: st
         raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
     if owned is not None and not owned(path):
         raise NotOwnedError(
-            f"{path} exists and is not a {what} written by dgq; --overwrite replaces only what dgq wrote, so "
-            "move or delete it yourself, or choose another output path"
+            f"{path} exists and is not {'an' if what[:1] in 'aeiou' else 'a'} {what} written by dgq; --overwrite "
+            "replaces only what dgq wrote, so move or delete it yourself, or choose another output path"
         )
 
 
