@@ -165,7 +165,7 @@ def test_cli_inspect_refuses_an_unknown_axis_in_one_line(tiny_recipe, tmp_path, 
 
 def _same(a: R.Recipe, b: R.Recipe) -> bool:
     ta, tb = a.tensors(), b.tensors()
-    return a.header(ta) == b.header(tb) and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    return a.header() == b.header() and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_random_byte_and_bit_flips_are_refused_or_harmless(tiny_recipe, tmp_path):

@@ -240,13 +240,11 @@ def test_export_whose_manifest_does_not_verify_is_refused(tmp_path):
 
 @trt_only
 def test_overwrite_replaces_only_engines_dgq_built(tmp_path):
-    from common.fsutil import NotOwnedError
-
     folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
     out = tmp_path / "engines"
     out.mkdir()
     (out / "unet.engine").write_bytes(b"someone else's plan")
-    with pytest.raises(NotOwnedError, match=r"unet\.engine exist\(s\) without the dgq metadata"):
+    with pytest.raises(FileExistsError, match=r"unet\.engine exist\(s\) without the dgq metadata"):
         build_engines(folder, out_dir=out, overwrite=True)
     assert (out / "unet.engine").read_bytes() == b"someone else's plan" and _files(out) == ["unet.engine"]
     (out / "unet.engine").unlink()
