@@ -395,7 +395,8 @@ def export_float(
     ``opset``: ONNX opset of the legacy exporter, one of :data:`SUPPORTED_OPSETS`. ``components``: any of
     ``unet``, ``text_encoder``, ``vae_decoder``. ``static_size`` / ``batch``: the shape profiles
     (see :func:`pipeline_specs`). ``external_data_threshold``: weight bytes past which a graph
-    keeps its tensors in ``<name>.onnx.data``. ``overwrite``: replace an existing ``out_dir``.
+    keeps its tensors in ``<name>.onnx.data``. ``overwrite``: replace an existing ``out_dir`` that an
+    export wrote (:func:`is_export_output`); any other existing path is refused.
     ``assets``: also write ``tokenizer/``, ``scheduler/`` and ``manifest.json`` (target ``float``),
     which make the folder self-contained for a runtime (see :mod:`export.manifest`).
 

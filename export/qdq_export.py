@@ -244,9 +244,11 @@ def export_onnx(
     """Export ``pipe`` (with ``recipe`` for a quantized ``target``) into ``out_dir``; see the module docstring.
 
     ``opset``: default 17 for 8-bit tensorrt graphs and the onnxruntime target, 21 for 4-bit weights
-    (INT4 tensors) and for the faithful target (INT16 zero points). ``compare_float``: also export the float32 UNet to a
-    temporary folder to report the size ratio. ``inspect_ort``: report the integer kernels ONNX
-    Runtime CPU fuses the UNet into (``ort_integer_kernels``). The UNet must be float32.
+    (INT4 tensors) and for the faithful target (INT16 zero points); one of ``SUPPORTED_OPSETS``.
+    ``overwrite``: replace an existing ``out_dir`` that an export wrote, never anything else.
+    ``compare_float``: also export the float32 UNet to a temporary folder beside ``out_dir`` to report
+    the size ratio. ``inspect_ort``: report the integer kernels ONNX Runtime CPU fuses the UNet into
+    (``ort_integer_kernels``). The UNet must be float32.
     """
     if target not in TARGETS:
         raise ExportError(f"target {target!r} is not one of {list(TARGETS)}")

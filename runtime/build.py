@@ -676,7 +676,9 @@ def build_engines(
     ``components`` defaults to the manifest's; ``out_dir`` to the export folder. The export's hashes
     are checked first (an edited graph is refused). ``progress`` wraps the component iterable (tqdm).
     ``tf32`` / ``capturable``: see :class:`BuildSettings`.
-    Raises EngineBuildError (a ValueError; ManifestError too) or FileExistsError without ``overwrite``.
+    Raises EngineBuildError (a ValueError; ManifestError too), FileExistsError for existing engines without
+    ``overwrite`` (with it, for engine files without their dgq metadata), OutputBusyError while another
+    process builds into the same files, KeyboardInterrupt for Ctrl-C (the build is cancelled).
     """
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir, verify=True)

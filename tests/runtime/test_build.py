@@ -253,6 +253,17 @@ def test_overwrite_replaces_only_engines_dgq_built(tmp_path):
     assert _files(out) == ["unet.engine", "unet.engine.json", "unet.engine.report.json"]
 
 
+@trt_only
+def test_a_build_removes_what_a_killed_build_left(tmp_path):
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    before = _files(folder)
+    left = [".dgq-tmp.unet.engine.lock", ".dgq-tmp.unet.engine.k1ll3d_0", ".dgq-tmp.unet.engine.json.zz9_8y7x"]
+    for name in left:  # a killed build's lock and temporaries (the lock was released by the kill)
+        (folder / name).write_bytes(b"partial")
+    build_engines(folder)
+    assert _files(folder) == sorted([*before, "unet.engine", "unet.engine.json", "unet.engine.report.json"])
+
+
 def test_tensorrt_callbacks_keep_a_ctrl_c_for_after_the_call():
     """TensorRT swallows exceptions raised in its callbacks: a KeyboardInterrupt there is kept and raised
     when TensorRT returns, and the progress monitor then cancels the build."""
