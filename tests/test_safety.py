@@ -100,6 +100,15 @@ def test_zoo_save_overwrite_replaces_its_own_folder_only(tmp_path, caplog):
     assert (out / "my-notes.txt").read_text() == "mine" and _names(tmp_path) == ["model"]
 
 
+def test_quickstart_replaces_only_an_earlier_quickstart(tmp_path, caplog, no_model):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # a folder of the user's that happens to hold a summary
+    assert main(["quickstart", "--model", "tiny", "--steps", "1", "--out", str(out)]) == 2
+    assert "is not a quickstart folder written by dgq" in _errors(caplog)[0]
+    assert _names(out) == ["summary.json"] and _names(tmp_path) == ["mine"]
+
+
 # ---- arguments are validated when parsed, with the reason ---------------------------------------
 
 
