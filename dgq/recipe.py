@@ -322,8 +322,6 @@ def _from_header(path: Path, header: Any, tensors: dict[str, torch.Tensor]) -> R
         t = tensors[name]
         if t.dtype != _DTYPES.get(name.rsplit("/", 1)[-1]):
             raise bad(f"tensor {name!r}", f"has dtype {t.dtype}")
-        if tensor_digest(t) != listed[name]:
-            raise bad(f"tensor {name!r}", "does not match its digest")
 
     def take(name: str) -> torch.Tensor:
         if name not in listed:
@@ -418,6 +416,11 @@ def _from_header(path: Path, header: Any, tensors: dict[str, torch.Tensor]) -> R
         ):
             raise bad(f"output quantizer {key!r}", "has inconsistent ranges")
         recipe.outputs[key] = OutputQuant(ranges)
+    # Last, so that a tensor of the wrong shape or with non-finite values is named for that; what the
+    # schema cannot see (a value changed within its range) only the digest catches.
+    for name in sorted(listed):
+        if tensor_digest(tensors[name]) != listed[name]:
+            raise bad(f"tensor {name!r}", "does not match its digest")
     return recipe
 
 
