@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common.constants import DEFAULT_GUIDANCE, QUANT_TARGETS
+from common import argtypes
+from common.constants import DEFAULT_GUIDANCE, DEFAULT_STEPS, QUANT_TARGETS
 from common.errors import DGQError
 
 log = logging.getLogger("dgq")
@@ -22,6 +23,16 @@ log = logging.getLogger("dgq")
 # functions (plain ValueErrors: a bad --steps, an unknown preset) and unusable paths. Anything else is
 # a bug and keeps its traceback.
 USER_ERRORS = (DGQError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
+# Exit status of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``prog: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 DEFAULT_PROMPT = "a photo of a dress"
 
@@ -34,6 +45,16 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
         "(default: the built-in default model)",
     )
     p.add_argument("--seed", type=int, default=0, help="weight seed for random-weight zoo models (default 0)")
+
+
+def _add_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--size",
+        type=argtypes.image_size,
+        default=None,
+        help=f"image size in pixels, a multiple of {argtypes.SIZE_MULTIPLE} up to {argtypes.MAX_SIZE} "
+        "(default: the model's)",
+    )
 
 
 # ---- dgq zoo ---------------------------------------------------------------------------------
@@ -49,12 +70,12 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 
 def _zoo_save(args: argparse.Namespace) -> int:
-    from common.fsutil import atomic_dir
+    from common.fsutil import claim_output
     from dgq import zoo
 
-    pipe = zoo.build_pipeline(args.name, seed=args.seed)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+    with claim_output(args.out, args.overwrite, zoo.is_saved_model, "model folder"):
+        pipe = zoo.build_pipeline(args.name, seed=args.seed)
+        zoo.save_model(pipe, args.out, args.name, args.seed, overwrite=args.overwrite)
     log.info("saved %s to %s", args.name, args.out)
     sys.stdout.write(f"{args.out}\n")
     return 0
@@ -69,7 +90,9 @@ def _add_zoo(sub) -> None:
     zs.add_argument("name", help="zoo name")
     zs.add_argument("out", type=Path, help="output folder (written atomically)")
     zs.add_argument("--seed", type=int, default=0, help="weight seed for random-weight models")
-    zs.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    zs.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder (one dgq zoo save wrote)"
+    )
     zs.set_defaults(func=_zoo_save)
 
 
@@ -88,7 +111,8 @@ def _generate(args: argparse.Namespace) -> int:
         if args.steps is None:
             from export.manifest import read_manifest
 
-            args.steps = int(read_manifest(args.onnx).get("steps") or 25)
+            calibrated = read_manifest(args.onnx)["steps"]
+            args.steps = DEFAULT_STEPS if calibrated is None else calibrated
         images, timings = generate_from_export(
             args.onnx, [args.prompt] * len(seeds), seeds, args.steps, args.guidance, args.size, backend=args.backend
         )
@@ -107,7 +131,14 @@ def _generate(args: argparse.Namespace) -> int:
         pipe = zoo.load_pipeline(args.model, seed=args.seed)
         pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
         images, timings = (
-            generate(pipe, [args.prompt] * len(seeds), seeds, args.steps or 25, args.guidance, args.size),
+            generate(
+                pipe,
+                [args.prompt] * len(seeds),
+                seeds,
+                DEFAULT_STEPS if args.steps is None else args.steps,
+                args.guidance,
+                args.size,
+            ),
             None,
         )
     for path in save_images(images, args.out):
@@ -140,21 +171,27 @@ def _add_generate(sub) -> None:
         "TensorRT when engines, CUDA and TensorRT are all there, else ONNX Runtime (default auto)",
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
+    p.add_argument(
+        "--num-images",
+        type=argtypes.integer(1, why="at least one image"),
+        default=1,
+        help="how many images (default 1)",
+    )
     p.add_argument("--image-seed", type=int, default=0, help="noise seed of the first image (default 0)")
     p.add_argument(
         "--steps",
-        type=int,
+        type=argtypes.steps,
         default=None,
-        help="denoising steps (default 25; with --onnx of a quantized export: the steps it was calibrated with)",
+        help=f"denoising steps, 1..{argtypes.MAX_STEPS} (default {DEFAULT_STEPS}; with --onnx of a quantized export: "
+        "the steps it was calibrated with)",
     )
     p.add_argument(
         "--guidance",
-        type=float,
+        type=argtypes.guidance,
         default=DEFAULT_GUIDANCE,
-        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g})",
+        help=f"classifier-free guidance scale >= 0; up to 1 turns guidance off (default {DEFAULT_GUIDANCE:g})",
     )
-    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    _add_size_arg(p)
     p.add_argument("--out", type=Path, default=Path("outputs/images"), help="output folder (default outputs/images)")
     p.set_defaults(func=_generate)
 
@@ -180,8 +217,15 @@ def _add_quickstart(sub) -> None:
     )
     p.add_argument("--model", default=None, help="zoo name, pipeline folder or hub id (default: the default model)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--out", type=Path, default=Path("outputs/quickstart"), help="output folder")
+    p.add_argument(
+        "--steps", type=argtypes.steps, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/quickstart"),
+        help="output folder, replaced when an earlier quickstart wrote it (default outputs/quickstart)",
+    )
     p.set_defaults(func=_quickstart)
 
 
@@ -189,18 +233,24 @@ def _add_quickstart(sub) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from common.fsutil import claim_output
+    from dgq.recipe import is_recipe_file
+
+    # Claimed before the work: an existing output is refused now, not after calibrating, and a second
+    # run to the same file fails at once instead of replacing this one's recipe.
+    with claim_output(args.out, args.overwrite, is_recipe_file, "recipe", parents=False):
+        return _calibrate_into(args)
+
+
+def _calibrate_into(args: argparse.Namespace) -> int:
     import time
 
-    from common.fsutil import check_writable_parent
     from dgq import zoo
     from dgq.calibrate import calibrate
     from dgq.config import preset
     from dgq.prompts import calibration_prompts
     from dgq.summary import recipe_summary
 
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
-    check_writable_parent(args.out)
     overrides = {
         k: v
         for k, v in dict(
@@ -237,7 +287,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     recipe.meta["model_spec"] = model
     recipe.meta["calibration_seconds"] = round(time.perf_counter() - t0, 1)
-    recipe.save(args.out)
+    recipe.save(args.out, overwrite=args.overwrite)
     sys.stdout.write(recipe_summary(recipe, top=5) + "\n")
     sys.stdout.write(f"recipe: {args.out}\n")
     return 0
@@ -255,11 +305,15 @@ def _add_calibrate(sub) -> None:
     )
     _add_model_arg(p)
     p.add_argument("--out", type=Path, required=True, help="recipe file to write (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing recipe file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing recipe file (not any other file)")
     p.add_argument("--preset", default="dgq", choices=sorted(PRESETS), help="method or baseline (default dgq)")
     p.add_argument("--wbits", type=int, choices=(8, 4), help="weight bits (default 8)")
     p.add_argument("--abits", type=int, choices=(8, 6, 4), help="activation bits (default 8)")
-    p.add_argument("--groups", type=int, help="K, groups per activation (default 16; 1 = layer-wise)")
+    p.add_argument(
+        "--groups",
+        type=argtypes.integer(1, why="K counts groups; 1 is one layer-wise range"),
+        help="K, groups per activation (default 16; 1 = layer-wise)",
+    )
     p.add_argument(
         "--profile",
         choices=QUANT_TARGETS,
@@ -283,16 +337,28 @@ def _add_calibrate(sub) -> None:
     )
     p.add_argument("--keep-float", nargs="*", help="module-name patterns kept in float (default: conv_in conv_out)")
     p.add_argument("--prompts", type=Path, help="prompt file, one per line (default: built-in list)")
-    p.add_argument("--num-prompts", type=int, default=64, help="calibration prompts (default 64, as the paper)")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    p.add_argument(
+        "--num-prompts",
+        type=argtypes.integer(1, why="calibration needs a prompt"),
+        default=64,
+        help="calibration prompts (default 64, as the paper)",
+    )
+    p.add_argument(
+        "--steps", type=argtypes.steps, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})"
+    )
     p.add_argument(
         "--guidance",
-        type=float,
+        type=argtypes.guidance,
         default=DEFAULT_GUIDANCE,
-        help=f"classifier-free guidance (default {DEFAULT_GUIDANCE:g})",
+        help=f"classifier-free guidance >= 0; up to 1 turns guidance off (default {DEFAULT_GUIDANCE:g})",
     )
-    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    _add_size_arg(p)
+    p.add_argument(
+        "--batch-size",
+        type=argtypes.integer(1, why="a pipeline call takes one prompt at least"),
+        default=8,
+        help="prompts per pipeline call (default 8)",
+    )
     p.set_defaults(func=_calibrate)
 
 
@@ -311,7 +377,7 @@ def _add_inspect(sub) -> None:
         description="Print a recipe's settings, the axis chosen per site, group counts and the largest outlier groups.",
     )
     p.add_argument("recipe", type=Path, help="recipe file")
-    p.add_argument("--top", type=int, default=10, help="how many outlier groups to list (default 10)")
+    p.add_argument("--top", type=argtypes.integer(0), default=10, help="how many outlier groups to list (default 10)")
     p.set_defaults(func=_inspect)
 
 
@@ -358,7 +424,7 @@ def _add_report(sub) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt (default {DEFAULT_PROMPT!r})")
     p.add_argument("--image-seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--threshold", type=float, default=20.0, help="SQNR (dB) that counts as diverged (default 20)")
-    p.add_argument("--top", type=int, default=10, help="how many worst layers to print (default 10)")
+    p.add_argument("--top", type=argtypes.integer(0), default=10, help="how many worst layers to print (default 10)")
     p.add_argument("--out", type=Path, default=Path("outputs/report"), help="output folder")
     p.set_defaults(func=_report)
 
@@ -390,7 +456,7 @@ def _add_build(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dgq",
         description="DGQ (Distribution-aware Group Quantization) for Stable Diffusion: calibrate, export "
         "to QDQ ONNX, build TensorRT engines, generate and evaluate.",
@@ -422,12 +488,31 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """``func(args)``'s exit status, or 2 with the message logged on one line for a :data:`USER_ERRORS`."""
+    """``func(args)``'s exit status; 2 with the message logged on one line for a :data:`USER_ERRORS` or
+    an allocation that failed for lack of memory; :data:`INTERRUPTED` with one line for Ctrl-C (the
+    writers' context managers have removed what was half-written by then)."""
     try:
         return int(func(args) or 0)
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing half-written was left behind")
+        return INTERRUPTED
     except USER_ERRORS as err:
         log.error("%s", err)
         return 2
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        log.error(
+            "out of memory: %s (a smaller --size, --num-images or --batch-size needs less)",
+            str(err).strip().splitlines()[-1][:200] or type(err).__name__,
+        )
+        return 2
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: MemoryError, torch's CPU allocator or CUDA out of memory."""
+    text = str(err)
+    return isinstance(err, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,9 +530,7 @@ def script_main(
     verbose_help: str = "debug logging",
 ) -> int:
     """A standalone script with one command's options (``scripts/export_onnx.py`` is ``dgq export``)."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     args = parser.parse_args(argv)

@@ -24,4 +24,21 @@ DEFAULT_GUIDANCE = 5.0
 FAITHFUL_GROUPS = 16
 BRANCH_GROUPS = 4
 
-__all__ = ["BRANCH_GROUPS", "DEFAULT_GUIDANCE", "FAITHFUL_GROUPS", "QUANT_TARGETS", "TARGETS"]
+# Sampler steps when none are given (a quantized export's own calibration steps win over it).
+DEFAULT_STEPS = 25
+
+# The ONNX opsets the exporter is tested at: 17 (the default, at which the float and TensorRT graphs
+# are compared with PyTorch) through 21 (INT4 tensors, block-wise DequantizeLinear and the INT16 zero
+# points of the faithful target need it). Outside it the legacy exporter fails with a traceback (below
+# 7, above 21) or writes graphs nothing here was checked against.
+SUPPORTED_OPSETS = (17, 18, 19, 20, 21)
+
+__all__ = [
+    "BRANCH_GROUPS",
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_STEPS",
+    "FAITHFUL_GROUPS",
+    "QUANT_TARGETS",
+    "SUPPORTED_OPSETS",
+    "TARGETS",
+]

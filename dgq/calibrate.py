@@ -283,8 +283,12 @@ def collect_statistics(
     """
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
+    if num_inference_steps < 1 or batch_size < 1:  # 0 steps would calibrate no slot, 0 prompts per call loop
+        raise ValueError(f"steps and batch size must be >= 1, got {num_inference_steps} and {batch_size}")
     unet = pipe.unet
-    size = size or int(unet.config.sample_size) * int(pipe.vae_scale_factor)
+    size = int(unet.config.sample_size) * int(pipe.vae_scale_factor) if size is None else size
+    if size <= 0 or size % int(pipe.vae_scale_factor):
+        raise ValueError(f"size {size} must be a positive multiple of the VAE scale factor {pipe.vae_scale_factor}")
     t0 = time.perf_counter()
     everything = QuantConfig(keep_float=())
     ctx = StepContext()

@@ -37,7 +37,12 @@ def generate(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    size = size or default_size(pipe)
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0 (up to 1 turns guidance off), got {guidance}")
+    size = default_size(pipe) if size is None else size
+    factor = int(pipe.vae_scale_factor)
+    if size <= 0 or size % factor:
+        raise ValueError(f"image size {size} must be a positive multiple of this model's VAE scale factor {factor}")
     images = []
     for prompt, seed in zip(prompts, seeds, strict=True):
         out = pipe(

@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 def run_quickstart(
     out: str | Path, model: str | None = None, prompt: str = "a photo of a dress", steps: int = 25, seed: int = 0
 ) -> dict[str, str]:
-    """Run the main job into ``out`` (replaced if it exists). Returns ``{what: path}``."""
+    """Run the main job into ``out`` (replaced if an earlier quickstart wrote it; any other existing path
+    is refused). Returns ``{what: path}``."""
     out = Path(out)
     name = model or zoo.DEFAULT_MODEL
     t0 = time.perf_counter()
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, owned=is_quickstart_output, what="quickstart folder") as tmp:
         log.info("building %s", name)
         pipe = zoo.load_pipeline(name)
         log.info("saving the pipeline with save_pretrained")
@@ -46,3 +47,18 @@ def run_quickstart(
         "image": str(out / "images" / "float_000.png"),
         "summary": str(out / "summary.json"),
     }
+
+
+QUICKSTART_ENTRIES = {"model", "images", "summary.json"}
+
+
+def is_quickstart_output(path: str | Path) -> bool:
+    """True for a folder :func:`run_quickstart` wrote: its summary, and nothing but its three entries."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or {p.name for p in path.iterdir()} - QUICKSTART_ENTRIES:
+        return False
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"model", "prompt", "steps", "seed"} <= set(summary)

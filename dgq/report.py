@@ -58,7 +58,7 @@ def layer_errors(
 ) -> list[LayerError]:
     """SQNR of every quantized layer's output, simulated vs float, in execution order (the order the
     float UNet runs them: diffusers registers a block's attentions before its resnets)."""
-    size = size or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor) if size is None else size
     with record_unet_calls(pipe.unet) as calls, torch.no_grad():
         pipe(
             prompt,

@@ -8,7 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from common.constants import BRANCH_GROUPS, DEFAULT_GUIDANCE, FAITHFUL_GROUPS, QUANT_TARGETS
+from common import argtypes
+from common.constants import (
+    BRANCH_GROUPS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    FAITHFUL_GROUPS,
+    QUANT_TARGETS,
+    SUPPORTED_OPSETS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +61,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="export target (default tensorrt)",
     )
     p.add_argument("--out", type=Path, required=True, help="export folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing export folder (never a folder dgq did not write)"
+    )
     p.add_argument("--wbits", type=int, choices=(8, 4), default=8, help="weight bits when calibrating (default 8)")
     p.add_argument(
         "--abits", type=int, choices=(8, 6, 4), default=8, help="activation bits when calibrating (default 8)"
     )
     p.add_argument(
         "--groups",
-        type=int,
+        type=argtypes.integer(1, why="K counts groups; 1 is one layer-wise range"),
         default=None,
         help=f"DGQ's K when calibrating (default {FAITHFUL_GROUPS}; for the tensorrt and "
         f"onnxruntime targets, where every group of a channel-grouped layer is a branch, {BRANCH_GROUPS})",
@@ -72,17 +82,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=16,
         help="tensorrt target when calibrating: bits of the outlier group (default 16 = float branch)",
     )
-    p.add_argument("--num-prompts", type=int, default=64, help="calibration prompts (default 64)")
     p.add_argument(
-        "--steps", type=int, default=25, help="calibration sampler steps; generate with the same (default 25)"
+        "--num-prompts",
+        type=argtypes.integer(1, why="calibration needs a prompt"),
+        default=64,
+        help="calibration prompts (default 64)",
+    )
+    p.add_argument(
+        "--steps",
+        type=argtypes.steps,
+        default=DEFAULT_STEPS,
+        help=f"calibration sampler steps; generate with the same (default {DEFAULT_STEPS})",
     )
     p.add_argument(
         "--guidance",
-        type=float,
+        type=argtypes.guidance,
         default=DEFAULT_GUIDANCE,
-        help=f"calibration guidance (default {DEFAULT_GUIDANCE:g})",
+        help=f"calibration guidance >= 0; up to 1 turns guidance off (default {DEFAULT_GUIDANCE:g})",
     )
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 21 for 4-bit weights)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        choices=SUPPORTED_OPSETS,
+        help="ONNX opset, one the exporter is tested at (default 17; 21 for 4-bit weights and the faithful target)",
+    )
     p.add_argument(
         "--components",
         nargs="+",
@@ -91,39 +115,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="networks to export (default all)",
     )
     p.add_argument(
-        "--max-batch", type=int, default=4, help="largest number of images per call in the profiles (default 4)"
+        "--max-batch",
+        type=argtypes.integer(1, why="a profile holds one image at least"),
+        default=4,
+        help="largest number of images per call in the profiles (default 4)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for random-weight zoo models (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.fsutil import check_writable_parent
+    from common.fsutil import claim_output
+    from export.float_export import is_export_output
+
+    # Claimed before the work (parent folders created, e.g. exports/ on a fresh checkout): an existing
+    # output is refused now, not after calibrating and exporting, and a second export to the same
+    # folder fails at once instead of replacing this one's.
+    with claim_output(args.out, args.overwrite, is_export_output, "export folder"):
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from dgq import zoo
-    from export.qdq_export import export_onnx
+    from export.qdq_export import INT4_OPSET, export_onnx
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)  # e.g. exports/ on a fresh checkout
-    except OSError as err:
-        raise PermissionError(f"cannot create the folder {out.parent} for {out}: {err.strerror}") from err
-    check_writable_parent(out)
     if args.recipe is not None and not args.recipe.is_file():
         raise FileNotFoundError(
             f"recipe {args.recipe} does not exist (run dgq calibrate, or leave --recipe out to calibrate now)"
         )
+    recipe = None
+    if args.target != "float" and args.recipe is not None:
+        from dgq.recipe import load
+
+        recipe = load(args.recipe)  # before the model: a damaged recipe is refused at once
+    wbits = args.wbits if recipe is None else recipe.config.wbits
+    needs_21 = args.target == "faithful" or (wbits <= 4 and args.target in ("tensorrt",))
+    if args.opset is not None and args.opset < INT4_OPSET and needs_21:
+        raise ValueError(
+            f"--opset {args.opset} is too old for a {args.target} export with {wbits}-bit weights: INT4 tensors "
+            f"and the faithful target's INT16 zero points need opset {INT4_OPSET} (leave --opset out)"
+        )
     model = args.model or zoo.DEFAULT_MODEL
     pipe = zoo.load_pipeline(model, seed=args.seed)
     pipe.set_progress_bar_config(disable=True)
-    recipe = None
-    if args.target != "float":
-        if args.recipe is not None:
-            from dgq.recipe import load
-
-            recipe = load(args.recipe)
-        else:
-            recipe = _calibrate(pipe, model, args)
+    if args.target != "float" and recipe is None:
+        recipe = _calibrate(pipe, model, args)
     t0 = time.perf_counter()
     summary = export_onnx(
         pipe,

@@ -34,7 +34,8 @@ import onnx
 import torch
 from torch import nn
 
-from common.fsutil import atomic_dir
+from common.constants import SUPPORTED_OPSETS
+from common.fsutil import TMP_PREFIX, atomic_dir
 from dgq.fingerprint import model_identity
 from export.errors import ExportError
 from export.iospec import (
@@ -45,11 +46,10 @@ from export.iospec import (
     unet_spec,
     vae_decoder_spec,
 )
-from export.manifest import MANIFEST, write_manifest
+from export.manifest import COMPONENTS, MANIFEST, is_export_folder, write_manifest
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "text_encoder", "vae_decoder")
 DEFAULT_OPSET = 17
 # Protobuf cannot serialize a message over 2 GiB; past this many bytes of weights the graph keeps
 # its tensors in one ``<name>.onnx.data`` file next to it.
@@ -316,7 +316,9 @@ def export_component(
     trace_spec = _float32_spec(spec)
     inputs = example_inputs(trace_spec)
     args = tuple(inputs[n] for n in trace_spec.input_names)
-    with tempfile.TemporaryDirectory(prefix=f".{spec.name}.trace.", dir=path.parent) as tmp:
+    # Beside the graph under the project's temporary prefix: removed on exit, and after a kill by the
+    # next run that claims the same output.
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent) as tmp:
         raw = Path(tmp) / "model.onnx"
         # The tracer warns at every Python branch on a shape (diffusers' size checks, CLIP's causal
         # mask); those branches are fixed for the documented profiles, and the tests run each graph
@@ -390,16 +392,18 @@ def export_float(
     ``iospec.json``. The folder appears only when every graph exported and passed the checker.
     Same pipeline and arguments give byte-identical files. Returns ``{component: path, "iospec": path}``.
 
-    ``opset``: ONNX opset of the legacy exporter (17 and 21 tested). ``components``: any of
+    ``opset``: ONNX opset of the legacy exporter, one of :data:`SUPPORTED_OPSETS`. ``components``: any of
     ``unet``, ``text_encoder``, ``vae_decoder``. ``static_size`` / ``batch``: the shape profiles
     (see :func:`pipeline_specs`). ``external_data_threshold``: weight bytes past which a graph
-    keeps its tensors in ``<name>.onnx.data``. ``overwrite``: replace an existing ``out_dir``.
+    keeps its tensors in ``<name>.onnx.data``. ``overwrite``: replace an existing ``out_dir`` that an
+    export wrote (:func:`is_export_output`); any other existing path is refused.
     ``assets``: also write ``tokenizer/``, ``scheduler/`` and ``manifest.json`` (target ``float``),
     which make the folder self-contained for a runtime (see :mod:`export.manifest`).
 
     The modules are put in eval mode and must be float32; ``fp16`` converts the exported graphs
     (see the module docstring).
     """
+    check_opset(opset)
     components = tuple(components)
     if not components:
         raise ExportError("components is empty; choose from " + str(list(COMPONENTS)))
@@ -413,7 +417,7 @@ def export_float(
         )
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, owned=is_export_output, what="export folder") as tmp:
         for c in components:
             module = _module(pipe, c)
             dtypes = {p.dtype for p in module.parameters()}
@@ -451,6 +455,27 @@ def export_float(
     if assets:
         written["manifest"] = out_dir / MANIFEST
     return written
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset outside :data:`SUPPORTED_OPSETS` before anything is traced."""
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(
+            f"opset {opset} is not supported: choose one of {list(SUPPORTED_OPSETS)}, the opsets the "
+            "exporter is tested at (21 is needed for 4-bit weights and the faithful target)"
+        )
+
+
+def is_export_output(path: str | Path) -> bool:
+    """True for a folder ``export_float``/``export_onnx`` wrote: an export with its manifest, or graphs
+    exported without assets (only ``iospec.json``, ``<name>.onnx`` and ``<name>.onnx.data``)."""
+    path = Path(path)
+    if is_export_folder(path):
+        return True
+    if path.is_symlink() or not path.is_dir() or not (path / "iospec.json").is_file():
+        return False
+    graphs = {f"{c}{ext}" for c in COMPONENTS for ext in (".onnx", ".onnx.data")}
+    return all(p.name in graphs | {"iospec.json"} and p.is_file() and not p.is_symlink() for p in path.iterdir())
 
 
 def write_assets(pipe: Any, folder: Path) -> None:

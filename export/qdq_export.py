@@ -25,16 +25,19 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from common.constants import BRANCH_GROUPS, FAITHFUL_GROUPS, QUANT_TARGETS
-from common.fsutil import atomic_dir
+from common.fsutil import atomic_dir, scratch_dir
 from dgq.config import QuantConfig, preset
 from dgq.fingerprint import model_identity
 from dgq.quant import PIXEL
 from dgq.recipe import Recipe
 from export.float_export import (
     COMPONENTS,
+    DEFAULT_OPSET,
     WRAPPERS,
     ExportError,
+    check_opset,
     export_component,
+    is_export_output,
     pipeline_specs,
     versions,
     write_assets,
@@ -61,12 +64,12 @@ def target_config(
     """The DGQ config a quantized export ``target`` is calibrated with by default (``groups`` None:
     its default K)."""
     if target == "tensorrt":
-        k = groups or BRANCH_GROUPS
+        k = BRANCH_GROUPS if groups is None else groups
         return preset("dgq", wbits=wbits, abits=abits, groups=k, profile="tensorrt", outlier_bits=outlier_bits)
     if target == "onnxruntime":
-        return preset("dgq", wbits=wbits, abits=abits, groups=groups or BRANCH_GROUPS, **ORT_PRESET)
+        return preset("dgq", wbits=wbits, abits=abits, groups=BRANCH_GROUPS if groups is None else groups, **ORT_PRESET)
     if target == "faithful":
-        return preset("dgq", wbits=wbits, abits=abits, groups=groups or FAITHFUL_GROUPS)
+        return preset("dgq", wbits=wbits, abits=abits, groups=FAITHFUL_GROUPS if groups is None else groups)
     raise ExportError(f"target {target!r} has no DGQ config; quantized targets: {list(QUANT_TARGETS)}")
 
 
@@ -259,24 +262,27 @@ def export_onnx(
     """Export ``pipe`` (with ``recipe`` for a quantized ``target``) into ``out_dir``; see the module docstring.
 
     ``opset``: default 17 for 8-bit tensorrt graphs and the onnxruntime target, 21 for 4-bit weights
-    (INT4 tensors) and for the faithful target (INT16 zero points). ``compare_float``: also export the float32 UNet to a
-    temporary folder to report the size ratio. ``inspect_ort``: report the integer kernels ONNX
-    Runtime CPU fuses the UNet into (``ort_integer_kernels``). The UNet must be float32.
+    (INT4 tensors) and for the faithful target (INT16 zero points); one of ``SUPPORTED_OPSETS``.
+    ``overwrite``: replace an existing ``out_dir`` that an export wrote, never anything else.
+    ``compare_float``: also export the float32 UNet to a temporary folder beside ``out_dir`` to report
+    the size ratio. ``inspect_ort``: report the integer kernels ONNX Runtime CPU fuses the UNet into
+    (``ort_integer_kernels``). The UNet must be float32.
     """
     if target not in TARGETS:
         raise ExportError(f"target {target!r} is not one of {list(TARGETS)}")
+    if opset is not None:
+        check_opset(opset)
     components = tuple(components)
     start = time.perf_counter()
     if target == "float":
         from export.float_export import export_float
 
-        written = export_float(
-            pipe, out_dir, opset=opset or 17, components=components, batch=batch, overwrite=overwrite
-        )
+        opset = DEFAULT_OPSET if opset is None else opset
+        written = export_float(pipe, out_dir, opset=opset, components=components, batch=batch, overwrite=overwrite)
         sizes = {p.name: p.stat().st_size for k, p in written.items() if k in COMPONENTS}
         nodes = {c: op_counts(onnx.load(str(written[c]), load_external_data=False)) for c in components}
         return ExportSummary(
-            "float", opset or 17, sizes, dict(sizes_by_component(sizes)), nodes, 0, {}, [], time.perf_counter() - start
+            "float", opset, sizes, dict(sizes_by_component(sizes)), nodes, 0, {}, [], time.perf_counter() - start
         )
     if recipe is None:
         raise ExportError(
@@ -289,7 +295,8 @@ def export_onnx(
     four_bit = recipe.config.wbits <= 4 and target != "onnxruntime"
     # faithful: INT16 zero points for group ranges that exclude 0 (QuantizeLinear-21)
     needs_21 = four_bit or target == "faithful"
-    opset = opset or (INT4_OPSET if needs_21 else 17)
+    if opset is None:
+        opset = INT4_OPSET if needs_21 else DEFAULT_OPSET
     if needs_21 and opset < INT4_OPSET:
         why = (
             "4-bit weights need INT4 tensors and block-wise DequantizeLinear"
@@ -327,7 +334,7 @@ def export_onnx(
 
     out_dir = Path(out_dir)
     nodes: dict[str, dict[str, int]] = {}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, is_export_output, "export folder") as tmp:
         steps = [c for c in COMPONENTS if c in components]
         from tqdm.auto import tqdm
 
@@ -354,10 +361,11 @@ def export_onnx(
         (tmp / "iospec.json").write_text(specs_to_json(specs))
         recipe.save(tmp / "recipe.safetensors")
         write_assets(pipe, tmp)
-        float_bytes = _float_unet_bytes(pipe, specs, opset) if compare_float else {}
+        with scratch_dir(out_dir) as scratch:  # beside the output, under the temporary prefix
+            float_bytes = _float_unet_bytes(pipe, specs, opset, scratch) if compare_float else {}
+            kernels = ort_integer_kernels(tmp / "unet.onnx", scratch) if inspect_ort else None
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.suffix == ".onnx"}
         qdq = nodes["unet"].get("QuantizeLinear", 0)
-        kernels = ort_integer_kernels(tmp / "unet.onnx") if inspect_ort else None
         summary = ExportSummary(
             target,
             opset,
@@ -410,14 +418,15 @@ ORT_INTEGER_OPS = (
 )
 
 
-def ort_integer_kernels(path: Path) -> dict[str, int]:
+def ort_integer_kernels(path: Path, scratch: Path | None = None) -> dict[str, int]:
     """Counts of integer ops in ONNX Runtime CPU's optimized version of the graph at ``path``
-    (MatMulNBits at accuracy level 0, as the runtime runs it)."""
+    (MatMulNBits at accuracy level 0, as the runtime runs it). The optimized graph is written to a
+    temporary folder in ``scratch`` (default: the system's)."""
     import onnxruntime as ort
 
     from export.ort_session import session_options
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         so = session_options(optimize=True, threads=None)
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -425,11 +434,11 @@ def ort_integer_kernels(path: Path) -> dict[str, int]:
     return {k: ops[k] for k in ORT_INTEGER_OPS if ops.get(k)}
 
 
-def _float_unet_bytes(pipe: Any, specs: dict, opset: int) -> dict[str, int]:
-    """Bytes of the float32 UNet graph with the same spec (exported to a temporary folder)."""
+def _float_unet_bytes(pipe: Any, specs: dict, opset: int, scratch: Path | None = None) -> dict[str, int]:
+    """Bytes of the float32 UNet graph with the same spec (exported to a temporary folder in ``scratch``)."""
     spec = specs["unet"]
     base = replace(spec, inputs=tuple(t for t in spec.inputs if t.name != STEP_INPUT))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         path = Path(tmp) / "unet.onnx"
         with torch.no_grad():
             export_component(WRAPPERS["unet"](pipe.unet).eval(), base, path, opset=opset)

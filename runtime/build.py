@@ -21,6 +21,7 @@ Imports: the standard library, ``common``, ``export.iospec``, ``export.manifest`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -29,16 +30,18 @@ import json
 import logging
 import os
 import platform
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from common.errors import DGQError
-from common.fsutil import atomic_files
+from common.fsutil import NotOwnedError, atomic_files, claim_output
 from export.iospec import read_specs
 from export.manifest import read_manifest
 from runtime.engine_report import format_table, inspect_engine, network_report, uses_fp8
@@ -59,6 +62,10 @@ MIN_TENSORRT = {"strongly typed networks": (10, 0), "INT4 block-wise weights": (
 # its Python bindings by review only. 8.x lacks strongly typed networks and INT4 weights; 11.x and
 # TensorRT-RTX 2.x are releases this code has not been checked against.
 SUPPORTED_MAJORS = {"tensorrt": 10, "tensorrt_rtx": 1}
+# Export targets whose graphs TensorRT builds: the tensorrt target's Q/DQ and the float graphs. The
+# faithful target's asymmetric INT16-zero-point Q/DQ and the onnxruntime target's QLinearConv
+# branches are for ONNX Runtime; TensorRT's parser rejects them.
+BUILDABLE_TARGETS = ("tensorrt", "float")
 
 
 class EngineBuildError(DGQError, ValueError):
@@ -279,6 +286,86 @@ def read_engine_meta(engine_path: str | os.PathLike) -> dict[str, Any]:
 # ---- building ---------------------------------------------------------------------------------
 
 
+class _Interrupts:
+    """Ctrl-C while TensorRT runs. TensorRT calls back into Python (its logger, the progress monitor)
+    and swallows any exception raised there, so a KeyboardInterrupt raised in a callback would be
+    lost and the build would run to the end. Instead a SIGINT is recorded here, the progress monitor
+    cancels the build at its next step, and :meth:`raise_pending` raises KeyboardInterrupt once
+    TensorRT has returned. The SIGINT is seen even while the main thread waits inside TensorRT: the
+    interpreter's C signal handler writes it to a wakeup pipe at once, and the callbacks (on any
+    thread) read that pipe.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._pipe: tuple[int, int] | None = None
+
+    def interrupted(self) -> bool:
+        if not self.pending and self._pipe is not None:
+            with contextlib.suppress(OSError):  # BlockingIOError: nothing arrived
+                self.pending = signal.SIGINT in os.read(self._pipe[0], 512)
+        return self.pending
+
+    def raise_pending(self) -> None:
+        if self.interrupted():
+            self.pending = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Route SIGINT here for the block (main thread only; elsewhere Python delivers no signals)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        self._pipe = (r, w)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old_handler)
+            signal.set_wakeup_fd(old_wakeup)
+            self.interrupted()  # a SIGINT still in the pipe
+            self._pipe = None
+            os.close(r)
+            os.close(w)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.pending = True
+
+
+_INTERRUPTS = _Interrupts()
+
+
+@functools.cache
+def _progress_monitor(trt):
+    """A progress monitor that cancels the build once Ctrl-C was pressed (None where TensorRT has none)."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            try:
+                return not _INTERRUPTS.interrupted()  # False cancels the build
+            except KeyboardInterrupt:
+                _INTERRUPTS.pending = True
+                return False
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return _Monitor()
+
+
 @functools.cache
 def _logger(trt):
     """TensorRT keeps one logger per process (a second one is ignored with a warning), so one per module."""
@@ -294,7 +381,13 @@ def _logger(trt):
 
     class _Logger(trt.ILogger):
         def log(self, severity, msg):
-            log.log(levels.get(severity, logging.INFO), "[TensorRT] %s", msg)
+            try:
+                level = levels.get(severity, logging.INFO)
+                if _INTERRUPTS.pending:  # TensorRT reports the build it cancels for Ctrl-C as an error
+                    level = min(level, logging.DEBUG)
+                log.log(level, "[TensorRT] %s", msg)
+            except KeyboardInterrupt:  # TensorRT would swallow it: keep it for raise_pending
+                _INTERRUPTS.pending = True
 
     return _Logger()
 
@@ -317,7 +410,9 @@ def _parse(trt, builder, onnx_path: Path):
     check_tensorrt_version(tensorrt_identity(trt), ["strongly typed networks"])
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, _logger(trt))
-    if not parser.parse_from_file(str(onnx_path)):
+    parsed = parser.parse_from_file(str(onnx_path))
+    _INTERRUPTS.raise_pending()
+    if not parsed:
         errors = []
         for i in range(parser.num_errors):
             e = parser.get_error(i)
@@ -489,8 +584,13 @@ def build_component(
         check_tensorrt_version(tensorrt_identity(trt), ["INT4 block-wise weights"])
     _refuse_fp8(component, report["network"], _target_sm(settings, gpu))
     config, applied, cache = _configure(trt, builder, spec, settings, gpu)
+    monitor = _progress_monitor(trt)
+    if monitor is not None:
+        config.progress_monitor = monitor
     t0 = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
+    with _INTERRUPTS.watching():
+        plan = builder.build_serialized_network(network, config)
+    _INTERRUPTS.raise_pending()
     seconds = time.perf_counter() - t0
     if plan is None:
         raise EngineBuildError(f"{component}: TensorRT could not build the engine (its errors are logged above)")
@@ -576,10 +676,17 @@ def build_engines(
     ``components`` defaults to the manifest's; ``out_dir`` to the export folder. The export's hashes
     are checked first (an edited graph is refused). ``progress`` wraps the component iterable (tqdm).
     ``tf32`` / ``capturable``: see :class:`BuildSettings`.
-    Raises EngineBuildError (a ValueError; ManifestError too) or FileExistsError without ``overwrite``.
+    Raises EngineBuildError (a ValueError; ManifestError too), FileExistsError for existing engines without
+    ``overwrite`` (with it, for engine files without their dgq metadata), OutputBusyError while another
+    process builds into the same files, KeyboardInterrupt for Ctrl-C (the build is cancelled).
     """
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir, verify=True)
+    if manifest["target"] not in BUILDABLE_TARGETS:
+        raise EngineBuildError(
+            f"{export_dir} is a {manifest['target']!r} export, which runs in ONNX Runtime; TensorRT builds the "
+            f"{' and '.join(repr(t) for t in BUILDABLE_TARGETS)} targets' graphs (dgq export --target tensorrt)"
+        )
     specs = read_specs(export_dir)
     components = list(components or manifest["components"])
     unknown = [c for c in components if c not in manifest["components"] or c not in specs]
@@ -595,18 +702,57 @@ def build_engines(
         tf32,
         capturable,
     )
-    out = Path(out_dir) if out_dir is not None else export_dir
-    out.mkdir(parents=True, exist_ok=True)
-    existing = [str(out / f"{c}.engine") for c in components if (out / f"{c}.engine").exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s) (pass overwrite to rebuild)")
     trt = load_tensorrt()
-    gpu = gpu_info()
-    log.info("building %s with %s %s on %s", components, trt.__name__, trt.__version__, gpu.get("name", "no GPU (AOT)"))
-    results = {}
-    for component in (progress or iter)(components):
-        results[component] = build_component(trt, export_dir, component, out, specs[component], manifest, settings, gpu)
-    return results
+    out = Path(out_dir) if out_dir is not None else export_dir
+    created = not out.exists()
+    try:
+        with contextlib.ExitStack() as claims:
+            # Every engine file is claimed before the first build: a second build into the same folder
+            # fails now instead of replacing these engines, and an existing engine is refused (or, with
+            # overwrite, recognised by its metadata) before any time is spent.
+            existing = []
+            for c in components:
+                engine = out / f"{c}.engine"
+                for path in (engine, Path(f"{engine}.json"), Path(f"{engine}.report.json")):
+                    claims.enter_context(claim_output(path, overwrite=True))
+                if engine.exists() or Path(f"{engine}.json").exists():
+                    existing.append(engine)
+            if existing and not overwrite:
+                raise FileExistsError(f"{', '.join(map(str, existing))} already exist(s) (pass overwrite to rebuild)")
+            foreign = [str(e) for e in existing if not is_engine_file(e)]
+            if foreign:
+                raise NotOwnedError(
+                    f"{', '.join(foreign)} exist(s) without the dgq metadata (.engine.json) that marks an engine "
+                    "dgq built; overwrite replaces only those, so move or delete them yourself"
+                )
+            gpu = gpu_info()
+            log.info(
+                "building %s with %s %s on %s",
+                components,
+                trt.__name__,
+                trt.__version__,
+                gpu.get("name", "no GPU (AOT)"),
+            )
+            results = {}
+            for component in (progress or iter)(components):
+                results[component] = build_component(
+                    trt, export_dir, component, out, specs[component], manifest, settings, gpu
+                )
+            return results
+    except BaseException:
+        if created:  # an engine folder this call created is not left behind empty
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def is_engine_file(path: str | os.PathLike) -> bool:
+    """True for an engine this project built: its ``.engine.json`` is dgq engine metadata naming it."""
+    try:
+        meta = json.loads(Path(f"{path}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == ENGINE_FORMAT and meta.get("engine_file") == Path(path).name
 
 
 def report_table(results: Mapping[str, BuildResult]) -> str:

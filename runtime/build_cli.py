@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from common import argtypes
+
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
@@ -30,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="engine folder (default: the export folder)")
     p.add_argument(
         "--workspace-gib",
-        type=float,
+        type=argtypes.real(0.0, "the builder needs some workspace memory", strict=True),
         default=4.0,
         help="workspace memory pool limit in GiB (default 4; 1 on an 8 GB Orin)",
     )
@@ -54,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weight-streaming", action="store_true", help="allow streaming weights from host memory at run time"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing engines")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing engines (those dgq built, with their .engine.json)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

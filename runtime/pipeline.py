@@ -186,6 +186,14 @@ class Text2ImagePipeline:
                 "text-to-image needs all three networks"
             )
         specs = read_specs(folder)
+        spec_slots = specs["unet"].metadata.get("slots")
+        if spec_slots is not None and spec_slots != manifest["slots"]:
+            # Two records of the same table (the graph's step_index selects from the recipe's slots in
+            # this order): a manifest whose slots were edited would feed every step another's parameters.
+            raise ManifestError(
+                f"{folder}: the manifest's timestep slots differ from those the UNet graph was exported with "
+                "(iospec.json); the folder was edited, re-export"
+            )
         tokenizer, scheduler = load_assets(folder)
         engine_dir = Path(engine_dir) if engine_dir is not None else folder
         engines = {c: engine_dir / f"{c}.engine" for c in COMPONENTS}

@@ -208,11 +208,24 @@ class OnnxRuntimeRunner(Runner):
             )
         # The project's session options: the optimized graph computes what its nodes say on every CPU
         # (MatMulNBits at accuracy level 0; ORT's exact integer path where its fast one saturates).
-        session = create_session(self.path, self.optimization == "all", self.threads, providers)
+        try:
+            session = create_session(self.path, self.optimization == "all", self.threads, providers)
+        except _ort_errors() as err:
+            raise RunnerError(f"{self.path.name}: ONNX Runtime cannot load the graph: {_first_line(err)}") from err
         got = [(i.name, i.type) for i in session.get_inputs()]
         want = [(t.name, _ORT_TYPES[t.dtype]) for t in self.spec.inputs]
         if got != want:
             raise RunnerError(f"{self.path.name}: graph inputs {got} differ from the IO spec {want}")
+        # Static sizes too: a graph of another model (say, another text width) has the same input names.
+        for i, t in zip(session.get_inputs(), self.spec.inputs, strict=True):
+            graph = list(i.shape)
+            if len(graph) != len(t.shape) or any(
+                isinstance(w, int) and isinstance(g, int) and g != w for g, w in zip(graph, t.shape, strict=True)
+            ):
+                raise RunnerError(
+                    f"{self.path.name}: input {t.name!r} has shape {graph} but the IO spec says {list(t.shape)}; "
+                    "the graph is not this export's (re-export)"
+                )
         self.session = session
         self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -222,11 +235,39 @@ class OnnxRuntimeRunner(Runner):
 
     def _infer(self, feed: Mapping[str, Array]) -> dict[str, Array]:
         inputs = {n: to_numpy(feed[n]) for n in self.spec.input_names}
-        values = self.session.run(self.spec.output_names, inputs)
+        try:
+            values = self.session.run(self.spec.output_names, inputs)
+        except _ort_errors() as err:
+            raise RunnerError(f"{self.path.name}: ONNX Runtime failed: {_first_line(err)}") from err
         return dict(zip(self.spec.output_names, values, strict=True))
 
     def _deactivate(self) -> None:
         self.session = None
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's own exception classes (they derive from Exception only)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "EngineError",
+        "RuntimeException",
+        "InvalidProtobuf",
+        "ModelLoaded",
+        "NotImplemented",
+        "InvalidGraph",
+        "EPFail",
+    )
+    return tuple(c for n in names if isinstance(c := getattr(state, n, None), type))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return " ".join(text.split())[:400] if text else type(err).__name__
 
 
 # --- PyTorch --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from common import argtypes
 from common.constants import DEFAULT_GUIDANCE
 
 log = logging.getLogger("eval_float")
@@ -40,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=20, help="images per pipeline call (default 20)")
     p.add_argument(
-        "--num-real", type=int, default=None, help="real test images for FID (default: as many as generated images)"
+        "--num-real",
+        type=argtypes.integer(1, why="FID needs real images"),
+        default=None,
+        help="real test images for FID (default: as many as generated images)",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the real-vs-real FID floor")
     p.add_argument("--grid-seeds", type=int, default=8, help="columns of the sample grid (default 8)")
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(images)
     log.info("generated %d images in %.0f s", n, time.perf_counter() - start)
 
-    num_real = args.num_real or n
+    num_real = n if args.num_real is None else args.num_real
     inception = load_inception()
     f_gen = inception_features(images, inception)
     f_real = inception_features(real_images(num_real, "test")[0], inception)

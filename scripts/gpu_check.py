@@ -117,7 +117,7 @@ def make_export(variant: str, folder: Path, args: argparse.Namespace) -> Path:
         pipe = zoo.load_pipeline(args.model)
         export_float(pipe, folder, fp16=True, batch=(1, 1, args.max_batch), overwrite=True)
     else:
-        from export.cli import main as export_main
+        from scripts.export_onnx import main as export_main
 
         argv = ["--model", args.model, "--target", "tensorrt", "--wbits", str(WBITS[variant]), "--abits", "8"]
         argv += ["--num-prompts", str(args.num_prompts), "--steps", str(args.steps), "--guidance", str(args.guidance)]

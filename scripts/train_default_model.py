@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
 
     if args.export_only:
         vae = AutoencoderKL(**train.VAE_CONFIG)
-        vae.load_state_dict(torch.load(vae_ckpt, weights_only=False)["model"])
+        vae.load_state_dict(torch.load(vae_ckpt, weights_only=True)["model"])
         unet, info = train.load_unet_checkpoint(unet_ckpt)
         export_weights(vae.eval(), unet, info["scaling_factor"], args.weights_dir, unet_dtype)
         log.info("exported UNet EMA of step %d (%.1f min of training)", info["step"], info["spent_s"] / 60)
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     )
 
     if args.resume and latents_path.is_file() and figures.get("vae", {}).get("psnr_db") is not None:
-        cache = torch.load(latents_path, weights_only=False)
+        cache = torch.load(latents_path, weights_only=True)
         log.info("reusing cached latents %s", latents_path)
     else:
         psnr = train.reconstruction_psnr(vae, test_images[: args.psnr_images])

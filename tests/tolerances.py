@@ -170,3 +170,13 @@ FUSED_KERNEL_MAX_REL_ERR = 1e-5
 # 9.2-9.7 dB (onnxruntime).
 QDQ_ORT_OPT_MAX_NOISE_GROWTH_DB = 0.5
 QDQ_ORT_OPT_TWO_DRAWS_DB = 3.01
+# Safety checks (outputs, artifacts, interrupts). Random single-byte and single-bit edits of a
+# manifest and of a recipe: each must be refused or load to an identical result. A few hundred
+# cases each run in seconds on a 2-core CPU.
+FUZZ_CASES = 300
+# Ctrl-C during a TensorRT build: the build is cancelled at the builder's next progress step. The tiny
+# UNet builds in about 8 s (TensorRT-RTX, AOT on an idle 2-core CPU); the cancelled build exited 1-3 s
+# after the signal there, and 20 s after it with the cores shared with another test run (every builder
+# step slows down). The bound only catches a hang: an ignored interrupt is caught by the exit status
+# (it finishes the build and exits 0).
+BUILD_INTERRUPT_MAX_SECONDS = 60.0

@@ -10,7 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from common.constants import DEFAULT_GUIDANCE
+from common import argtypes
+from common.constants import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(overrides --candidate)",
     )
     p.add_argument("--seed", type=int, default=0, help="weight seed for random-weight zoo models (default 0)")
-    p.add_argument("--num-prompts", type=int, default=20, help="evaluation prompts, class-balanced (default 20)")
-    p.add_argument("--seeds", type=int, default=2, help="image seeds per prompt (default 2)")
+    p.add_argument(
+        "--num-prompts",
+        type=argtypes.integer(1, why="nothing to evaluate otherwise"),
+        default=20,
+        help="evaluation prompts, class-balanced (default 20)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=argtypes.integer(1, why="nothing to evaluate otherwise"),
+        default=2,
+        help="image seeds per prompt (default 2)",
+    )
     p.add_argument("--seed-start", type=int, default=0, help="first image seed (default 0)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument(
+        "--steps", type=argtypes.steps, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})"
+    )
     p.add_argument(
         "--guidance",
-        type=float,
+        type=argtypes.guidance,
         default=DEFAULT_GUIDANCE,
-        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g})",
+        help=f"classifier-free guidance scale >= 0; up to 1 turns guidance off (default {DEFAULT_GUIDANCE:g})",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
     p.add_argument(
-        "--num-real", type=int, default=500, help="real test images for FID vs real; 0 skips it (default 500)"
+        "--batch-size",
+        type=argtypes.integer(1, why="a pipeline call takes one image at least"),
+        default=8,
+        help="images per pipeline call (default 8)",
+    )
+    p.add_argument(
+        "--num-real",
+        type=argtypes.integer(0),
+        default=500,
+        help="real test images for FID vs real; 0 skips it (default 500)",
     )
     p.add_argument("--no-fid", action="store_true", help="skip FID (the slowest part on a CPU)")
     p.add_argument("--no-judge", action="store_true", help="skip judge accuracy and label flips")

@@ -6,9 +6,11 @@ from dgq.zoo.registry import (
     ModelLoadError,
     ZooEntry,
     build_pipeline,
+    is_saved_model,
     load_pipeline,
     names,
     register,
+    save_model,
 )
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "ModelLoadError",
     "ZooEntry",
     "build_pipeline",
+    "is_saved_model",
     "load_pipeline",
     "names",
     "register",
+    "save_model",
 ]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
+from safetensors import SafetensorError
 
 from common.errors import DGQError
+from common.fsutil import atomic_dir
 from dgq.zoo import builders
 from dgq.zoo.default_model import build_fashion
 from dgq.zoo.outliers import build_fashion_outliers
@@ -18,7 +22,14 @@ log = logging.getLogger(__name__)
 
 
 class ModelLoadError(DGQError, RuntimeError):
-    """A model spec that names no zoo entry, no existing folder, and no reachable hub id."""
+    """A model spec that names no zoo entry, no existing folder, and no reachable hub id, or a model
+    folder that cannot be loaded (damaged weights, an invalid ``model_index.json``)."""
+
+
+# The file ``dgq zoo save`` adds to the diffusers folder it writes: what was saved and every file of it,
+# so ``--overwrite`` recognises a folder it wrote (and nothing the user added to it). diffusers ignores it.
+SAVED_MARKER = "dgq-zoo.json"
+SAVED_FORMAT = "dgq-zoo-model"
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,17 @@ def load_pipeline(spec: str | None = None, seed: int = 0, **from_pretrained_kwar
                 "save one with pipeline.save_pretrained(folder)"
             )
         log.info("loading pipeline from folder %s", path)
-        return DiffusionPipeline.from_pretrained(path, **from_pretrained_kwargs)
+        try:
+            return DiffusionPipeline.from_pretrained(path, **from_pretrained_kwargs)
+        except (OSError, ValueError, TypeError, KeyError, SafetensorError) as err:
+            # Damaged files surface as whatever the reader of each one raises: OSError (invalid JSON,
+            # truncated weights, a missing component), a safetensors error, a ValueError (weights of
+            # another shape), a TypeError (a model_index.json that is not an object).
+            cause = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(
+                f"{path} is a diffusers folder that cannot be loaded (damaged or incomplete: {cause}); "
+                "save it again (dgq zoo save, or pipeline.save_pretrained)"
+            ) from err
     if not _is_hub_id(spec):
         raise ModelLoadError(f"model folder {spec!r} does not exist (zoo names: {names()})")
     log.info("loading pipeline %s from the Hugging Face hub or its local cache", spec)
@@ -114,3 +135,33 @@ def load_pipeline(spec: str | None = None, seed: int = 0, **from_pretrained_kwar
             f"could not load {spec!r}: it is not a zoo name ({names()}), not an existing folder, and the "
             f"hub did not provide it (no network, or not in the local cache). Cause: {err}"
         ) from err
+
+
+def save_model(pipe: DiffusionPipeline, out: str | os.PathLike, name: str, seed: int, overwrite: bool = False) -> Path:
+    """Write ``pipe`` as a diffusers folder (``save_pretrained``) atomically, with the marker that lets
+    ``overwrite`` recognise it later (:func:`is_saved_model`)."""
+    with atomic_dir(out, overwrite, is_saved_model, "model folder") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        marker = {"format": SAVED_FORMAT, "name": name, "seed": seed, "files": files}
+        (tmp / SAVED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return Path(out)
+
+
+def is_saved_model(path: str | os.PathLike) -> bool:
+    """True for a folder :func:`save_model` wrote, holding nothing but what its marker lists."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        marker = json.loads((path / SAVED_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if (
+        not isinstance(marker, dict)
+        or marker.get("format") != SAVED_FORMAT
+        or not isinstance(marker.get("files"), list)
+    ):
+        return False
+    listed = set(marker["files"]) | {SAVED_MARKER}
+    return all(p.relative_to(path).as_posix() in listed for p in path.rglob("*") if not p.is_dir())

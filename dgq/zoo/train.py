@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
 
+from common.fsutil import atomic_file
 from dgq.zoo import fashion_data
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,11 @@ class _Clock:
 
 
 def _save(path: Path, state: dict) -> None:
-    # Write then rename, so a run killed mid-write never leaves a truncated checkpoint.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    # Written atomically, so a run killed mid-write never leaves a truncated checkpoint. Only tensors,
+    # numbers, strings and containers of them: loads use weights_only=True, which refuses anything a
+    # pickle could run.
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 # --------------------------------------------------------------------------------------------- VAE
@@ -145,7 +146,7 @@ def train_vae(
     gen = torch.Generator().manual_seed(cfg.seed)
     step, spent = 0, 0.0
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["generator"])
@@ -269,7 +270,7 @@ def train_unet(
     labels_t = torch.as_tensor(labels)
     step, spent = 0, 0.0
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)
         unet.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -330,7 +331,7 @@ def train_unet(
 
 def load_unet_checkpoint(ckpt_path: Path, use_ema: bool = True) -> tuple[UNet2DConditionModel, dict]:
     """The (EMA) UNet of a checkpoint written by :func:`train_unet`, and its step/time/scaling factor."""
-    state = torch.load(ckpt_path, weights_only=False)
+    state = torch.load(ckpt_path, weights_only=True)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     unet.load_state_dict(state["ema" if use_ema else "model"])
     return unet.eval(), {k: state[k] for k in ("step", "spent_s", "scaling_factor")}

@@ -239,11 +239,18 @@ def test_sdxl_shaped_unet(tmp_path):
 
 @pytest.mark.parametrize(
     "variant, opset",
-    [({}, 21), ({"use_linear_projection": True, "upcast_attention": True, "attention_head_dim": (2, 4, 4)}, 17)],
-    ids=["sd15-opset21", "sd21-shaped"],
+    [
+        ({}, 21),
+        ({"use_linear_projection": True, "upcast_attention": True, "attention_head_dim": (2, 4, 4)}, 17),
+        ({}, 18),
+        ({}, 19),
+        ({}, 20),
+    ],
+    ids=["sd15-opset21", "sd21-shaped", "opset18", "opset19", "opset20"],
 )
 def test_unet_variants(variant, opset, tmp_path):
-    """Opset 21, and SD 2.x's linear projections and float32-upcast attention."""
+    """Every supported opset (17 is the default of every other test), and SD 2.x's linear projections and
+    float32-upcast attention."""
     from diffusers import UNet2DConditionModel
 
     from dgq.zoo.builders import TINY_UNET
@@ -258,6 +265,18 @@ def test_unet_variants(variant, opset, tmp_path):
         inputs = example_inputs(spec, batch=3, latent_height=12)
         (got,) = session(out["unet"], level).run(None, {k: v.numpy() for k, v in inputs.items()})
         assert rel_err(got, torch_reference(unet, spec, inputs)) < FLOAT_ONNX_MAX_REL_ERR, level
+
+
+def test_opsets_outside_the_supported_set_are_refused_before_tracing(tiny_pipe, tmp_path):
+    import re
+
+    from common.constants import SUPPORTED_OPSETS
+
+    for opset in (5, 16, 22, 99):
+        message = re.escape(f"opset {opset} is not supported: choose one of {list(SUPPORTED_OPSETS)}")
+        with pytest.raises(ExportError, match=message):
+            export_float(tiny_pipe, tmp_path / "x", opset=opset)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fashion_bert_text_encoder_without_attention_mask(tmp_path):

@@ -7,6 +7,7 @@ DequantizeLinear (opset 21, axis 0) feeding a MatMul.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,9 @@ GRAPHS = {
     "int4": (int4_weight_matmul, (16, 128), (16, 64)),
     "fp8": (fp8_matmul, (16, 32), (16, 32)),
 }
-FAKE_RECIPE_SHA256 = "ab" * 32
+# A stand-in for the recipe file a quantized export carries (the builder records its hash, never reads it).
+FAKE_RECIPE = b"stand-in for recipe.safetensors"
+FAKE_RECIPE_SHA256 = hashlib.sha256(FAKE_RECIPE).hexdigest()
 
 
 def export_folder(folder: Path, kind: str) -> Path:
@@ -145,6 +148,7 @@ def export_folder(folder: Path, kind: str) -> Path:
         dims={"batch": Dim(1, 2, 4)},
     )
     (folder / "iospec.json").write_text(specs_to_json({"unet": spec}))
+    (folder / "recipe.safetensors").write_bytes(FAKE_RECIPE)
     write_manifest(
         folder,
         {

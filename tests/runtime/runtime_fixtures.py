@@ -69,7 +69,8 @@ def with_step_index(src: Path, dst: Path, slots: list[float]) -> Path:
     """A copy of the float export ``src`` whose UNet takes ``step_index`` and whose manifest has ``slots``."""
     shutil.copytree(src, dst)
     specs = read_specs(dst)
-    specs["unet"] = specs["unet"].with_inputs(TensorSpec("step_index", "int64", ()))
+    # The slots go into the UNet's IO spec too, as the Q/DQ exporter records them.
+    specs["unet"] = specs["unet"].with_inputs(TensorSpec("step_index", "int64", ()), slots=[float(s) for s in slots])
     onnx.save_model(step_index_unet(specs["unet"]), str(dst / "unet.onnx"))
     (dst / "iospec.json").write_text(specs_to_json(specs))
     manifest = read_manifest(src)

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import json
 import os
+import signal
 
 import pytest
 
@@ -134,7 +135,7 @@ def test_fp8_graph_refused_for_jetson_orin(tmp_path):
     folder = qdq_graphs.export_folder(tmp_path / "fp8", "fp8")
     with pytest.raises(EngineBuildError, match=r"FP8 Q/DQ .* SM 8\.7 \(Jetson Orin\).*>= 8\.9"):
         build_engines(folder, target_sm="8.7")
-    assert _files(folder) == ["iospec.json", "manifest.json", "unet.onnx"]
+    assert _files(folder) == ["iospec.json", "manifest.json", "recipe.safetensors", "unet.onnx"]
 
 
 def test_fp8_refusal_rule_needs_sm89():
@@ -181,7 +182,7 @@ def test_graph_tensorrt_rejects_gives_parser_message_and_no_partial_files(tmp_pa
         match=r"unet\.onnx: TensorRT's ONNX parser rejected .*node 'x_Q' \(QuantizeLinear\).*zero point",
     ):
         build_engines(folder, out_dir=out)
-    assert _files(out) == []
+    assert not out.exists()  # the engine folder this build created is not left behind empty
 
 
 @trt_only
@@ -199,7 +200,7 @@ def test_failure_while_writing_leaves_no_engine(tmp_path, monkeypatch):
     monkeypatch.setattr(build.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="disk full"):
         build_engines(folder)
-    assert _files(folder) == ["iospec.json", "manifest.json", "unet.onnx"]
+    assert _files(folder) == ["iospec.json", "manifest.json", "recipe.safetensors", "unet.onnx"]
 
 
 @trt_only
@@ -211,6 +212,108 @@ def test_unknown_component_and_bad_settings_refused(tmp_path):
         build_engines(folder, workspace_gib=0)
     with pytest.raises(EngineBuildError, match="must look like"):
         build_engines(folder, target_sm="sm87")
+
+
+def test_export_for_onnx_runtime_is_refused_before_parsing_and_leaves_no_folder(tmp_path):
+    from export.manifest import read_manifest, write_manifest
+
+    folder = qdq_graphs.export_folder(tmp_path / "faithful", "int8")
+    write_manifest(folder, read_manifest(folder) | {"target": "faithful"})
+    out = tmp_path / "engines"
+    with pytest.raises(EngineBuildError, match=r"is a 'faithful' export, which runs in ONNX Runtime"):
+        build_engines(folder, out_dir=out)
+    assert not out.exists()
+    assert _files(folder) == ["iospec.json", "manifest.json", "recipe.safetensors", "unet.onnx"]
+
+
+def test_export_whose_manifest_does_not_verify_is_refused(tmp_path):
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["target"] = "float"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="does not match its digest"):
+        build_engines(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match=r"no manifest\.json"):
+        build_engines(folder)
+
+
+@trt_only
+def test_overwrite_replaces_only_engines_dgq_built(tmp_path):
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    out = tmp_path / "engines"
+    out.mkdir()
+    (out / "unet.engine").write_bytes(b"someone else's plan")
+    with pytest.raises(FileExistsError, match=r"unet\.engine exist\(s\) without the dgq metadata"):
+        build_engines(folder, out_dir=out, overwrite=True)
+    assert (out / "unet.engine").read_bytes() == b"someone else's plan" and _files(out) == ["unet.engine"]
+    (out / "unet.engine").unlink()
+    build_engines(folder, out_dir=out)
+    build_engines(folder, out_dir=out, overwrite=True)  # its own: rebuilt
+    assert _files(out) == ["unet.engine", "unet.engine.json", "unet.engine.report.json"]
+
+
+@trt_only
+def test_a_build_removes_what_a_killed_build_left(tmp_path):
+    folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
+    before = _files(folder)
+    left = [".dgq-tmp.unet.engine.lock", ".dgq-tmp.unet.engine.k1ll3d_0", ".dgq-tmp.unet.engine.json.zz9_8y7x"]
+    for name in left:  # a killed build's lock and temporaries (the lock was released by the kill)
+        (folder / name).write_bytes(b"partial")
+    build_engines(folder)
+    assert _files(folder) == sorted([*before, "unet.engine", "unet.engine.json", "unet.engine.report.json"])
+
+
+def test_tensorrt_callbacks_keep_a_ctrl_c_for_after_the_call():
+    """TensorRT swallows exceptions raised in its callbacks: a KeyboardInterrupt there is kept and raised
+    when TensorRT returns, and the progress monitor then cancels the build."""
+    interrupts = build._Interrupts()
+    interrupts.raise_pending()  # nothing pending: no exception
+    with interrupts.watching():
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: recorded by the handler, not raised
+        assert interrupts.interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.raise_pending()
+    assert not interrupts.interrupted()
+
+
+@trt_only
+@pytest.mark.slow
+def test_ctrl_c_stops_a_tensorrt_build_exits_130_and_leaves_nothing(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from dgq import zoo
+    from export.float_export import export_float
+    from tests.tolerances import BUILD_INTERRUPT_MAX_SECONDS
+
+    folder = tmp_path / "export"
+    export_float(zoo.build_pipeline("tiny", seed=0), folder, components=("unet",))
+    before = _files(folder)
+    log = tmp_path / "stderr.txt"
+    root = Path(__file__).resolve().parents[2]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "build", str(folder)],
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        while "building ['unet']" not in log.read_text() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(2.0)  # past the parser (about 1 s), into the builder (about 8 s)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    elapsed = time.monotonic() - sent
+    lines = log.read_text().strip().splitlines()
+    assert proc.returncode == 130, lines
+    assert elapsed < BUILD_INTERRUPT_MAX_SECONDS
+    assert lines[-1].endswith("interrupted; nothing half-written was left behind") and len(lines) == 2, lines
+    assert _files(folder) == before
 
 
 # ---- compatibility of engine metadata -----------------------------------------------------------

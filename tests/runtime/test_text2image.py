@@ -175,6 +175,25 @@ def test_edited_folder_refused(tiny, tmp_path):
         Text2ImagePipeline.from_export(tmp_path / "missing")
 
 
+def test_an_edited_manifest_is_refused(tiny, tmp_path):
+    _, folder = tiny
+    slots = [999.0, 500.0, 1.0]
+    edited = with_step_index(folder, tmp_path / "slots", slots)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["slots"] = slots[::-1]  # every step would read another step's parameters
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="does not match its digest"):
+        Text2ImagePipeline.from_export(edited)
+    with pytest.raises(ManifestError, match="does not match its digest"):
+        Text2ImagePipeline.from_export(edited, verify=False)  # the files go unhashed, the manifest does not
+    from export.manifest import canonical_digest
+
+    manifest["digest"] = canonical_digest(manifest)  # re-signed: the IO spec still disagrees
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="slots differ from those the UNet graph was exported with"):
+        Text2ImagePipeline.from_export(edited)
+
+
 def test_backend_choice_and_missing_engines(tiny, tmp_path, caplog):
     _, folder = tiny
     with pytest.raises(
