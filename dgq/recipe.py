@@ -79,6 +79,9 @@ class OutputQuant:
     """
 
     ranges: torch.Tensor
+    # norm_outputs: per-output-channel scale (O,) the branch outputs are divided by before their
+    # quantizer (then ``ranges`` are those of the divided outputs); None: plain outputs
+    channel_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -139,7 +142,10 @@ class Recipe:
                 k: {"bits": w.bits, "granularity": w.granularity, "block": w.block, "symmetric": w.symmetric}
                 for k, w in self.weights.items()
             },
-            "outputs": {k: {"shape": list(o.ranges.shape)} for k, o in self.outputs.items()},
+            "outputs": {
+                k: {"shape": list(o.ranges.shape), "channel_scale": o.channel_scale is not None}
+                for k, o in self.outputs.items()
+            },
             "meta": self.meta,
         }
 
@@ -157,6 +163,8 @@ class Recipe:
             out[f"weight/{key}/zero_point"] = w.zero_point.float().contiguous()
         for key, o in self.outputs.items():
             out[f"output/{key}/ranges"] = o.ranges.float().contiguous()
+            if o.channel_scale is not None:
+                out[f"output/{key}/channel_scale"] = o.channel_scale.float().contiguous()
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -233,5 +241,6 @@ def load(path: str | Path) -> Recipe:
         ranges = take(f"output/{key}/ranges")
         if list(ranges.shape) != info["shape"] or ranges.ndim != 3 or ranges.shape[-1] != 2:
             raise RecipeError(f"{path}: output quantizer {key!r} has inconsistent ranges")
-        recipe.outputs[key] = OutputQuant(ranges)
+        scale = take(f"output/{key}/channel_scale") if info.get("channel_scale") else None
+        recipe.outputs[key] = OutputQuant(ranges, scale)
     return recipe
