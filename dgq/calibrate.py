@@ -24,6 +24,7 @@ from common.constants import DEFAULT_GUIDANCE
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.config import QuantConfig
 from dgq.fingerprint import model_identity
+from dgq.plan import fold_of
 from dgq.quant import (
     CHANNEL,
     LAYER,
@@ -137,11 +138,13 @@ def _group_one(stats: AxisStats, config: QuantConfig, axis: str | None = None, g
 
 def _onnxruntime_grouping(layout: str, merged: AxisStats, config: QuantConfig) -> tuple[str, torch.Tensor]:
     """``onnxruntime`` profile: a conv input gets K channel groups (one QLinearConv branch each),
-    fixed across steps; every other input one range (a per-channel scale cannot feed
-    MatMulIntegerToFloat, and a Gather of channel groups along a MatMul's last axis cost more than
-    the integer kernel saves: README, ONNX Runtime target)."""
+    fixed across steps; a Linear input too when the config folds them (``fold_linear``: the groups'
+    scales and centres go into the weights, so one per-tensor Q/DQ feeds MatMulIntegerToFloat); every
+    other input one range (a per-channel scale cannot feed MatMulIntegerToFloat, and a Gather of
+    channel groups along a MatMul's last axis costs more than the integer kernel saves: README)."""
     k = config.effective_groups
-    if layout != CONV or k == 1:
+    grouped = layout == CONV or (layout == LINEAR and config.folds_linear)
+    if not grouped or k == 1:
         return LAYER, torch.zeros(1, dtype=torch.long)
     amin, amax = merged.axis(CHANNEL)
     return CHANNEL, kmeans_groups(amin, amax, k, seed=config.seed)
@@ -375,23 +378,42 @@ def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantCo
     for key, layout, per_slot in tqdm(jobs, desc="group search", disable=not progress):
         recipe.acts[key] = build_act_quant(layout, per_slot, n_slots, config)
     for s in tqdm(layers, desc="weights", disable=not progress):
-        recipe.weights[s.name] = weight_quant(unet.get_submodule(s.name).weight, s.kind, config)
+        w = unet.get_submodule(s.name).weight
+        act = recipe.acts.get(s.input_key)
+        if s.kind != CONV and config.folds_linear and act is not None and act.axis[0] == CHANNEL:
+            w = w.detach().float() * fold_of(act).scale  # the folded input's scale lives in the columns
+        recipe.weights[s.name] = weight_quant(w, s.kind, config)
     return recipe
 
 
-class _OutputObserver:
-    """Running (min, max) per (slot, branch) of one conv's bias-free branch outputs."""
+OUTPUT_SCALE_FLOOR = 1e-6  # an output channel that is always 0 keeps a finite scale
 
-    def __init__(self, n_slots: int, k: int) -> None:
-        self.ranges = torch.zeros(n_slots, k, 2)
+
+class _OutputObserver:
+    """Running (min, max) per (slot, branch, output channel) of one conv's bias-free branch outputs."""
+
+    def __init__(self, n_slots: int, k: int, channels: int) -> None:
+        self.lo = torch.full((n_slots, k, channels), float("inf"))
+        self.hi = torch.full((n_slots, k, channels), float("-inf"))
         self.seen = torch.zeros(n_slots, k, dtype=torch.bool)
 
     def __call__(self, branch: int, y: torch.Tensor, slot: int) -> None:
-        lo, hi = float(y.amin()), float(y.amax())
-        if self.seen[slot, branch]:
-            lo, hi = min(lo, float(self.ranges[slot, branch, 0])), max(hi, float(self.ranges[slot, branch, 1]))
-        self.ranges[slot, branch] = torch.tensor([lo, hi])
+        y = y.detach().float()
+        self.lo[slot, branch] = torch.minimum(self.lo[slot, branch], y.amin((0, 2, 3)))
+        self.hi[slot, branch] = torch.maximum(self.hi[slot, branch], y.amax((0, 2, 3)))
         self.seen[slot, branch] = True
+
+    def output_quant(self, normalize: bool) -> OutputQuant:
+        """Per (slot, branch) ranges of the branch outputs, each divided by a per-output-channel scale
+        (the largest magnitude that channel reached in any slot and branch) when ``normalize``."""
+        lo, hi = self.lo.clone(), self.hi.clone()
+        unseen = ~self.seen
+        lo[unseen], hi[unseen] = 0.0, 0.0  # a branch with no channels of this group (never called)
+        scale = None
+        if normalize:
+            scale = torch.maximum(lo.abs(), hi.abs()).amax((0, 1)).clamp_min(OUTPUT_SCALE_FLOOR)
+            lo, hi = lo / scale, hi / scale
+        return OutputQuant(torch.stack([lo.amin(2), hi.amax(2)], -1), scale)
 
 
 def calibrate_outputs(
@@ -427,7 +449,8 @@ def calibrate_outputs(
 
     def observe(name: str) -> _OutputObserver:
         act = recipe.acts[input_keys[name]]
-        observers[name] = _OutputObserver(len(act.axis), act.k(0))
+        channels = pipe.unet.get_submodule(name).out_channels
+        observers[name] = _OutputObserver(len(act.axis), act.k(0), channels)
         return observers[name]
 
     handle = apply_recipe(pipe.unet, dataclasses.replace(recipe, outputs={}), observe_outputs=observe)
@@ -447,7 +470,7 @@ def calibrate_outputs(
     for name, obs in observers.items():
         if not obs.seen.any(dim=1).all():
             raise RuntimeError(f"{name}: no output observed in some timestep slots; generate with the calibrated steps")
-        out.outputs[name] = OutputQuant(obs.ranges.clone())
+        out.outputs[name] = obs.output_quant(normalize=recipe.config.normalizes_outputs)
     out.meta["output_calibration"] = {"prompts": len(prompts), "seconds": round(time.perf_counter() - t0, 1)}
     log.info("observed the outputs of %d convs in %.1f s", len(observers), time.perf_counter() - t0)
     return out

@@ -15,6 +15,8 @@ from typing import Any
 from common.constants import QUANT_TARGETS
 
 CONFIG_VERSION = 1
+# Fields added after version 1 whose absence in a stored config means "off".
+LEGACY_OFF = ("fold_linear", "norm_outputs")
 
 WEIGHT_INITS = ("mse", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "block", "tensor")
@@ -48,7 +50,9 @@ class QuantConfig:
     ``onnxruntime`` = what ONNX Runtime's CPU integer kernels run: asymmetric (uint8) per-step
     activation ranges, symmetric int8 weights, conv inputs in channel groups fixed across timesteps
     (one QLinearConv branch per group) whose outputs are quantized too (a calibrated per-step range
-    per branch, ``Recipe.outputs``), Linear inputs one range per step (MatMulIntegerToFloat).
+    per branch, ``Recipe.outputs``; with ``norm_outputs`` after a per-output-channel scale), Linear
+    inputs with ``fold_linear`` in channel groups folded into the weights, else one range per step
+    (MatMulIntegerToFloat either way).
     """
 
     wbits: int = 8
@@ -65,6 +69,11 @@ class QuantConfig:
     symmetric: bool = False  # forced True by the tensorrt profile
     quantize_qkv: bool = True
     outlier_bits: int | None = None  # tensorrt profile: bits of the widest group (16 = keep float)
+    # onnxruntime profile: Linear inputs get channel groups whose scale and centre are folded into the
+    # layer's weight columns and bias (one per-tensor Q/DQ per step on the normalized input), and conv
+    # branch outputs are quantized per output channel through a scale folded into the weight rows.
+    fold_linear: bool = True
+    norm_outputs: bool = True
     # attention probabilities
     # the paper: log2; uniform measured better on the default model (docs/method.md, section 8)
     attn_probs: str = "uniform"
@@ -119,6 +128,16 @@ class QuantConfig:
         return self.is_symmetric or self.profile == "onnxruntime"
 
     @property
+    def folds_linear(self) -> bool:
+        """Linear inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_linear``)."""
+        return self.profile == "onnxruntime" and self.fold_linear
+
+    @property
+    def normalizes_outputs(self) -> bool:
+        """Conv branch outputs quantized per output channel (``onnxruntime`` profile, ``norm_outputs``)."""
+        return self.profile == "onnxruntime" and self.norm_outputs
+
+    @property
     def effective_groups(self) -> int:
         return 1 if self.act_axis == "layer" else self.groups
 
@@ -141,6 +160,9 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"unknown QuantConfig fields {unknown}")
         d = dict(d)
+        # Recipes written before a field existed were calibrated without it.
+        for name in LEGACY_OFF:
+            d.setdefault(name, False)
         if "keep_float" in d:
             d["keep_float"] = tuple(d["keep_float"])
         return cls(**d)

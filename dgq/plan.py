@@ -15,7 +15,7 @@ Which tensor dim an axis is (``quant_view``/``axis_dim``) is defined once in ``d
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -162,6 +162,9 @@ class ActPlan:
     layout: str
     bits: int
     slots: list[SlotPlan]
+    # A folded site quantizes u = (x - fold.centre) / fold.scale per tensor (its slots are layer-wise
+    # grids on u); the consumer's weight columns carry fold.scale and its bias W @ fold.centre.
+    fold: Fold | None = None
 
     @property
     def n_slots(self) -> int:
@@ -212,10 +215,64 @@ class ActPlan:
         return out
 
 
-def plan_act(key: str, act: ActQuant, bits: int, config: QuantConfig) -> ActPlan:
-    """The plan of one activation site of a recipe (validated against the recipe's own shapes)."""
+@dataclass(frozen=True)
+class Fold:
+    """Per-channel ``scale`` and ``centre`` (float32 ``(C,)``, constant within a channel group and
+    across steps) that normalize a Linear input before its per-tensor quantizer."""
+
+    scale: torch.Tensor
+    centre: torch.Tensor
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - centre) / scale`` along the last dim: the op order the exported graph uses."""
+        return (x - self.centre) / self.scale
+
+    def bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's bias with the centre folded in, ``bias + weight @ centre`` (float32 ``(O,)``)."""
+        b = torch.mv(weight.detach().float(), self.centre)
+        return b if bias is None else bias.detach().float() + b
+
+
+FOLD_MIN_WIDTH = 1e-6  # a group whose range is a point keeps a finite scale
+
+
+def fold_of(act: ActQuant) -> Fold:
+    """The fold of a channel-grouped site with one grouping for every slot: each group's range over
+    all slots ``[lo_g, hi_g]`` gives its centre ``(lo_g + hi_g) / 2`` and its scale, the width
+    ``hi_g - lo_g`` relative to the widest group's (so the widest group keeps its values and the
+    others are stretched to its width)."""
+    gi = act.group_index[0].long()
+    ranges = torch.stack([r.float() for r in act.ranges])  # (S, K, 2)
+    lo, hi = ranges[..., 0].amin(0), ranges[..., 1].amax(0)
+    width = (hi - lo).clamp_min(FOLD_MIN_WIDTH)
+    return Fold((width / width.max())[gi].contiguous(), ((lo + hi) / 2)[gi].contiguous())
+
+
+def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig) -> ActPlan:
+    """A folded site: per slot one layer-wise grid on the normalized input, whose range is the union
+    of the groups' ranges of that slot, normalized."""
+    if set(act.axis) != {CHANNEL} or any(not torch.equal(g, act.group_index[0]) for g in act.group_index):
+        raise RecipeError(f"{key}: a folded input needs one channel grouping for every step")
+    fold = fold_of(act)
+    gi = act.group_index[0].long()
+    k = int(act.ranges[0].shape[0])
+    g_scale = torch.ones(k).index_reduce_(0, gi, fold.scale, "amax", include_self=False)
+    g_centre = torch.zeros(k).index_reduce_(0, gi, fold.centre, "amax", include_self=False)
+    slots = []
+    for ranges in act.ranges:
+        u = (ranges.float() - g_centre[:, None]) / g_scale[:, None]
+        union = torch.stack([u[:, 0].min(), u[:, 1].max()]).view(1, 2)
+        slots.append(SlotPlan(LAYER, torch.zeros(1, dtype=torch.long), act_grid(union, bits, config, LAYER)))
+    return ActPlan(key, act.layout, bits, slots, fold)
+
+
+def plan_act(key: str, act: ActQuant, bits: int, config: QuantConfig, fold: bool = False) -> ActPlan:
+    """The plan of one activation site of a recipe (validated against the recipe's own shapes);
+    ``fold``: a Linear input whose channel groups are folded into its layer (``_plan_folded``)."""
     if not (len(act.axis) == len(act.group_index) == len(act.ranges)) or not act.axis:
         raise RecipeError(f"{key}: axis, group_index and ranges must have one entry per slot")
+    if fold and act.axis[0] == CHANNEL:
+        return _plan_folded(key, act, bits, config)
     outlier_bits = config.outlier_bits if config.profile == "tensorrt" else None
     slots = []
     for s, (axis, gi, ranges) in enumerate(zip(act.axis, act.group_index, act.ranges, strict=True)):
@@ -248,10 +305,31 @@ class WeightPlan:
     granularity: str
     block: int | None
     grid: Grid  # scale/zero_point of the recipe's shape (O,), () or blocked
+    # A folded input's scale, multiplied into the weight's input columns before quantizing (C,).
+    column_scale: torch.Tensor | None = None
+    # Per-output-channel divisor of the dequantized weight (O,): the conv output comes out divided
+    # by it, for a quantizer after the conv (normalized conv outputs); the integers stay the same.
+    row_scale: torch.Tensor | None = None
 
     @property
     def axis(self) -> int | None:
         return {"tensor": None, "channel": 0, "block": 1}[self.granularity]
+
+    def folded(self, w: torch.Tensor) -> torch.Tensor:
+        """The float weight this plan quantizes: ``w`` with the fold's scale on its input columns."""
+        w = w.float()
+        if self.column_scale is None:
+            return w
+        return w * along(self.column_scale, w.ndim, 1)
+
+    @property
+    def dq_scale(self) -> torch.Tensor:
+        """The scale of the weight's DequantizeLinear (``grid.scale``, divided by ``row_scale``)."""
+        if self.row_scale is None:
+            return self.grid.scale.float()
+        if self.granularity != "channel":
+            raise RecipeError("normalized conv outputs need per-channel weights")
+        return (self.grid.scale.float() / self.row_scale).float()
 
     def _expanded(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = self.grid.scale, self.grid.zero_point
@@ -266,7 +344,12 @@ class WeightPlan:
         return along(s, w.ndim, 0), along(z, w.ndim, 0)
 
     def fake(self, w: torch.Tensor) -> torch.Tensor:
-        """The weight after its Q/DQ (float32, same shape)."""
+        """The weight after its Q/DQ (float32, same shape): of ``folded(w)``, dequantized with
+        ``dq_scale``."""
+        w = self.folded(w)
+        if self.row_scale is not None:  # what the graph's DequantizeLinear computes, op for op
+            q = self.integers(w, folded=True).float()
+            return (q - along(self.grid.zero_point.float(), w.ndim, 0)) * along(self.dq_scale, w.ndim, 0)
         g = self.grid
         if self.granularity == "tensor":
             return fake_quantize_affine(w, g.scale, g.zero_point, g.qmin, g.qmax)
@@ -274,8 +357,10 @@ class WeightPlan:
             return fake_quantize_affine(w, g.scale, g.zero_point, g.qmin, g.qmax, axis=1, block_size=self.block)
         return fake_quantize_affine(w, g.scale, g.zero_point, g.qmin, g.qmax, axis=0)
 
-    def integers(self, w: torch.Tensor) -> torch.Tensor:
-        """The weight's integers on the grid, int8 (signed grid) or uint8, same shape."""
+    def integers(self, w: torch.Tensor, folded: bool = False) -> torch.Tensor:
+        """The integers of ``folded(w)`` (of ``w`` itself when ``folded``) on the grid, int8 (signed
+        grid) or uint8, same shape."""
+        w = w.float() if folded else self.folded(w)
         s, z = self._expanded(w)
         q = torch.clamp(torch.round(w.float() / s) + z, self.grid.qmin, self.grid.qmax)
         return q.to(torch.int8 if self.grid.signed else torch.uint8)
@@ -297,6 +382,9 @@ class OutputPlan:
     zero_point: torch.Tensor
     qmin: int
     qmax: int
+    # normalized outputs: the branch outputs are quantized divided by this per-output-channel scale
+    # (O,), and the branch sum is multiplied by it again
+    channel_scale: torch.Tensor | None = None
 
 
 def plan_output(name: str, out: OutputQuant, n_slots: int, k: int, config: QuantConfig) -> OutputPlan:
@@ -305,8 +393,15 @@ def plan_output(name: str, out: OutputQuant, n_slots: int, k: int, config: Quant
             f"{name}: output ranges of shape {tuple(out.ranges.shape)} do not match {n_slots} slots x {k} groups"
         )
     grids = [act_grid(out.ranges[s], OUTPUT_BITS, config, LAYER) for s in range(n_slots)]
+    cs = out.channel_scale
+    if cs is not None and (cs.ndim != 1 or not bool(torch.isfinite(cs).all()) or not bool((cs > 0).all())):
+        raise RecipeError(f"{name}: output channel scales must be a positive finite (O,) tensor")
     return OutputPlan(
-        torch.stack([g.scale for g in grids]), torch.stack([g.zero_point for g in grids]), grids[0].qmin, grids[0].qmax
+        torch.stack([g.scale for g in grids]),
+        torch.stack([g.zero_point for g in grids]),
+        grids[0].qmin,
+        grids[0].qmax,
+        None if cs is None else cs.float(),
     )
 
 
@@ -376,7 +471,12 @@ def plan_layer(
     ``output_required=False`` allows an ``onnxruntime`` conv without output ranges (the output
     calibration pass, which observes them instead)."""
     weight = None if wq is None else plan_weight(name, wq)
-    inp = None if act is None else plan_act(f"{name}.input", act, config.abits, config)
+    fold = kind != CONV and config.folds_linear
+    inp = None if act is None else plan_act(f"{name}.input", act, config.abits, config, fold=fold)
+    if inp is not None and inp.fold is not None:
+        if weight is None:
+            raise RecipeError(f"{name}: a folded input needs the layer's weights quantized with its scale")
+        weight = replace(weight, column_scale=inp.fold.scale)
     ort = config.profile == "onnxruntime"
     branch_outputs = ort and kind == CONV and inp is not None
     output = None
@@ -387,6 +487,10 @@ def plan_layer(
             )
         if out is not None:
             output = plan_output(name, out, inp.n_slots, inp.slots[0].k, config)
+            if output.channel_scale is not None:
+                if weight is None or output.channel_scale.numel() != weight.grid.scale.numel():
+                    raise RecipeError(f"{name}: output channel scales do not match the weight's output channels")
+                weight = replace(weight, row_scale=output.channel_scale)
         elif output_required:
             raise RecipeError(
                 f"{name}: the onnxruntime profile quantizes conv outputs and this recipe has no output "

@@ -119,6 +119,9 @@ class OutputQuant:
     """
 
     ranges: torch.Tensor
+    # norm_outputs: per-output-channel scale (O,) the branch outputs are divided by before their
+    # quantizer (then ``ranges`` are those of the divided outputs); None: plain outputs
+    channel_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -181,7 +184,10 @@ class Recipe:
                 k: {"bits": w.bits, "granularity": w.granularity, "block": w.block, "symmetric": w.symmetric}
                 for k, w in self.weights.items()
             },
-            "outputs": {k: {"shape": list(o.ranges.shape)} for k, o in self.outputs.items()},
+            "outputs": {
+                k: {"shape": list(o.ranges.shape), "channel_scale": o.channel_scale is not None}
+                for k, o in self.outputs.items()
+            },
             "meta": self.meta,
             "tensors": {name: tensor_digest(t) for name, t in sorted(tensors.items())},
         }
@@ -202,6 +208,8 @@ class Recipe:
             out[f"weight/{key}/zero_point"] = w.zero_point.float().contiguous()
         for key, o in self.outputs.items():
             out[f"output/{key}/ranges"] = o.ranges.float().contiguous()
+            if o.channel_scale is not None:
+                out[f"output/{key}/channel_scale"] = o.channel_scale.float().contiguous()
         return out
 
     def save(self, path: str | Path, overwrite: bool = True) -> Path:
@@ -407,7 +415,7 @@ def _from_header(path: Path, header: Any, tensors: dict[str, torch.Tensor]) -> R
         ranges = take(f"output/{key}/ranges")
         shape = info.get("shape")
         if (
-            set(info) != {"shape"}
+            not set(info) <= {"shape", "channel_scale"}
             or list(ranges.shape) != shape
             or ranges.ndim != 3
             or ranges.shape[0] != n_slots
@@ -415,7 +423,14 @@ def _from_header(path: Path, header: Any, tensors: dict[str, torch.Tensor]) -> R
             or not bool(torch.isfinite(ranges).all())
         ):
             raise bad(f"output quantizer {key!r}", "has inconsistent ranges")
-        recipe.outputs[key] = OutputQuant(ranges)
+        scale = None
+        if info.get("channel_scale", False) is not False:
+            if info["channel_scale"] is not True:
+                raise bad(f"output quantizer {key!r}", "has a 'channel_scale' field that is not true or false")
+            scale = take(f"output/{key}/channel_scale")
+            if scale.ndim != 1 or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                raise bad(f"output quantizer {key!r}", "has channel scales that are not a positive finite (O,) tensor")
+        recipe.outputs[key] = OutputQuant(ranges, scale)
     # Last, so that a tensor of the wrong shape or with non-finite values is named for that; what the
     # schema cannot see (a value changed within its range) only the digest catches.
     for name in sorted(listed):

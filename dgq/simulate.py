@@ -49,6 +49,8 @@ class ActFakeQuant:
 
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         sp = self.plan.slot(slot)
+        if self.plan.fold is not None:  # quantized in the normalized domain; the layer carries the fold
+            x = self.plan.fold.normalize(x.float())
         shape = x.shape
         v = quant_view(x, self.layout, sp.axis)
         dim = axis_dim(self.layout, sp.axis, v.ndim)
@@ -107,17 +109,21 @@ class QuantLayer(torch.nn.Module):
         w = weight_hat.to(inner.weight.dtype)
         self.register_buffer("weight_hat", w.t().contiguous() if self.matmul else w, persistent=False)
         self.act, self.ctx = act, ctx
+        # a folded input (act returns the normalized tensor): the fold's centre lives in the bias
+        fold = None if act is None else act.plan.fold
+        self.fold_bias = None if fold is None else fold.bias(inner.weight, inner.bias).to(inner.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x, self.ctx.current()).to(x.dtype)
         m = self.inner
+        bias = m.bias if self.fold_bias is None else self.fold_bias
         if isinstance(m, torch.nn.Conv2d):
-            return F.conv2d(x, self.weight_hat, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            return F.conv2d(x, self.weight_hat, bias, m.stride, m.padding, m.dilation, m.groups)
         if self.matmul:
             y = torch.matmul(x, self.weight_hat)
-            return y if m.bias is None else y + m.bias
-        return F.linear(x, self.weight_hat, m.bias)
+            return y if bias is None else y + bias
+        return F.linear(x, self.weight_hat, bias)
 
 
 class BranchConvLayer(torch.nn.Module):
@@ -165,6 +171,8 @@ class BranchConvLayer(torch.nn.Module):
                 o = self.out
                 y = fake_quantize_affine(y, o.scale[si, b.group], o.zero_point[si, b.group], o.qmin, o.qmax)
             out = y if out is None else out + y
+        if self.out is not None and self.out.channel_scale is not None:
+            out = out * self.out.channel_scale.view(1, -1, 1, 1)  # the branches' outputs were normalized
         if m.bias is not None:
             out = out + m.bias.detach().float().view(1, -1, 1, 1)
         return out.to(dtype)

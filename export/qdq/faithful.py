@@ -44,6 +44,10 @@ class FaithfulActQuant(Slotted):
                 "outlier_bits); export this recipe with --target tensorrt"
             )
         self.key, self.layout, self.bits = plan.key, plan.layout, plan.bits
+        self.folded = plan.fold is not None  # quantizes (x - centre) / scale; the layer carries the fold
+        if self.folded:
+            self.register_buffer("fold_scale", plan.fold.scale.float())
+            self.register_buffer("fold_centre", plan.fold.centre.float())
         self.kinds = sorted(set(plan.axes))
         first = plan.slots[0].grid
         self.signed = first.signed
@@ -101,6 +105,8 @@ class FaithfulActQuant(Slotted):
 
     def _forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         x32 = f32(x)
+        if self.folded:  # dgq.plan.Fold.normalize, op for op
+            x32 = (x32 - self.fold_centre) / self.fold_scale
         out = None
         for kind in self.kinds:
             y = self._one(x32, kind, slot)
@@ -108,7 +114,10 @@ class FaithfulActQuant(Slotted):
         return as_dtype(out, x.dtype)
 
     def summary(self) -> SiteSummary:
-        return SiteSummary(self.key, "act", {"axes": self.kinds, "bits": self.bits, "slots": self.n_slots})
+        detail = {"axes": self.kinds, "bits": self.bits, "slots": self.n_slots}
+        if self.folded:
+            detail["folded"] = True
+        return SiteSummary(self.key, "act", detail)
 
 
 class FaithfulLayer(LoweredLayer):
@@ -119,6 +128,8 @@ class FaithfulLayer(LoweredLayer):
     def __init__(self, plan: LayerPlan, inner: nn.Module, ctx: StepContext, act: nn.Module | None = None):
         super().__init__(plan.name, inner, ctx)
         self.act = act
+        if plan.input is not None and plan.input.fold is not None:  # the fold's centre lives in the bias
+            self.bias = plan.input.fold.bias(inner.weight, inner.bias)
         w = inner.weight.detach().float()
         if plan.weight is None:
             self.register_buffer("w_float", w)

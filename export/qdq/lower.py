@@ -83,6 +83,11 @@ def _same_quantizer(a: ActPlan, b: ActPlan) -> bool:
     """Two sites that quantize identically (q/k/v projections reading one tensor)."""
     if a.layout != b.layout or a.bits != b.bits or a.n_slots != b.n_slots:
         return False
+    if (a.fold is None) != (b.fold is None) or (
+        a.fold is not None
+        and not (torch.equal(a.fold.scale, b.fold.scale) and torch.equal(a.fold.centre, b.fold.centre))
+    ):
+        return False
     for x, y in zip(a.slots, b.slots, strict=True):
         if x.axis != y.axis or x.outlier_group != y.outlier_group or not torch.equal(x.group_index, y.group_index):
             return False

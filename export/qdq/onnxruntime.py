@@ -60,6 +60,10 @@ class OrtConvLayer(LoweredLayer):
         self.w_axis = wp.axis
         self.whole = len(self.branches) == 1
         out = plan.output
+        # normalized outputs: w_scale above is divided by these per output channel; multiplied back
+        self.register_buffer(
+            "out_channel_scale", None if out.channel_scale is None else out.channel_scale.float().view(1, -1, 1, 1)
+        )
         for b in self.branches:
             g = b.group
             self.register_buffer(f"b{g}_idx", b.index)
@@ -89,6 +93,8 @@ class OrtConvLayer(LoweredLayer):
             y = F.conv2d(xg, w, None, *self.conv_args)
             y = QDQ.apply(y, self._pick(f"b{g}_ys", slot), self._pick(f"b{g}_yz", slot), None)
             out = y if out is None else out + y
+        if self.out_channel_scale is not None:
+            out = out * self.out_channel_scale
         return self._add_bias(out)
 
     def summary(self) -> SiteSummary:
@@ -99,6 +105,7 @@ class OrtConvLayer(LoweredLayer):
                 "branches": [{"channels": int(b.index.numel()), "bits": self.bits} for b in self.branches],
                 "slots": self.n_slots,
                 "quantized_output": True,
+                "normalized_output": self.out_channel_scale is not None,
             },
         )
 

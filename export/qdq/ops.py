@@ -180,4 +180,4 @@ class LoweredLayer(nn.Module):
 def integer_weight(plan: WeightPlan, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(integers, scale float32, zero point int8/uint8)`` of a float weight, ONNX layout."""
     g = plan.grid
-    return plan.integers(w), g.scale.float(), g.zero_point.to(zp_dtype(g.signed))
+    return plan.integers(w), plan.dq_scale, g.zero_point.to(zp_dtype(g.signed))

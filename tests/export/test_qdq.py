@@ -48,8 +48,9 @@ def sqnr_db(ref, x) -> float:
     return metrics.sqnr_db(torch.as_tensor(np.asarray(ref, np.float64)), torch.as_tensor(np.asarray(x, np.float64)))
 
 
-def export_layer(layer: torch.nn.Module, ctx: StepContext, x: torch.Tensor, path, opset: int) -> None:
-    """Export one lowered layer with a ``step_index`` input that sets its step context."""
+def export_layer(layer: torch.nn.Module, ctx: StepContext, x: torch.Tensor, path, opset: int, dynamic=None) -> None:
+    """Export one lowered layer with a ``step_index`` input that sets its step context; ``dynamic``:
+    the input's dynamic dims (a UNet export's are: batch, tokens), ``{dim: name}``."""
 
     class Wrap(torch.nn.Module):
         def __init__(self):
@@ -67,6 +68,7 @@ def export_layer(layer: torch.nn.Module, ctx: StepContext, x: torch.Tensor, path
         input_names=["x", "step_index"],
         output_names=["y"],
         opset_version=opset,
+        dynamic_axes=None if dynamic is None else {"x": dynamic},
         dynamo=False,
     )
 
@@ -602,14 +604,22 @@ def _synthetic_ort_site():
     return conv, act, out, wq, config
 
 
-def test_one_onnxruntime_conv_is_exact_and_fuses_to_qlinearconv(tmp_path):
-    """The onnxruntime target's conv unit (3 branches, per-step tables) against the simulator's
-    BranchConvLayer: ONNX Runtime with optimizations off and onnx.reference equal it but for output
-    values on a rounding edge (the conv's float32 sum order moves them one output step); with
-    optimizations on, every branch is one QLinearConv and the result is the same bound."""
+@pytest.mark.parametrize("normalized", [False, True], ids=["plain-outputs", "normalized-outputs"])
+def test_one_onnxruntime_conv_is_exact_and_fuses_to_qlinearconv(tmp_path, normalized):
+    """The onnxruntime target's conv unit (3 branches, per-step tables; outputs plain or divided by a
+    per-output-channel scale folded into the weight rows) against the simulator's BranchConvLayer:
+    ONNX Runtime with optimizations off and onnx.reference equal it but for output values on a
+    rounding edge (the conv's float32 sum order moves them one output step); with optimizations on,
+    every branch is one QLinearConv and the result is the same bound."""
     from onnx.reference import ReferenceEvaluator
 
+    from dgq.recipe import OutputQuant
+
     conv, act, out, wq, config = _synthetic_ort_site()
+    gamma = torch.ones(5)
+    if normalized:
+        gamma = torch.tensor([1.0, 2.0, 0.5, 4.0, 1.5])
+        out = OutputQuant(out.ranges / 4.0, gamma)
     ctx, low_ctx = StepContext(), StepContext()
     lp = plan_layer("conv", CONV, wq, act, out, config)
     sim = BranchConvLayer(lp, conv, lp.weight.fake(conv.weight.detach()), ctx)
@@ -627,7 +637,8 @@ def test_one_onnxruntime_conv_is_exact_and_fuses_to_qlinearconv(tmp_path):
         with torch.no_grad():
             expected = sim(x).numpy()
             assert np.array_equal(low(x).numpy(), expected)
-        step = float(out.ranges[slot, :, 1].sub(out.ranges[slot, :, 0]).max()) / 255  # largest output step
+        # largest output step, in the conv's own units
+        step = float(out.ranges[slot, :, 1].sub(out.ranges[slot, :, 0]).max()) / 255 * float(gamma.max())
         feeds = {"x": x.numpy(), "step_index": np.array(slot, np.int64)}
         (got_ref,) = ref_eval.run(None, feeds)
         for got in (run_graph(path, feeds, "off"), got_ref, run_graph(path, feeds, "on")):
@@ -635,6 +646,56 @@ def test_one_onnxruntime_conv_is_exact_and_fuses_to_qlinearconv(tmp_path):
             off_edge = err > QDQ_LAYER_EXACT_ATOL
             assert off_edge.mean() <= QDQ_OUTPUT_FLIP_MAX_FRACTION, off_edge.mean()
             assert err.max() <= 3 * step + QDQ_LAYER_EXACT_ATOL  # at most one step per branch
+
+
+def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path):
+    """onnxruntime target, a token Linear whose input has 3 channel groups (one an outlier group, 40x
+    wider) over 2 steps, folded: (x - centre) / scale per channel, one per-tensor uint8 Q/DQ per step,
+    the scale in the int8 weight's columns and the centre in the bias. The lowering equals the
+    simulator bit for bit; ONNX Runtime (off, and on: one MatMulIntegerToFloat) equals it up to the
+    float32 sum order; and in float the fold is the identity (before rounding, W x + b is unchanged)."""
+    from dgq.calibrate import weight_quant
+    from dgq.plan import fold_of
+    from export.qdq import OrtLinearLayer
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(6, 4)
+    gi = torch.tensor([0, 1, 0, 2, 1, 0])
+    ranges = [
+        torch.tensor([[-1.0, 1.0], [-0.5, 2.0], [-40.0, 38.0]]),
+        torch.tensor([[-0.8, 1.2], [0.1, 1.5], [-30.0, 44.0]]),
+    ]
+    act = ActQuant("linear", ["channel", "channel"], [gi, gi], ranges)
+    config = preset("dgq", groups=3, **ORT_PRESET)
+    fold = fold_of(act)
+    wq = weight_quant(lin.weight.detach() * fold.scale, "linear", config)
+    lp = plan_layer("lin", "linear", wq, act, None, config)
+    assert lp.input.fold is not None and all(sp.axis == "layer" for sp in lp.input.slots)
+    x = torch.randn(2, 5, 6) * torch.tensor([1.0, 1.0, 1.0, 30.0, 1.0, 1.0])
+    u = fold.normalize(x)
+    assert torch.allclose(
+        torch.nn.functional.linear(u, lin.weight.detach() * fold.scale, fold.bias(lin.weight, lin.bias)),
+        lin(x).detach(),
+        atol=1e-5,
+    )
+    ctx, low_ctx = StepContext(), StepContext()
+    sim = QuantLayer(lin, lp.weight.fake(lin.weight.detach()), ActFakeQuant(lp.input), ctx, matmul=True)
+    low = OrtLinearLayer(lp, lin, low_ctx, FaithfulActQuant(lp.input))
+    path = tmp_path / "ort_linear.onnx"
+    # Dynamic batch and tokens, as in a UNet export: with static shapes ONNX Runtime 1.32 turns a 3-D
+    # MatMul + bias Add into a 2-D Gemm first, which leaves the weight-only MatMulNBits instead.
+    export_layer(low, low_ctx, x, path, opset=17, dynamic={0: "batch", 1: "tokens"})
+    from export.qdq_export import ort_integer_kernels
+
+    assert ort_integer_kernels(path) == {"MatMulIntegerToFloat": 1}
+    for slot in (0, 1):
+        ctx.slot = low_ctx.slot = slot
+        with torch.no_grad():
+            expected = sim(x).numpy()
+            assert np.array_equal(low(x).detach().numpy(), expected)
+        feeds = {"x": x.numpy(), "step_index": np.array(slot, np.int64)}
+        for level in ("off", "on"):
+            np.testing.assert_allclose(run_graph(path, feeds, level), expected, atol=QDQ_LAYER_EXACT_ATOL, rtol=0)
 
 
 def test_onnxruntime_target_runs_integer_kernels(recipes, exports):
@@ -705,6 +766,7 @@ def test_onnxruntime_recipe_round_trips_its_output_ranges(recipes, tmp_path):
 
     assert f"quantized conv outputs (onnxruntime profile): {len(recipe.outputs)} convs" in recipe_summary(back)
     assert all(torch.equal(back.outputs[k].ranges, recipe.outputs[k].ranges) for k in recipe.outputs)
+    assert all(torch.equal(back.outputs[k].channel_scale, recipe.outputs[k].channel_scale) for k in recipe.outputs)
     with pytest.raises(ValueError, match="output ranges"):
         from dgq.calibrate import with_bits
 
@@ -715,7 +777,7 @@ def test_onnxruntime_recipe_round_trips_its_output_ranges(recipes, tmp_path):
     tensors = load_file(str(tmp_path / "r.safetensors"))
     with safe_open(str(tmp_path / "r.safetensors"), framework="pt") as f:
         meta = f.metadata()
-    key = next(k for k in tensors if k.startswith("output/"))
+    key = next(k for k in tensors if k.startswith("output/") and k.endswith("/ranges"))
     tensors[key] = tensors[key][:, :1].contiguous()
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(RecipeError, match="inconsistent"):
