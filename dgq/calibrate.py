@@ -378,12 +378,17 @@ def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantCo
     for key, layout, per_slot in tqdm(jobs, desc="group search", disable=not progress):
         recipe.acts[key] = build_act_quant(layout, per_slot, n_slots, config)
     for s in tqdm(layers, desc="weights", disable=not progress):
-        w = unet.get_submodule(s.name).weight
-        act = recipe.acts.get(s.input_key)
-        if s.kind != CONV and config.folds_linear and act is not None and act.axis[0] == CHANNEL:
-            w = w.detach().float() * fold_of(act).scale  # the folded input's scale lives in the columns
-        recipe.weights[s.name] = weight_quant(w, s.kind, config)
+        recipe.weights[s.name] = layer_weight_quant(unet, s, recipe.acts.get(s.input_key), config)
     return recipe
+
+
+def layer_weight_quant(unet: torch.nn.Module, site, act: ActQuant | None, config: QuantConfig) -> WeightQuant:
+    """The weight parameters of one quantized layer: of its weight, or, when its input is folded
+    (``config.folds_linear``), of the weight with the fold's scale in its input columns."""
+    w = unet.get_submodule(site.name).weight
+    if site.kind != CONV and config.folds_linear and act is not None and act.axis[0] == CHANNEL:
+        w = w.detach().float() * fold_of(act).scale  # the folded input's scale lives in the columns
+    return weight_quant(w, site.kind, config)
 
 
 OUTPUT_SCALE_FLOOR = 1e-6  # an output channel that is always 0 keeps a finite scale
@@ -519,7 +524,8 @@ def with_bits(recipe: Recipe, unet: torch.nn.Module, wbits: int, abits: int, pro
         probs=dict(recipe.probs),
         meta=dict(recipe.meta),
     )
-    kinds = {s.name: s.kind for s in layer_sites(unet, config)}
+    sites = {s.name: s for s in layer_sites(unet, config)}
     for name in tqdm(recipe.weights, desc="weights", disable=not progress):
-        out.weights[name] = weight_quant(unet.get_submodule(name).weight, kinds[name], config)
+        site = sites[name]
+        out.weights[name] = layer_weight_quant(unet, site, recipe.acts.get(site.input_key), config)
     return out

@@ -134,8 +134,9 @@ class QuantConfig:
 
     @property
     def normalizes_outputs(self) -> bool:
-        """Conv branch outputs quantized per output channel (``onnxruntime`` profile, ``norm_outputs``)."""
-        return self.profile == "onnxruntime" and self.norm_outputs
+        """Conv branch outputs quantized per output channel (``onnxruntime`` profile, ``norm_outputs``;
+        the per-channel scale lives in the weight rows, so per-tensor weights leave outputs plain)."""
+        return self.profile == "onnxruntime" and self.norm_outputs and self.weight_granularity == "channel"
 
     @property
     def effective_groups(self) -> int:

@@ -225,7 +225,7 @@ class Fold:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - centre) / scale`` along the last dim: the op order the exported graph uses."""
-        return (x - self.centre) / self.scale
+        return (x - self.centre.to(x.device)) / self.scale.to(x.device)
 
     def bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's bias with the centre folded in, ``bias + weight @ centre`` (float32 ``(O,)``)."""
@@ -256,11 +256,13 @@ def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig) -> Act
     fold = fold_of(act)
     gi = act.group_index[0].long()
     k = int(act.ranges[0].shape[0])
-    g_scale = torch.ones(k).index_reduce_(0, gi, fold.scale, "amax", include_self=False)
-    g_centre = torch.zeros(k).index_reduce_(0, gi, fold.centre, "amax", include_self=False)
+    # per group (constant within one): its scale and centre; groups with no channel are left out
+    g_scale = torch.ones(k).scatter_(0, gi, fold.scale)
+    g_centre = torch.zeros(k).scatter_(0, gi, fold.centre)
+    members = torch.zeros(k, dtype=torch.bool).scatter_(0, gi, True)
     slots = []
     for ranges in act.ranges:
-        u = (ranges.float() - g_centre[:, None]) / g_scale[:, None]
+        u = ((ranges.float() - g_centre[:, None]) / g_scale[:, None])[members]
         union = torch.stack([u[:, 0].min(), u[:, 1].max()]).view(1, 2)
         slots.append(SlotPlan(LAYER, torch.zeros(1, dtype=torch.long), act_grid(union, bits, config, LAYER)))
     return ActPlan(key, act.layout, bits, slots, fold)
@@ -271,10 +273,6 @@ def plan_act(key: str, act: ActQuant, bits: int, config: QuantConfig, fold: bool
     ``fold``: a Linear input whose channel groups are folded into its layer (``_plan_folded``)."""
     if not (len(act.axis) == len(act.group_index) == len(act.ranges)) or not act.axis:
         raise RecipeError(f"{key}: axis, group_index and ranges must have one entry per slot")
-    if fold and act.axis[0] == CHANNEL:
-        return _plan_folded(key, act, bits, config)
-    outlier_bits = config.outlier_bits if config.profile == "tensorrt" else None
-    slots = []
     for s, (axis, gi, ranges) in enumerate(zip(act.axis, act.group_index, act.ranges, strict=True)):
         if axis not in (CHANNEL, PIXEL, LAYER):
             raise RecipeError(f"{key}: slot {s} has axis {axis!r}; expected channel, pixel or layer")
@@ -283,6 +281,12 @@ def plan_act(key: str, act: ActQuant, bits: int, config: QuantConfig, fold: bool
         k = int(ranges.shape[0])
         if gi.numel() and (int(gi.min()) < 0 or int(gi.max()) >= k):
             raise RecipeError(f"{key}: slot {s} group index outside [0, {k})")
+    if fold and CHANNEL in act.axis:
+        return _plan_folded(key, act, bits, config)
+    outlier_bits = config.outlier_bits if config.profile == "tensorrt" else None
+    slots = []
+    for axis, gi, ranges in zip(act.axis, act.group_index, act.ranges, strict=True):
+        k = int(ranges.shape[0])
         grid = act_grid(ranges, bits, config, axis)
         outlier_group = outlier = None
         if outlier_bits is not None and outlier_bits != bits and k > 1:
@@ -488,8 +492,12 @@ def plan_layer(
         if out is not None:
             output = plan_output(name, out, inp.n_slots, inp.slots[0].k, config)
             if output.channel_scale is not None:
-                if weight is None or output.channel_scale.numel() != weight.grid.scale.numel():
-                    raise RecipeError(f"{name}: output channel scales do not match the weight's output channels")
+                if weight is None:
+                    raise RecipeError(f"{name}: normalized outputs need the conv's weights quantized")
+                if weight.granularity != "channel" or output.channel_scale.numel() != weight.grid.scale.numel():
+                    raise RecipeError(
+                        f"{name}: output channel scales need per-output-channel weights with as many channels"
+                    )
                 weight = replace(weight, row_scale=output.channel_scale)
         elif output_required:
             raise RecipeError(

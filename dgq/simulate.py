@@ -111,7 +111,8 @@ class QuantLayer(torch.nn.Module):
         self.act, self.ctx = act, ctx
         # a folded input (act returns the normalized tensor): the fold's centre lives in the bias
         fold = None if act is None else act.plan.fold
-        self.fold_bias = None if fold is None else fold.bias(inner.weight, inner.bias).to(inner.weight.dtype)
+        fold_bias = None if fold is None else fold.bias(inner.weight, inner.bias).to(inner.weight.dtype)
+        self.register_buffer("fold_bias", fold_bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
@@ -152,6 +153,8 @@ class BranchConvLayer(torch.nn.Module):
         self.n_slots = plan.input.n_slots
         self.weights = [weight_hat[:, b.index].contiguous() for b in self.branches]
         self.out = plan.output
+        scale = None if self.out is None or self.out.channel_scale is None else self.out.channel_scale.view(1, -1, 1, 1)
+        self.register_buffer("out_channel_scale", scale, persistent=False)
         if self.out is None and observe is None:
             raise RecipeError(f"{plan.name}: no output ranges to quantize with and nothing to observe them")
 
@@ -171,8 +174,8 @@ class BranchConvLayer(torch.nn.Module):
                 o = self.out
                 y = fake_quantize_affine(y, o.scale[si, b.group], o.zero_point[si, b.group], o.qmin, o.qmax)
             out = y if out is None else out + y
-        if self.out is not None and self.out.channel_scale is not None:
-            out = out * self.out.channel_scale.view(1, -1, 1, 1)  # the branches' outputs were normalized
+        if self.out_channel_scale is not None:
+            out = out * self.out_channel_scale  # the branches' outputs were normalized
         if m.bias is not None:
             out = out + m.bias.detach().float().view(1, -1, 1, 1)
         return out.to(dtype)

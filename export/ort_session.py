@@ -75,7 +75,8 @@ def probe_model(activation: str, conv: bool) -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+    # IR 10 (opset 21's) rather than the installed onnx's newest, which an older ONNX Runtime refuses
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10).SerializeToString()
 
 
 def probe_errors(precision_mode: bool = False) -> dict[str, float]:
@@ -105,8 +106,13 @@ def probe_errors(precision_mode: bool = False) -> dict[str, float]:
 @functools.cache
 def integer_kernels_saturate() -> bool:
     """Whether ONNX Runtime's fast integer kernels on this CPU saturate int8 products (x86 without
-    VNNI). Probed once per process (a few milliseconds)."""
-    errors = probe_errors()
+    VNNI). Probed once per process (a few milliseconds). A probe that cannot run counts as
+    saturating: the exact path is only slower."""
+    try:
+        errors = probe_errors()
+    except Exception as err:  # an ONNX Runtime that refuses the probe graph
+        log.warning("could not probe ONNX Runtime's integer kernels (%s); using its exact path", err)
+        return True
     saturate = any(e > 1e-6 for e in errors.values())
     if saturate:
         log.info(
@@ -143,6 +149,10 @@ def session_options(optimize: bool = True, threads: int | None = 1, integer_fusi
     return so
 
 
+# What ONNX Runtime's exact path (its int8 -> uint8 weight conversion) says of a shared zero point.
+EXACT_PATH_REFUSAL = "Attempt to replace the existing tensor"
+
+
 def create_session(model, optimize: bool = True, threads: int | None = 1, providers: list[str] | None = None):
     """An ``onnxruntime.InferenceSession`` of ``model`` (a path or serialized bytes) with
     ``session_options``. ONNX Runtime's exact path rejects graphs whose integer zero points are
@@ -156,8 +166,8 @@ def create_session(model, optimize: bool = True, threads: int | None = 1, provid
     so = session_options(optimize, threads)
     try:
         return ort.InferenceSession(model, so, providers=providers)
-    except Exception as err:  # ORT raises its own Fail/RuntimeException types; retried only in exact mode
-        if not (optimize and integer_kernels_saturate()):
+    except Exception as err:  # ORT raises its own Fail type; retried only for the exact path's refusal
+        if not (optimize and integer_kernels_saturate() and EXACT_PATH_REFUSAL in str(err)):
             raise
         log.warning(
             "ONNX Runtime's exact integer path refused this graph (%s); running it with Q/DQ fusions off "

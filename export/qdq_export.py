@@ -155,7 +155,8 @@ def own_weight_initializers(model: onnx.ModelProto) -> int:
         return name
 
     integer = (TensorProto.INT8, TensorProto.UINT8)
-    claimed: set[str] = set()
+    # every reader of an initializer (an activation Q/DQ's zero point may equal a weight's)
+    readers = Counter(source(i) for n in g.node if n.op_type != "Identity" for i in n.input)
     copies: list[onnx.TensorProto] = []
     for n in g.node:
         if n.op_type != "DequantizeLinear" or source(n.input[0]) not in init:
@@ -167,13 +168,13 @@ def own_weight_initializers(model: onnx.ModelProto) -> int:
             if src.data_type not in integer:
                 continue
             name = src.name
-            if name in claimed:
+            if readers[name] > 1:  # someone else reads it too: this weight takes a copy
+                readers[name] -= 1
                 name = f"{src.name}.{len(copies)}"
                 t = onnx.TensorProto()
                 t.CopyFrom(src)
                 t.name = name
                 copies.append(t)
-            claimed.add(name)
             n.input[pos] = name
     g.initializer.extend(copies)
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dgq.quant import CHANNEL, LAYER, PIXEL
@@ -79,11 +80,19 @@ def test_bos_row_is_left_out_of_cross_attention_key_statistics(tiny_pipe, tiny_s
                 assert no_bos.acts[key].group_index[s].numel() == 77
 
 
-def test_with_bits_equals_a_fresh_build(tiny_pipe, tiny_stats, tiny_recipe):
+@pytest.mark.parametrize("profile", ["faithful", "onnxruntime"])
+def test_with_bits_equals_a_fresh_build(tiny_pipe, tiny_stats, tiny_recipe, profile):
+    """Also for the onnxruntime profile before its output pass, whose folded Linear weights carry the
+    fold's scale in their columns."""
     from dgq.calibrate import build_recipe, with_bits
+    from dgq.config import preset
 
-    fresh = build_recipe(tiny_stats, tiny_pipe.unet, tiny_recipe.config.replace(wbits=4, abits=6), progress=False)
-    rebit = with_bits(tiny_recipe, tiny_pipe.unet, 4, 6)
+    recipe = tiny_recipe
+    if profile == "onnxruntime":
+        config = preset("dgq", groups=4, profile="onnxruntime")
+        recipe = build_recipe(tiny_stats, tiny_pipe.unet, config, progress=False)
+    fresh = build_recipe(tiny_stats, tiny_pipe.unet, recipe.config.replace(wbits=4, abits=6), progress=False)
+    rebit = with_bits(recipe, tiny_pipe.unet, 4, 6)
     assert rebit.config == fresh.config
     assert rebit.header() == fresh.header()
     for k, t in fresh.tensors().items():

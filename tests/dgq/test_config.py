@@ -69,3 +69,16 @@ def test_presets_differ_only_as_documented():
     assert trt.is_symmetric and not trt.quantize_qkv and trt.attn_probs == "float"
     with pytest.raises(ValueError, match="unknown preset"):
         preset("smoothquant")
+
+
+def test_stored_configs_without_later_fields_read_them_as_off():
+    """A recipe written before folded Linear inputs and normalized outputs was calibrated without them."""
+    from dgq.config import LEGACY_OFF
+
+    stored = QuantConfig(profile="onnxruntime").to_dict()
+    for name in LEGACY_OFF:
+        del stored[name]
+    old = QuantConfig.from_dict(stored)
+    assert not old.fold_linear and not old.norm_outputs and not old.folds_linear
+    assert QuantConfig(profile="onnxruntime").folds_linear  # new configs have them on
+    assert not QuantConfig(profile="onnxruntime", weight_granularity="tensor").normalizes_outputs

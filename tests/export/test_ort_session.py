@@ -179,3 +179,89 @@ def test_sse_kernels_are_exact():
     assert not got["saturates"], got
     assert max(got["default"].values()) == 0.0, got["default"]
     check_units(got["units"])
+
+
+def _shared_zero_point_graph() -> bytes:
+    """Two int8 weight DQs and an activation Q/DQ that all read one zero-point initializer (what the
+    exporter's deduplication of equal initializers makes)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(0, np.int8), "z"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+        numpy_helper.from_array(rng.integers(-127, 128, (16, 8)).astype(np.int8), "w1"),
+        numpy_helper.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), "w2"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w1", "ws", "z"], ["w1d"]),
+        helper.make_node("MatMul", ["xd", "w1d"], ["h"]),
+        helper.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"]),
+        helper.make_node("DequantizeLinear", ["hq", "s", "z"], ["hd"]),
+        helper.make_node("DequantizeLinear", ["w2", "ws", "z"], ["w2d"]),
+        helper.make_node("MatMul", ["hd", "w2d"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString()
+
+
+def _exact_path_session(model: bytes):
+    import onnxruntime as ort
+
+    from export.ort_session import PRECISION_MODE_KEY
+
+    so = session_options(optimize=True)
+    if not integer_kernels_saturate():  # a VNNI CPU: select the exact path anyway
+        so.add_session_config_entry(PRECISION_MODE_KEY, "1")
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def test_every_weight_owns_its_zero_point_so_the_exact_path_accepts_the_graph():
+    import onnx
+
+    from export.ort_session import EXACT_PATH_REFUSAL
+    from export.qdq_export import own_weight_initializers
+
+    model = _shared_zero_point_graph()
+    with pytest.raises(Exception, match=EXACT_PATH_REFUSAL):
+        _exact_path_session(model)
+    m = onnx.load_from_string(model)
+    assert own_weight_initializers(m) == 2
+    weight_dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w")]
+    others = {i for n in m.graph.node if n not in weight_dqs for i in n.input}
+    zps = [n.input[2] for n in weight_dqs]
+    assert len(set(zps)) == 2 and not set(zps) & others
+    x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    fixed = m.SerializeToString()
+    got = _exact_path_session(fixed).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, create_session(fixed, optimize=False).run(None, {"x": x})[0], rtol=1e-5)
+
+
+def test_only_the_exact_paths_refusal_falls_back_to_unfused_qdq(monkeypatch):
+    import onnxruntime as ort
+
+    import export.ort_session as osess
+
+    monkeypatch.setattr(osess, "integer_kernels_saturate", lambda: True)
+    real = ort.InferenceSession
+    seen = []
+
+    def refusing(model, so, providers):
+        seen.append("first" if not seen else so.get_session_config_entry(osess.DISABLE_QDQ_FUSION_KEY))
+        if len(seen) == 1:
+            raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : {osess.EXACT_PATH_REFUSAL}")
+        return real(model, so, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", refusing)
+    session = osess.create_session(probe_model("u8", False))
+    assert seen == ["first", "1"] and session.get_inputs()[0].name == "x"
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    with pytest.raises(Exception, match="(?i)protobuf|parse|invalid"):  # any other failure surfaces
+        osess.create_session(b"not a model")

@@ -90,6 +90,8 @@ def recipes(tiny_pipe, stats):
     return {
         "onnxruntime": ort_mk(),
         "onnxruntime_a6": ort_mk(abits=6, quantize_qkv=True),
+        # before folded Linear inputs and normalized conv outputs (recipes written then load as this)
+        "onnxruntime_legacy": ort_mk(fold_linear=False, norm_outputs=False),
         "faithful": mk(groups=8),
         "faithful_a6": mk(groups=8, abits=6),
         "tensorrt": mk(groups=4, profile="tensorrt", outlier_bits=16),
@@ -159,7 +161,7 @@ def test_faithful_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
         assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
 
-@pytest.mark.parametrize("name", ["onnxruntime", "onnxruntime_a6"])
+@pytest.mark.parametrize("name", ["onnxruntime", "onnxruntime_a6", "onnxruntime_legacy"])
 def test_onnxruntime_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
     """Conv branches with quantized outputs, MatMul-form Linear layers, 6-bit clipping, q/k/v Q/DQ."""
     recipe = recipes[name]
