@@ -263,5 +263,5 @@ def test_only_the_exact_paths_refusal_falls_back_to_unfused_qdq(monkeypatch):
     session = osess.create_session(probe_model("u8", False))
     assert seen == ["first", "1"] and session.get_inputs()[0].name == "x"
     monkeypatch.setattr(ort, "InferenceSession", real)
-    with pytest.raises(Exception, match="(?i)protobuf|parse|invalid"):  # any other failure surfaces
+    with pytest.raises(Exception, match=r"(?i)protobuf|parse|invalid"):  # any other failure surfaces
         osess.create_session(b"not a model")
