@@ -66,6 +66,7 @@ _DTYPES = {
     "static_max": torch.float32,
     "scale": torch.float32,
     "zero_point": torch.float32,
+    "channel_scale": torch.float32,
 }
 
 
