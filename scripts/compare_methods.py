@@ -48,6 +48,24 @@ ABLATIONS = {
         "dgq",
         {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 1},
     ),
+    # The same K=4 target with its Linear inputs at one range per step (no folded channel groups).
+    "DGQ, onnxruntime profile K=4, Linear unfolded": (
+        "dgq",
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_linear": False},
+    ),
+    # The same K=4 target without folded Linear input groups and per-channel conv output scales
+    # (the profile before those two fields; recipes stored without them load this way).
+    "DGQ, onnxruntime profile K=4, unfolded": (
+        "dgq",
+        {
+            "profile": "onnxruntime",
+            "quantize_qkv": False,
+            "attn_probs": "float",
+            "groups": 4,
+            "fold_linear": False,
+            "norm_outputs": False,
+        },
+    ),
 }
 BITS = [(8, 8), (4, 8), (8, 6), (4, 6)]
 
