@@ -387,7 +387,8 @@ def layer_weight_quant(unet: torch.nn.Module, site, act: ActQuant | None, config
     (``config.folds_linear``), of the weight with the fold's scale in its input columns."""
     w = unet.get_submodule(site.name).weight
     if site.kind != CONV and config.folds_linear and act is not None and act.axis[0] == CHANNEL:
-        w = w.detach().float() * fold_of(act).scale  # the folded input's scale lives in the columns
+        # the folded input's scale lives in the columns
+        w = w.detach().float() * fold_of(act, config.fold_exponent).scale
     return weight_quant(w, site.kind, config)
 
 

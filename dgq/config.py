@@ -24,6 +24,12 @@ ACT_AXES = ("auto", "channel", "pixel", "layer")
 ATTN_PROBS = ("log2", "uniform", "float")
 ATTN_SCALES = ("prompt", "batch", "static")
 
+# Fold strengths by weight width (onnxruntime profile, folded Linear inputs): with 8-bit weights the
+# weight columns absorb a group's whole range at no measurable cost; at 4 bits the stretched columns
+# widen every output row's weight range, so half of it (in log scale) stays in the input.
+FOLD_STRENGTH_8BIT = 1.0
+FOLD_STRENGTH_LOWBIT = 0.5
+
 # Layers the paper keeps in float (docs/method.md, section 1).
 PAPER_KEEP_FLOAT = ("conv_in", "conv_out")
 # The TensorRT SD demo's float layers: time embedding MLPs, resnet shortcuts, output norm/projection.
@@ -74,6 +80,12 @@ class QuantConfig:
     # branch outputs are quantized per output channel through a scale folded into the weight rows.
     fold_linear: bool = True
     norm_outputs: bool = True
+    # how much of a folded group's range moves into the weight columns: the input is divided and the
+    # columns multiplied by (width / widest width) ** strength (1 = every group stretched to the
+    # widest's width; smaller leaves more spread in the input and less in the weights, as SmoothQuant's
+    # migration strength does). None: FOLD_STRENGTH_8BIT for 8-bit weights, else FOLD_STRENGTH_LOWBIT
+    # (docs/export-targets.md: measured per weight width).
+    fold_strength: float | None = None
     # attention probabilities
     # the paper: log2; uniform measured better on the default model (docs/method.md, section 8)
     attn_probs: str = "uniform"
@@ -106,6 +118,11 @@ class QuantConfig:
             self.outlier_bits is None or self.outlier_bits in (4, 6, 8, 16),
             f"outlier_bits must be None, 4, 6, 8 or 16, got {self.outlier_bits}",
         )
+        check(
+            self.fold_strength is None
+            or (isinstance(self.fold_strength, (int, float)) and 0.0 <= self.fold_strength <= 1.0),
+            f"fold_strength must be None or in [0, 1], got {self.fold_strength!r}",
+        )
         check(isinstance(self.keep_float, tuple), "keep_float must be a tuple of patterns")
         check(
             self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),
@@ -131,6 +148,13 @@ class QuantConfig:
     def folds_linear(self) -> bool:
         """Linear inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_linear``)."""
         return self.profile == "onnxruntime" and self.fold_linear
+
+    @property
+    def fold_exponent(self) -> float:
+        """The fold strength this config folds Linear inputs with (``fold_strength``, or by weight width)."""
+        if self.fold_strength is not None:
+            return float(self.fold_strength)
+        return FOLD_STRENGTH_8BIT if self.wbits >= 8 else FOLD_STRENGTH_LOWBIT
 
     @property
     def normalizes_outputs(self) -> bool:
@@ -162,6 +186,8 @@ class QuantConfig:
             raise ValueError(f"unknown QuantConfig fields {unknown}")
         d = dict(d)
         # Recipes written before a field existed were calibrated without it.
+        if d.get("fold_linear") and "fold_strength" not in d:
+            d["fold_strength"] = 1.0  # folds written before the field stretched every group fully
         for name in LEGACY_OFF:
             d.setdefault(name, False)
         if "keep_float" in d:

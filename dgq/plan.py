@@ -236,16 +236,16 @@ class Fold:
 FOLD_MIN_WIDTH = 1e-6  # a group whose range is a point keeps a finite scale
 
 
-def fold_of(act: ActQuant) -> Fold:
+def fold_of(act: ActQuant, strength: float = 1.0) -> Fold:
     """The fold of a channel-grouped site with one grouping for every slot: each group's range over
     all slots ``[lo_g, hi_g]`` gives its centre ``(lo_g + hi_g) / 2`` and its scale, the width
-    ``hi_g - lo_g`` relative to the widest group's (so the widest group keeps its values and the
-    others are stretched to its width)."""
+    ``hi_g - lo_g`` relative to the widest group's to the power ``strength`` (1: the widest group keeps
+    its values and the others are stretched to its width; 0: centred only)."""
     gi = act.group_index[0].long()
     ranges = torch.stack([r.float() for r in act.ranges])  # (S, K, 2)
     lo, hi = ranges[..., 0].amin(0), ranges[..., 1].amax(0)
     width = (hi - lo).clamp_min(FOLD_MIN_WIDTH)
-    return Fold((width / width.max())[gi].contiguous(), ((lo + hi) / 2)[gi].contiguous())
+    return Fold(((width / width.max()) ** strength)[gi].contiguous(), ((lo + hi) / 2)[gi].contiguous())
 
 
 def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig) -> ActPlan:
@@ -253,7 +253,7 @@ def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig) -> Act
     of the groups' ranges of that slot, normalized."""
     if set(act.axis) != {CHANNEL} or any(not torch.equal(g, act.group_index[0]) for g in act.group_index):
         raise RecipeError(f"{key}: a folded input needs one channel grouping for every step")
-    fold = fold_of(act)
+    fold = fold_of(act, config.fold_exponent)
     gi = act.group_index[0].long()
     k = int(act.ranges[0].shape[0])
     # per group (constant within one): its scale and centre; groups with no channel are left out

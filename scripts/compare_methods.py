@@ -53,6 +53,12 @@ ABLATIONS = {
         "dgq",
         {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_linear": False},
     ),
+    # The same K=4 target folding the whole group widths into the weights at every weight width
+    # (the default folds half of them, in log scale, below 8-bit weights).
+    "DGQ, onnxruntime profile K=4, fold strength 1": (
+        "dgq",
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_strength": 1.0},
+    ),
     # The same K=4 target without folded Linear input groups and per-channel conv output scales
     # (the profile before those two fields; recipes stored without them load this way).
     "DGQ, onnxruntime profile K=4, unfolded": (

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from dgq.config import PRESETS, TRT_DEMO_KEEP_FLOAT, QuantConfig, preset
@@ -82,3 +84,22 @@ def test_stored_configs_without_later_fields_read_them_as_off():
     assert not old.fold_linear and not old.norm_outputs and not old.folds_linear
     assert QuantConfig(profile="onnxruntime").folds_linear  # new configs have them on
     assert not QuantConfig(profile="onnxruntime", weight_granularity="tensor").normalizes_outputs
+
+
+def test_fold_strength_follows_the_weight_width_unless_set():
+    from dgq.config import FOLD_STRENGTH_8BIT, FOLD_STRENGTH_LOWBIT
+
+    assert QuantConfig(profile="onnxruntime").fold_exponent == FOLD_STRENGTH_8BIT == 1.0
+    assert QuantConfig(profile="onnxruntime", wbits=4).fold_exponent == FOLD_STRENGTH_LOWBIT < 1.0
+    assert QuantConfig(profile="onnxruntime", wbits=4, fold_strength=1.0).fold_exponent == 1.0
+    stored = QuantConfig(profile="onnxruntime", wbits=4, fold_strength=0.25).to_dict()
+    assert QuantConfig.from_dict(json.loads(json.dumps(stored))).fold_exponent == 0.25
+    # a stored fold without the field was made at strength 1, whatever its weight width
+    del stored["fold_strength"]
+    assert QuantConfig.from_dict(stored).fold_exponent == 1.0
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, "half"])
+def test_fold_strength_outside_0_1_is_refused(strength):
+    with pytest.raises(ValueError, match="fold_strength"):
+        QuantConfig(profile="onnxruntime", fold_strength=strength)

@@ -650,10 +650,12 @@ def test_one_onnxruntime_conv_is_exact_and_fuses_to_qlinearconv(tmp_path, normal
             assert err.max() <= 3 * step + QDQ_LAYER_EXACT_ATOL  # at most one step per branch
 
 
-def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path):
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path, strength):
     """onnxruntime target, a token Linear whose input has 3 channel groups (one an outlier group, 40x
     wider) over 2 steps, folded: (x - centre) / scale per channel, one per-tensor uint8 Q/DQ per step,
-    the scale in the int8 weight's columns and the centre in the bias. The lowering equals the
+    the scale in the int8 weight's columns and the centre in the bias; at both fold strengths (the
+    scale the groups' relative widths, or their square roots). The lowering equals the
     simulator bit for bit; ONNX Runtime (off, and on: one MatMulIntegerToFloat) equals it up to the
     float32 sum order; and in float the fold is the identity (before rounding, W x + b is unchanged)."""
     from dgq.calibrate import weight_quant
@@ -668,8 +670,10 @@ def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path):
         torch.tensor([[-0.8, 1.2], [0.1, 1.5], [-30.0, 44.0]]),
     ]
     act = ActQuant("linear", ["channel", "channel"], [gi, gi], ranges)
-    config = preset("dgq", groups=3, **ORT_PRESET)
-    fold = fold_of(act)
+    config = preset("dgq", groups=3, fold_strength=strength, **ORT_PRESET)
+    fold = fold_of(act, strength)
+    widths = torch.tensor([2.2, 2.5, 84.0])  # each group's range over both steps
+    assert torch.allclose(fold.scale, ((widths / 84.0) ** strength)[gi])
     wq = weight_quant(lin.weight.detach() * fold.scale, "linear", config)
     lp = plan_layer("lin", "linear", wq, act, None, config)
     assert lp.input.fold is not None and all(sp.axis == "layer" for sp in lp.input.slots)
