@@ -6,7 +6,10 @@ against the PyTorch simulator of the same recipe, and both against the float mod
 Same prompts, seeds and steps (the steps the recipe was calibrated with) through three pipelines:
 float diffusers, simulated diffusers (``dgq.simulate``) and ``runtime.Text2ImagePipeline`` on the
 export; reports PSNR (dB, uint8 images) for each pair, per image and pooled, and the largest
-per-pixel difference between the runtime and the simulator.
+per-pixel difference between the runtime and the simulator. For the default model and its stress
+copy (whose prompts name Fashion-MNIST classes) the shipped judge classifies every image: its
+accuracy against the prompted class for each pipeline, and the label flips of the runtime and of the
+simulator against the float image of the same seed.
 """
 
 from __future__ import annotations
@@ -35,6 +38,24 @@ def psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
     return metrics.psnr(as_batch(a), as_batch(b), data_range=255.0)
 
 
+def judge_flips(images: dict[str, list[np.ndarray]], labels: list[int]) -> dict[str, float]:
+    """The judge on uint8 images (H, W, 3) of each pipeline (``float``, ``simulator``, ``runtime``,
+    same prompts and seeds in the same order): accuracy of each against ``labels`` and the flip rate
+    of each quantized pipeline against ``float``."""
+    from dgq.eval.judge import classify, load_judge
+
+    judge = load_judge()
+    pred = {}
+    for name, imgs in images.items():
+        batch = torch.as_tensor(np.stack(imgs), dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1.0
+        pred[name], _ = classify(batch, judge)
+    target = torch.as_tensor(labels)
+    out = {f"judge_accuracy_{name}": float((p == target).float().mean()) for name, p in pred.items()}
+    for name in ("simulator", "runtime"):
+        out[f"judge_flips_{name}_vs_float"] = float((pred[name] != pred["float"]).float().mean())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("export", type=Path, help="export folder from scripts/export_onnx.py")
@@ -48,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dgq import zoo
     from dgq.eval.data import default_prompts
+    from dgq.prompts import FASHION_MODELS
     from dgq.recipe import load
     from dgq.simulate import simulate
     from export.manifest import read_manifest
@@ -62,15 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     qpipe = simulate(pipe, recipe)
     rt = Text2ImagePipeline.from_export(args.export, backend="onnxruntime")
-    prompts = [t for t, _ in default_prompts(args.num_prompts)]
+    prompts = default_prompts(args.num_prompts)
     rows = []
-    for prompt in prompts:
+    images: dict[str, list[np.ndarray]] = {"float": [], "simulator": [], "runtime": []}
+    labels = []
+    for prompt, label in prompts:
         for seed in range(args.seeds):
             kw = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}
             f = pipe([prompt], generator=torch.Generator().manual_seed(seed), **kw).images[0]
             s = qpipe([prompt], generator=torch.Generator().manual_seed(seed), **kw).images[0]
             r = rt([prompt], seed=seed, steps=steps, guidance=guidance).images[0]
             f, s = (np.round(x * 255).astype(np.uint8) for x in (f, s))
+            for name, img in (("float", f), ("simulator", s), ("runtime", r)):
+                images[name].append(img)
+            labels.append(label)
             rows.append(
                 {
                     "prompt": prompt,
@@ -97,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "median_simulator_vs_float_db": pooled("simulator_vs_float_db"),
         "median_runtime_vs_float_db": pooled("runtime_vs_float_db"),
         "max_runtime_vs_simulator_levels": max(r["runtime_vs_simulator_max_levels"] for r in rows),
+        **(judge_flips(images, labels) if model in FASHION_MODELS else {}),
         "samples": rows,
     }
     text = json.dumps(result, indent=2)
