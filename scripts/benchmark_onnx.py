@@ -11,6 +11,10 @@ model's UNet instead. The ``onnxruntime`` target is exported once per ``--ort-gr
 One process; sessions created once; runs interleaved (float, faithful,
 tensorrt, float, ...) so machine-load drift hits every graph alike; median per graph. This is a
 benchmark, not a test: nothing asserts a speed.
+
+Where OpenVINO is installed (``pip install openvino``), its CPU plugin runs the float graph too (row
+``float32 (OpenVINO)``, float32 precision, the same thread count), interleaved with the others: every
+row's ``vs best float`` is against the faster of the two float runs.
 """
 
 from __future__ import annotations
@@ -46,14 +50,31 @@ def sd_shaped_pipeline(seed: int = 0):
     return build_sd(unet, text, vae, PNDMScheduler(**configs.SD15_SCHEDULER), seed)
 
 
+OPENVINO_ROW = "float32 (OpenVINO)"
+
+
+def openvino_float(path: Path, threads: int):
+    """An OpenVINO CPU request for the float graph at float32 precision, or None without OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        log.info("OpenVINO is not installed: no %s row", OPENVINO_ROW)
+        return None
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    return core.compile_model(str(path), "CPU", config).create_infer_request()
+
+
 def markdown(result: dict) -> str:
     """The results file as the README's table: one row per graph."""
+    best = "vs best float" if any(r.get("speedup_vs_best_float") for r in result["results"].values()) else None
     lines = [
-        "| graph | median per UNet call | vs float | file | vs float32 graph | integer kernels after ORT's optimizer |",
-        "|---|---|---|---|---|---|",
+        "| graph | median per UNet call | vs float | file | vs float32 graph | integer kernels after ORT's optimizer |"
+        + (f" {best} |" if best else ""),
+        "|---|---|---|---|---|---|" + ("---|" if best else ""),
     ]
     for name, r in result["results"].items():
-        label = "float32" if name == "float" else f"{name} W{result['wbits']}A8"
+        label = "float32" if name == "float" else name if name == OPENVINO_ROW else f"{name} W{result['wbits']}A8"
         sites = r.get("sites") or {}
         if name.startswith("onnxruntime"):
             label += f" ({sites['branch_layers']} convs, {sites['branches']} conv branches)"
@@ -62,7 +83,7 @@ def markdown(result: dict) -> str:
         kernels = ", ".join(f"{k} {v}" for k, v in r["integer_kernels_after_optimization"].items()) or "-"
         lines.append(
             f"| {label} | {r['median_ms']:,.0f} ms | {r['speedup_vs_float']:.2f}x | {r['bytes'] / 2**20:.1f} MiB | "
-            f"{r['size_vs_float']:.3f}x | {kernels} |"
+            f"{r['size_vs_float']:.3f}x | {kernels} |" + (f" {r['speedup_vs_best_float']:.2f}x |" if best else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -185,12 +206,19 @@ def main(argv: list[str] | None = None) -> int:
             f["step_index"] = np.array(0, np.int64)
         feeds[k] = f
         sessions[k].run(None, f)  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+    ov_request = openvino_float(folders["float"] / "unet.onnx", args.threads)
+    if ov_request is not None:
+        ov_request.infer(feeds["float"])  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in sessions} | ({OPENVINO_ROW: []} if ov_request else {})
     for _ in range(args.runs):
         for k, s in sessions.items():
             t1 = time.perf_counter()
             s.run(None, feeds[k])
             times[k].append(time.perf_counter() - t1)
+        if ov_request is not None:
+            t1 = time.perf_counter()
+            ov_request.infer(feeds["float"])
+            times[OPENVINO_ROW].append(time.perf_counter() - t1)
     import onnx
 
     rows = {}
@@ -208,9 +236,21 @@ def main(argv: list[str] | None = None) -> int:
             "integer_kernels_after_optimization": fused,
             "nodes": sum(ops.values()),
         }
+    if ov_request is not None:
+        import openvino
+
+        rows[OPENVINO_ROW] = {
+            "median_ms": 1000 * statistics.median(times[OPENVINO_ROW]),
+            "min_ms": 1000 * min(times[OPENVINO_ROW]),
+            "bytes": rows["float"]["bytes"],
+            "integer_kernels_after_optimization": {},
+            "openvino": openvino.__version__,
+        }
     base = rows["float"]
+    best_float = min(rows[k]["median_ms"] for k in ("float", OPENVINO_ROW) if k in rows)
     for r in rows.values():
         r["speedup_vs_float"] = base["median_ms"] / r["median_ms"]
+        r["speedup_vs_best_float"] = best_float / r["median_ms"]
         r["size_vs_float"] = r["bytes"] / base["bytes"]
     for t, s in summaries.items():
         rows[t]["sites"] = s.sites

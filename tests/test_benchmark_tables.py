@@ -1,0 +1,35 @@
+"""scripts/benchmark_onnx.py's table: recorded results render as before, an OpenVINO row adds the
+column against the faster float runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scripts.benchmark_onnx import OPENVINO_ROW, markdown
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _row(ms: float, vs: float, best: float | None = None) -> dict:
+    row = {"median_ms": ms, "bytes": 2**20, "size_vs_float": 1.0, "speedup_vs_float": vs}
+    row["integer_kernels_after_optimization"] = {}
+    if best is not None:
+        row["speedup_vs_best_float"] = best
+    return row
+
+
+def test_recorded_results_render_without_the_openvino_column():
+    table = markdown(json.loads((REPO / "results/benchmark_onnx_sdshape_w8.json").read_text()))
+    assert "vs best float" not in table and table.splitlines()[2].startswith("| float32 |")
+
+
+def test_openvino_row_adds_the_best_float_column():
+    result = {
+        "wbits": 8,
+        "results": {"float": _row(100, 1.0, 0.8), OPENVINO_ROW: _row(80, 1.25, 1.0), "faithful": _row(50, 2.0, 1.6)},
+    }
+    lines = markdown(result).splitlines()
+    assert lines[0].endswith("| vs best float |") and lines[1].count("---") == 7
+    assert lines[3].startswith(f"| {OPENVINO_ROW} | 80 ms | 1.25x") and lines[3].endswith("| 1.00x |")
+    assert lines[4].startswith("| faithful W8A8 |") and lines[4].endswith("| 1.60x |")
