@@ -12,7 +12,7 @@ One process; sessions created once; runs interleaved (float, faithful,
 tensorrt, float, ...) so machine-load drift hits every graph alike; median per graph. This is a
 benchmark, not a test: nothing asserts a speed.
 
-Where OpenVINO is installed (``pip install openvino``), its CPU plugin runs the float graph too (row
+Where OpenVINO is installed (extra ``peers``; ``pip install openvino``), its CPU plugin runs the float graph too (row
 ``float32 (OpenVINO)``, float32 precision, the same thread count), interleaved with the others: every
 row's ``vs best float`` is against the faster of the two float runs.
 """

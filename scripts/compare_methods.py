@@ -6,6 +6,12 @@ noise-prediction SQNR over the sampling steps, paired image PSNR/SSIM, judge acc
 (and FID with --fid). Writes ``results.json`` and ``table.md`` to --out; the README's table is
 ``table.md``.
 
+``--modelopt`` adds NVIDIA ModelOpt's own INT8 and INT8 SmoothQuant configs as peers at W8A8 (their
+width): ``mtq.quantize`` on a copy of the UNet, calibrated by running the pipeline on the same
+calibration prompts and seeds, evaluated by the same yardstick. It needs ``nvidia-modelopt``
+(``pip install nvidia-modelopt ninja nvidia-ml-py omegaconf "pulp<4" scipy``; fake quantization runs
+on CPU).
+
     python scripts/compare_methods.py --model fashion --out outputs/compare
 """
 
@@ -74,6 +80,44 @@ ABLATIONS = {
     ),
 }
 BITS = [(8, 8), (4, 8), (8, 6), (4, 6)]
+# NVIDIA ModelOpt's configs (--modelopt), as its users run them: row name -> mtq config name.
+MODELOPT_PEERS = {
+    "ModelOpt INT8 (mtq.INT8_DEFAULT_CFG)": "INT8_DEFAULT_CFG",
+    "ModelOpt INT8 SmoothQuant (mtq.INT8_SMOOTHQUANT_CFG)": "INT8_SMOOTHQUANT_CFG",
+}
+MODELOPT_BITS = (8, 8)
+MODELOPT_CAL_BATCH = 8
+
+
+def modelopt_pipeline(pipe, config_name: str, prompts: list[str], steps: int, guidance: float, seed: int):
+    """A pipeline of the same class whose UNet is a copy quantized by ModelOpt's ``config_name``,
+    calibrated on ``prompts`` (seeds ``seed``, ``seed + 1``, ...) through the whole pipeline."""
+    import copy
+
+    import torch
+
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as e:
+        raise SystemExit(
+            "compare_methods: --modelopt needs nvidia-modelopt "
+            '(pip install nvidia-modelopt ninja nvidia-ml-py omegaconf "pulp<4" scipy)'
+        ) from e
+    unet = copy.deepcopy(pipe.unet)
+    calib = type(pipe)(**{**pipe.components, "unet": unet})
+    calib.set_progress_bar_config(disable=True)
+
+    def forward_loop(model):
+        with torch.no_grad():
+            for i in range(0, len(prompts), MODELOPT_CAL_BATCH):
+                batch = prompts[i : i + MODELOPT_CAL_BATCH]
+                gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(batch))]
+                calib(batch, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="latent")
+
+    unet = mtq.quantize(unet, getattr(mtq, config_name), forward_loop)
+    qpipe = type(pipe)(**{**pipe.components, "unet": unet})
+    qpipe.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return qpipe
 
 
 NOISE_FLOOR = "float, other seeds (noise floor)"
@@ -176,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run DGQ ablations (one field changed each): the names given, or all of them "
         f"when none is given; names: {list(ABLATIONS)}",
     )
+    parser.add_argument(
+        "--modelopt",
+        action="store_true",
+        help="also NVIDIA ModelOpt's INT8 and INT8 SmoothQuant configs as peers at W8A8 (needs nvidia-modelopt)",
+    )
     parser.add_argument("--fid", action="store_true", help="also FID against the float model's images (slow on CPU)")
     parser.add_argument(
         "--noise-floor",
@@ -192,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         help="only re-render table.md from an earlier results.json (no calibration, no sampling)",
     )
     args = parser.parse_args(argv)
+    if args.modelopt and args.render is None:
+        import importlib.util
+
+        if importlib.util.find_spec("modelopt") is None:
+            parser.error(
+                "--modelopt needs nvidia-modelopt "
+                '(pip install nvidia-modelopt ninja nvidia-ml-py omegaconf "pulp<4" scipy)'
+            )
     if args.render is not None:
         data = json.loads(args.render.read_text())
         m = data["meta"]
@@ -272,6 +329,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows.append(row)
             raw[f"W{wbits}A{abits} {method}"] = result.results
+        if args.modelopt and (wbits, abits) == MODELOPT_BITS:
+            for method, config_name in MODELOPT_PEERS.items():
+                t1 = time.perf_counter()
+                qpipe = modelopt_pipeline(pipe, config_name, cal_prompts, args.steps, args.guidance, seed=10_000)
+                build_s = time.perf_counter() - t1
+                result = evaluate(pipe, qpipe, prompts, ycfg)
+                row = _row(method, wbits, abits, result.results) | {"recipe_build_s": round(build_s, 1)}
+                log.info("W%dA%d %s: %s", wbits, abits, method, {k: row[k] for k in ("noise_sqnr_db", "image_psnr_db")})
+                rows.append(row)
+                raw[f"W{wbits}A{abits} {method}"] = result.results
     if args.noise_floor:
         floor_cfg = YardstickConfig(
             seeds=ycfg.seeds,

