@@ -21,9 +21,17 @@ def _row(ms: float, vs: float, best: float | None = None) -> dict:
     return row
 
 
-def test_recorded_results_render_without_the_openvino_column():
-    table = markdown(json.loads((REPO / "results/benchmark_onnx_sdshape_w8.json").read_text()))
-    assert "vs best float" not in table and table.splitlines()[2].startswith("| float32 |")
+def test_results_without_openvino_render_without_its_column():
+    result = {"wbits": 4, "results": {"float": _row(100, 1.0), "faithful": _row(50, 2.0)}}
+    lines = markdown(result).splitlines()
+    assert "vs best float" not in lines[0] and lines[1].count("---") == 6
+    assert lines[2].startswith("| float32 | 100 ms | 1.00x") and lines[3].startswith("| faithful W4A8 | 50 ms | 2.00x")
+
+
+def test_recorded_results_render():
+    for name in ("benchmark_onnx_sdshape_w8.json", "benchmark_onnx_sdshape_w4.json"):
+        table = markdown(json.loads((REPO / "results" / name).read_text()))
+        assert table.splitlines()[2].startswith("| float32 |")
 
 
 def test_openvino_row_adds_the_best_float_column():
