@@ -30,6 +30,7 @@ from dgq.quant import (
     LAYER,
     AxisStats,
     affine_params_from_range,
+    along,
     group_ranges,
     kmeans_groups,
     minmax_range,
@@ -137,9 +138,10 @@ def _group_one(stats: AxisStats, config: QuantConfig, axis: str | None = None, g
 
 
 def _onnxruntime_grouping(layout: str, merged: AxisStats, config: QuantConfig) -> tuple[str, torch.Tensor]:
-    """``onnxruntime`` profile: a conv input gets K channel groups (one QLinearConv branch each),
-    fixed across steps; a Linear input too when the config folds them (``fold_linear``: the groups'
-    scales and centres go into the weights, so one per-tensor Q/DQ feeds MatMulIntegerToFloat); every
+    """``onnxruntime`` profile: a conv input gets K channel groups fixed across steps (one QLinearConv
+    branch each, or folded into one with ``fold_conv``); a Linear input too when the config folds
+    them (``fold_linear``: the groups' scales and centres go into the weights, so one per-tensor Q/DQ
+    feeds MatMulIntegerToFloat); every
     other input one range (a per-channel scale cannot feed MatMulIntegerToFloat, and a Gather of
     channel groups along a MatMul's last axis costs more than the integer kernel saves: README)."""
     k = config.effective_groups
@@ -384,11 +386,13 @@ def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantCo
 
 def layer_weight_quant(unet: torch.nn.Module, site, act: ActQuant | None, config: QuantConfig) -> WeightQuant:
     """The weight parameters of one quantized layer: of its weight, or, when its input is folded
-    (``config.folds_linear``), of the weight with the fold's scale in its input columns."""
+    (``config.folds_linear``, ``config.folds_conv``), of the weight with the fold's scale in its input
+    columns."""
     w = unet.get_submodule(site.name).weight
-    if site.kind != CONV and config.folds_linear and act is not None and act.axis[0] == CHANNEL:
+    conv = site.kind == CONV
+    if (config.folds_conv if conv else config.folds_linear) and act is not None and act.axis[0] == CHANNEL:
         # the folded input's scale lives in the columns
-        w = w.detach().float() * fold_of(act, config.fold_exponent).scale
+        w = w.detach().float() * along(fold_of(act, config.fold_exponent, centred=not conv).scale, w.ndim, 1)
     return weight_quant(w, site.kind, config)
 
 
@@ -456,7 +460,8 @@ def calibrate_outputs(
     def observe(name: str) -> _OutputObserver:
         act = recipe.acts[input_keys[name]]
         channels = pipe.unet.get_submodule(name).out_channels
-        observers[name] = _OutputObserver(len(act.axis), act.k(0), channels)
+        branches = 1 if recipe.config.folds_conv else act.k(0)  # a folded conv input is one branch
+        observers[name] = _OutputObserver(len(act.axis), branches, channels)
         return observers[name]
 
     handle = apply_recipe(pipe.unet, dataclasses.replace(recipe, outputs={}), observe_outputs=observe)

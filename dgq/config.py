@@ -16,7 +16,7 @@ from common.constants import QUANT_TARGETS
 
 CONFIG_VERSION = 1
 # Fields added after version 1 whose absence in a stored config means "off".
-LEGACY_OFF = ("fold_linear", "norm_outputs")
+LEGACY_OFF = ("fold_linear", "norm_outputs", "fold_conv")
 
 WEIGHT_INITS = ("mse", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "block", "tensor")
@@ -80,6 +80,10 @@ class QuantConfig:
     # branch outputs are quantized per output channel through a scale folded into the weight rows.
     fold_linear: bool = True
     norm_outputs: bool = True
+    # onnxruntime profile: conv inputs' channel groups folded into the weight columns too (scales
+    # only, no centre: zero padding stays exact), so each conv is one QLinearConv instead of a branch
+    # per group, with one output quantizer instead of K
+    fold_conv: bool = False
     # how much of a folded group's range moves into the weight columns: the input is divided and the
     # columns multiplied by (width / widest width) ** strength (1 = every group stretched to the
     # widest's width; smaller leaves more spread in the input and less in the weights, as SmoothQuant's
@@ -148,6 +152,11 @@ class QuantConfig:
     def folds_linear(self) -> bool:
         """Linear inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_linear``)."""
         return self.profile == "onnxruntime" and self.fold_linear
+
+    @property
+    def folds_conv(self) -> bool:
+        """Conv inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_conv``)."""
+        return self.profile == "onnxruntime" and self.fold_conv
 
     @property
     def fold_exponent(self) -> float:

@@ -218,42 +218,62 @@ class ActPlan:
 @dataclass(frozen=True)
 class Fold:
     """Per-channel ``scale`` and ``centre`` (float32 ``(C,)``, constant within a channel group and
-    across steps) that normalize a Linear input before its per-tensor quantizer."""
+    across steps) that normalize a Linear or conv input before its per-tensor quantizer."""
 
     scale: torch.Tensor
     centre: torch.Tensor
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - centre) / scale`` along the last dim: the op order the exported graph uses."""
-        return (x - self.centre.to(x.device)) / self.scale.to(x.device)
+    @property
+    def centred(self) -> bool:
+        return bool(self.centre.any())
+
+    def normalize(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """``(x - centre) / scale`` along ``dim`` (the last for a Linear input, 1 for a conv's): the op
+        order the exported graph uses."""
+        c, s = along(self.centre.to(x.device), x.ndim, dim), along(self.scale.to(x.device), x.ndim, dim)
+        return (x - c) / s
 
     def bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The layer's bias with the centre folded in, ``bias + weight @ centre`` (float32 ``(O,)``)."""
-        b = torch.mv(weight.detach().float(), self.centre)
+        """The layer's bias with the centre folded in, ``bias + weight @ centre`` (float32 ``(O,)``; a
+        conv weight's kernel taps summed first)."""
+        w = weight.detach().float()
+        b = torch.mv(w.flatten(2).sum(2) if w.ndim > 2 else w, self.centre)
         return b if bias is None else bias.detach().float() + b
 
 
 FOLD_MIN_WIDTH = 1e-6  # a group whose range is a point keeps a finite scale
 
 
-def fold_of(act: ActQuant, strength: float = 1.0) -> Fold:
-    """The fold of a channel-grouped site with one grouping for every slot: each group's range over
-    all slots ``[lo_g, hi_g]`` gives its centre ``(lo_g + hi_g) / 2`` and its scale, the width
-    ``hi_g - lo_g`` relative to the widest group's to the power ``strength`` (1: the widest group keeps
-    its values and the others are stretched to its width; 0: centred only)."""
+def fold_of(act: ActQuant, strength: float = 1.0, centred: bool = True) -> Fold:
+    """The fold of a channel-grouped site with one grouping for every slot, from each group's range
+    over all slots ``[lo_g, hi_g]``.
+
+    ``centred`` (Linear inputs): the centre ``(lo_g + hi_g) / 2`` and the scale, the width
+    ``hi_g - lo_g`` relative to the widest group's (1: the widest group keeps its values and the
+    others are stretched to its width). Not centred (conv inputs: zero padding must stay zero, so
+    nothing is subtracted): the smallest scale that keeps the group inside the union of all groups'
+    ranges ``[L, H]``, ``max(hi_g / H, lo_g / L)`` (at most 1). Either scale is raised to the power
+    ``strength`` (0: nothing moves into the weights)."""
     gi = act.group_index[0].long()
     ranges = torch.stack([r.float() for r in act.ranges])  # (S, K, 2)
     lo, hi = ranges[..., 0].amin(0), ranges[..., 1].amax(0)
-    width = (hi - lo).clamp_min(FOLD_MIN_WIDTH)
-    return Fold(((width / width.max()) ** strength)[gi].contiguous(), ((lo + hi) / 2)[gi].contiguous())
+    if centred:
+        width = (hi - lo).clamp_min(FOLD_MIN_WIDTH)
+        scale, centre = width / width.max(), (lo + hi) / 2
+    else:
+        big_l, big_h = lo.min().clamp_max(0.0), hi.max().clamp_min(0.0)
+        up = hi.clamp_min(0.0) / big_h if big_h > 0 else torch.zeros_like(hi)
+        down = lo.clamp_max(0.0) / big_l if big_l < 0 else torch.zeros_like(lo)
+        scale, centre = torch.maximum(up, down).clamp(FOLD_MIN_WIDTH, 1.0), torch.zeros_like(lo)
+    return Fold((scale**strength)[gi].contiguous(), centre[gi].contiguous())
 
 
-def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig) -> ActPlan:
+def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig, centred: bool = True) -> ActPlan:
     """A folded site: per slot one layer-wise grid on the normalized input, whose range is the union
     of the groups' ranges of that slot, normalized."""
     if set(act.axis) != {CHANNEL} or any(not torch.equal(g, act.group_index[0]) for g in act.group_index):
         raise RecipeError(f"{key}: a folded input needs one channel grouping for every step")
-    fold = fold_of(act, config.fold_exponent)
+    fold = fold_of(act, config.fold_exponent, centred)
     gi = act.group_index[0].long()
     k = int(act.ranges[0].shape[0])
     # per group (constant within one): its scale and centre; groups with no channel are left out
@@ -268,9 +288,12 @@ def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig) -> Act
     return ActPlan(key, act.layout, bits, slots, fold)
 
 
-def plan_act(key: str, act: ActQuant, bits: int, config: QuantConfig, fold: bool = False) -> ActPlan:
+def plan_act(
+    key: str, act: ActQuant, bits: int, config: QuantConfig, fold: bool = False, centred: bool = True
+) -> ActPlan:
     """The plan of one activation site of a recipe (validated against the recipe's own shapes);
-    ``fold``: a Linear input whose channel groups are folded into its layer (``_plan_folded``)."""
+    ``fold``: an input whose channel groups are folded into its layer (``_plan_folded``; ``centred``
+    False for a conv input)."""
     if not (len(act.axis) == len(act.group_index) == len(act.ranges)) or not act.axis:
         raise RecipeError(f"{key}: axis, group_index and ranges must have one entry per slot")
     for s, (axis, gi, ranges) in enumerate(zip(act.axis, act.group_index, act.ranges, strict=True)):
@@ -282,7 +305,7 @@ def plan_act(key: str, act: ActQuant, bits: int, config: QuantConfig, fold: bool
         if gi.numel() and (int(gi.min()) < 0 or int(gi.max()) >= k):
             raise RecipeError(f"{key}: slot {s} group index outside [0, {k})")
     if fold and CHANNEL in act.axis:
-        return _plan_folded(key, act, bits, config)
+        return _plan_folded(key, act, bits, config, centred)
     outlier_bits = config.outlier_bits if config.profile == "tensorrt" else None
     slots = []
     for axis, gi, ranges in zip(act.axis, act.group_index, act.ranges, strict=True):
@@ -475,8 +498,8 @@ def plan_layer(
     ``output_required=False`` allows an ``onnxruntime`` conv without output ranges (the output
     calibration pass, which observes them instead)."""
     weight = None if wq is None else plan_weight(name, wq)
-    fold = kind != CONV and config.folds_linear
-    inp = None if act is None else plan_act(f"{name}.input", act, config.abits, config, fold=fold)
+    fold = config.folds_conv if kind == CONV else config.folds_linear
+    inp = None if act is None else plan_act(f"{name}.input", act, config.abits, config, fold, kind != CONV)
     if inp is not None and inp.fold is not None:
         if weight is None:
             raise RecipeError(f"{name}: a folded input needs the layer's weights quantized with its scale")

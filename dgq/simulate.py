@@ -50,7 +50,7 @@ class ActFakeQuant:
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         sp = self.plan.slot(slot)
         if self.plan.fold is not None:  # quantized in the normalized domain; the layer carries the fold
-            x = self.plan.fold.normalize(x.float())
+            x = self.plan.fold.normalize(x.float(), 1 if self.layout == "conv" else -1)
         shape = x.shape
         v = quant_view(x, self.layout, sp.axis)
         dim = axis_dim(self.layout, sp.axis, v.ndim)
@@ -150,6 +150,7 @@ class BranchConvLayer(torch.nn.Module):
         self.name, self.inner, self.ctx, self.observe = plan.name, inner, ctx, observe
         self.branches = plan.input.branches(inner.in_channels)
         self.whole = len(self.branches) == 1
+        self.fold = plan.input.fold  # a folded input: one branch on the normalized input (no centre)
         self.n_slots = plan.input.n_slots
         self.weights = [weight_hat[:, b.index].contiguous() for b in self.branches]
         self.out = plan.output
@@ -163,6 +164,8 @@ class BranchConvLayer(torch.nn.Module):
         si = slot if self.n_slots > 1 else 0
         m = self.inner
         dtype, x = x.dtype, x.float()
+        if self.fold is not None:
+            x = self.fold.normalize(x, 1)
         out = None
         for b, w in zip(self.branches, self.weights, strict=True):
             xg = x if self.whole else torch.index_select(x, 1, b.index)

@@ -65,6 +65,16 @@ ABLATIONS = {
         "dgq",
         {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_strength": 1.0},
     ),
+    # The same K=4 target with its conv inputs' groups folded into the weights too: one QLinearConv
+    # (and one output quantizer) per conv instead of a branch per group.
+    "DGQ, onnxruntime profile K=4, conv folded": (
+        "dgq",
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_conv": True},
+    ),
+    "DGQ, onnxruntime profile K=8, conv folded": (
+        "dgq",
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 8, "fold_conv": True},
+    ),
     # The same K=4 target without folded Linear input groups and per-channel conv output scales
     # (the profile before those two fields; recipes stored without them load this way).
     "DGQ, onnxruntime profile K=4, unfolded": (

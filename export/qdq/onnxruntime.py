@@ -59,6 +59,10 @@ class OrtConvLayer(LoweredLayer):
         self.register_buffer("w_zp", z)
         self.w_axis = wp.axis
         self.whole = len(self.branches) == 1
+        fold = plan.input.fold  # a folded input: x / scale per channel, one branch (dgq.plan.Fold)
+        if fold is not None and fold.centred:
+            raise LoweringError(f"{plan.name}: a folded conv input has no centre (zero padding must stay zero)")
+        self.register_buffer("fold_scale", None if fold is None else fold.scale.float().view(1, -1, 1, 1))
         out = plan.output
         # normalized outputs: w_scale above is divided by these per output channel; multiplied back
         self.register_buffer(
@@ -82,6 +86,8 @@ class OrtConvLayer(LoweredLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.ctx.current()
         x = f32(x)
+        if self.fold_scale is not None:  # Fold.normalize with a zero centre: x - 0 is x, bit for bit
+            x = x / self.fold_scale
         out = None
         for b in self.branches:
             g = b.group
@@ -106,6 +112,7 @@ class OrtConvLayer(LoweredLayer):
                 "slots": self.n_slots,
                 "quantized_output": True,
                 "normalized_output": self.out_channel_scale is not None,
+                "folded": self.fold_scale is not None,
             },
         )
 

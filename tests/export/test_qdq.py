@@ -92,6 +92,8 @@ def recipes(tiny_pipe, stats):
         "onnxruntime_a6": ort_mk(abits=6, quantize_qkv=True),
         # before folded Linear inputs and normalized conv outputs (recipes written then load as this)
         "onnxruntime_legacy": ort_mk(fold_linear=False, norm_outputs=False),
+        # conv input groups folded into the weights: one branch per conv
+        "onnxruntime_cfold": ort_mk(fold_conv=True),
         "faithful": mk(groups=8),
         "faithful_a6": mk(groups=8, abits=6),
         "tensorrt": mk(groups=4, profile="tensorrt", outlier_bits=16),
@@ -161,13 +163,19 @@ def test_faithful_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
         assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
 
-@pytest.mark.parametrize("name", ["onnxruntime", "onnxruntime_a6", "onnxruntime_legacy"])
+@pytest.mark.parametrize("name", ["onnxruntime", "onnxruntime_a6", "onnxruntime_legacy", "onnxruntime_cfold"])
 def test_onnxruntime_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
-    """Conv branches with quantized outputs, MatMul-form Linear layers, 6-bit clipping, q/k/v Q/DQ."""
+    """Conv branches with quantized outputs (or folded conv inputs, one branch each), MatMul-form
+    Linear layers, 6-bit clipping, q/k/v Q/DQ."""
     recipe = recipes[name]
     sim, low = simulator_and_lowering(tiny_pipe.unet, recipe, "onnxruntime")
     convs = [m for m in low.module.modules() if isinstance(m, OrtConvLayer)]
-    assert convs and any(len(c.branches) > 1 for c in convs) and len(convs) == len(recipe.outputs)
+    assert convs and len(convs) == len(recipe.outputs)
+    if recipe.config.fold_conv:
+        assert all(len(c.branches) == 1 and c.fold_scale is not None for c in convs)
+        assert all(o.ranges.shape[1] == 1 for o in recipe.outputs.values())  # one output range per conv
+    else:
+        assert any(len(c.branches) > 1 for c in convs) and all(c.fold_scale is None for c in convs)
     for slot, ref, got in every_step(sim, low, recipe):
         assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
@@ -648,6 +656,81 @@ def test_one_onnxruntime_conv_is_exact_and_fuses_to_qlinearconv(tmp_path, normal
             off_edge = err > QDQ_LAYER_EXACT_ATOL
             assert off_edge.mean() <= QDQ_OUTPUT_FLIP_MAX_FRACTION, off_edge.mean()
             assert err.max() <= 3 * step + QDQ_LAYER_EXACT_ATOL  # at most one step per branch
+
+
+def test_conv_fold_keeps_every_group_inside_the_union_without_a_centre():
+    """A conv input's fold has no centre (zero padding stays zero) and gives each group the smallest
+    scale that keeps it inside the union of all groups' ranges: max(hi / H, lo / L)."""
+    from dgq.plan import fold_of
+
+    conv, act, _, _, _ = _synthetic_ort_site()
+    fold = fold_of(act, 1.0, centred=False)
+    assert not fold.centred
+    # groups over both steps: [-1, 1.5], [-2, 3], [-9, 9]; union [-9, 9]
+    expected = torch.tensor([1.5 / 9, 3.0 / 9, 1.0])[act.group_index[0]]
+    assert torch.allclose(fold.scale, expected)
+    lo = torch.tensor([-1.0, -2.0, -9.0])[act.group_index[0]] / fold.scale
+    hi = torch.tensor([1.5, 3.0, 9.0])[act.group_index[0]] / fold.scale
+    assert float(lo.min()) >= -9.0 - 1e-5 and float(hi.max()) <= 9.0 + 1e-5
+    assert torch.allclose(fold_of(act, 0.5, centred=False).scale, expected.sqrt())
+    # zero padding commutes with the fold: conv(x / s, W * s) is conv(x, W)
+    x = torch.randn(2, 6, 8, 8)
+    w = conv.weight.detach() * fold.scale.view(1, -1, 1, 1)
+    folded = torch.nn.functional.conv2d(fold.normalize(x, 1), w, conv.bias, padding=1)
+    torch.testing.assert_close(folded, conv(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path):
+    """With ``fold_conv`` the 3-group conv input of the synthetic site is one branch: x / scale per
+    channel, one per-step uint8 Q/DQ, the scale in the int8 weight's columns, one output range. The
+    lowering equals the simulator bit for bit, ONNX Runtime fuses it into one QLinearConv and
+    equals it up to one output step on a rounding edge; and the folded input is quantized finer than
+    with one range for all channels (its groups differ up to 9x in width)."""
+    from dgq.calibrate import weight_quant
+    from dgq.plan import fold_of
+    from dgq.recipe import OutputQuant
+    from export.qdq_export import ort_integer_kernels
+
+    conv, act, _, _, config = _synthetic_ort_site()
+    config = config.replace(fold_conv=True)
+    fold = fold_of(act, config.fold_exponent, centred=False)
+    w = conv.weight.detach()
+    wq = weight_quant(w * fold.scale.view(1, -1, 1, 1), CONV, config)
+    # each channel uniform in its group's slot-0 range (groups 9x apart in width)
+    lo, hi = act.ranges[0][act.group_index[0]].unbind(1)
+    x = lo.view(1, -1, 1, 1) + (hi - lo).view(1, -1, 1, 1) * torch.rand(2, 6, 8, 8)
+    y = torch.nn.functional.conv2d(x, w, None, padding=1)
+    out = OutputQuant(torch.stack([y.amin(), y.amax()]).view(1, 1, 2).repeat(2, 1, 1))
+    lp = plan_layer("conv", CONV, wq, act, out, config)
+    assert lp.input.fold is not None and len(lp.input.branches(6)) == 1
+    ctx, low_ctx = StepContext(), StepContext()
+    sim = BranchConvLayer(lp, conv, lp.weight.fake(w), ctx)
+    low = OrtConvLayer(lp, conv, low_ctx)
+    path = tmp_path / "ort_conv_folded.onnx"
+    export_layer(low, low_ctx, x, path, opset=17)
+    assert ort_integer_kernels(path) == {"QLinearConv": 1}
+    step = float(y.amax() - y.amin()) / 255
+    for slot in (0, 1):
+        ctx.slot = low_ctx.slot = slot
+        with torch.no_grad():
+            expected = sim(x).numpy()
+            assert np.array_equal(low(x).numpy(), expected)
+        feeds = {"x": x.numpy(), "step_index": np.array(slot, np.int64)}
+        for level in ("off", "on"):
+            err = np.abs(run_graph(path, feeds, level) - expected)
+            assert (err > QDQ_LAYER_EXACT_ATOL).mean() <= QDQ_OUTPUT_FLIP_MAX_FRACTION
+            assert err.max() <= step + QDQ_LAYER_EXACT_ATOL
+    # the input as the conv sees it (the fold undone) against one range for the whole input
+    whole_ranges = [r.new_tensor([[float(r[:, 0].min()), float(r[:, 1].max())]]) for r in act.ranges]
+    zeros = torch.zeros(1, dtype=torch.long)
+    whole = plan_act("x", ActQuant("conv", ["layer", "layer"], [zeros, zeros], whole_ranges), 8, config)
+    x_folded = ActFakeQuant(lp.input)(x, 0) * fold.scale.view(1, -1, 1, 1)
+    x_plain = ActFakeQuant(whole)(x, 0)
+    # the narrower groups' channels (the widest keeps about the union's step: the fold is one for all
+    # steps, so a step's normalized union can be wider than its own raw one, [-9, 9] vs [-9, 7] here)
+    narrow = act.group_index[0] != 2
+    gain = sqnr_db(x[:, narrow], x_folded[:, narrow]) - sqnr_db(x[:, narrow], x_plain[:, narrow])
+    assert gain > 6.0, gain
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5])
