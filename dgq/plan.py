@@ -233,6 +233,12 @@ class Fold:
         c, s = along(self.centre.to(x.device), x.ndim, dim), along(self.scale.to(x.device), x.ndim, dim)
         return (x - c) / s
 
+    @property
+    def inverse(self) -> torch.Tensor:
+        """``1 / scale`` (float32 ``(C,)``): a centre-free fold (conv inputs) multiplies by it, one Mul
+        node in the graph, cheaper than a Div."""
+        return (1.0 / self.scale.float()).float()
+
     def bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's bias with the centre folded in, ``bias + weight @ centre`` (float32 ``(O,)``; a
         conv weight's kernel taps summed first)."""

@@ -150,7 +150,12 @@ class BranchConvLayer(torch.nn.Module):
         self.name, self.inner, self.ctx, self.observe = plan.name, inner, ctx, observe
         self.branches = plan.input.branches(inner.in_channels)
         self.whole = len(self.branches) == 1
-        self.fold = plan.input.fold  # a folded input: one branch on the normalized input (no centre)
+        # A folded input (no centre) is one branch on x * (1 / fold.scale) (dgq.plan.Fold.inverse).
+        self.fold = plan.input.fold
+        if self.fold is not None and (self.fold.centred or not self.whole):
+            raise RecipeError(f"{plan.name}: a folded conv input is one branch with no centre")
+        inverse = None if self.fold is None else self.fold.inverse.view(1, -1, 1, 1)
+        self.register_buffer("fold_inverse", inverse, persistent=False)
         self.n_slots = plan.input.n_slots
         self.weights = [weight_hat[:, b.index].contiguous() for b in self.branches]
         self.out = plan.output
@@ -164,11 +169,11 @@ class BranchConvLayer(torch.nn.Module):
         si = slot if self.n_slots > 1 else 0
         m = self.inner
         dtype, x = x.dtype, x.float()
-        if self.fold is not None:
-            x = self.fold.normalize(x, 1)
         out = None
         for b, w in zip(self.branches, self.weights, strict=True):
             xg = x if self.whole else torch.index_select(x, 1, b.index)
+            if self.fold_inverse is not None:
+                xg = xg * self.fold_inverse
             xg = fake_quantize_affine(xg, b.scale[si], b.zero_point[si], b.qmin, b.qmax)
             y = F.conv2d(xg, w, None, m.stride, m.padding, m.dilation, m.groups)
             if self.out is None:

@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="K values for the onnxruntime target (default: --groups only), e.g. 1 2 4",
     )
+    p.add_argument(
+        "--conv-fold",
+        action="store_true",
+        help="also an onnxruntime row per K > 1 with the conv input groups folded (fold_conv: one "
+        "QLinearConv per conv)",
+    )
     p.add_argument("--wbits", type=int, default=8, choices=(8, 4))
     p.add_argument("--groups", type=int, default=4, help="DGQ's K for both targets (default 4)")
     p.add_argument("--cal-prompts", type=int, default=4, help="calibration prompts (default 4)")
@@ -153,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     targets = {t: t for t in args.targets if t != "onnxruntime"}  # row name -> export target
     if "onnxruntime" in args.targets:
-        for k in args.ort_groups or [args.groups]:
-            row = f"onnxruntime K={k}"
-            config = preset("dgq", wbits=args.wbits, groups=k, **ORT_PRESET)
+        variants = [(k, False) for k in args.ort_groups or [args.groups]]
+        if args.conv_fold:
+            variants += [(k, True) for k, _ in variants if k > 1]
+        for k, fold in variants:
+            row = f"onnxruntime K={k}" + (", conv folded" if fold else "")
+            config = preset("dgq", wbits=args.wbits, groups=k, **ORT_PRESET, fold_conv=fold)
             recipe = build_recipe(stats, pipe.unet, config, progress=False)
             recipes[row] = calibrate_outputs(pipe, recipe, prompts, args.steps, SD_GUIDANCE, progress=False)
             targets[row] = "onnxruntime"
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     summaries = {}
     for row, t in targets.items():
-        folders[row] = root / row.replace(" ", "_").replace("=", "")
+        folders[row] = root / row.replace(", ", "_").replace(" ", "_").replace("=", "")
         summaries[row] = export_onnx(
             pipe,
             folders[row],

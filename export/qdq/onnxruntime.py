@@ -20,7 +20,16 @@ from dgq.attention import StepContext
 from dgq.plan import UINT8_GRID, LayerPlan
 from dgq.recipe import RecipeError
 from export.qdq.faithful import FaithfulLayer
-from export.qdq.ops import QDQ, LoweredLayer, LoweringError, SiteSummary, WeightDQ, at_slot, f32, integer_weight
+from export.qdq.ops import (
+    QDQ,
+    LoweredLayer,
+    LoweringError,
+    SiteSummary,
+    WeightDQ,
+    at_slot,
+    f32,
+    integer_weight,
+)
 
 
 class OrtConvLayer(LoweredLayer):
@@ -59,10 +68,14 @@ class OrtConvLayer(LoweredLayer):
         self.register_buffer("w_zp", z)
         self.w_axis = wp.axis
         self.whole = len(self.branches) == 1
-        fold = plan.input.fold  # a folded input: x / scale per channel, one branch (dgq.plan.Fold)
-        if fold is not None and fold.centred:
-            raise LoweringError(f"{plan.name}: a folded conv input has no centre (zero padding must stay zero)")
-        self.register_buffer("fold_scale", None if fold is None else fold.scale.float().view(1, -1, 1, 1))
+        # A folded input (dgq.plan.Fold, no centre) is one branch on x * (1 / fold.scale): a Mul in
+        # front of the unit's QuantizeLinear. (A per-channel QuantizeLinear would need no Mul, but ONNX
+        # Runtime moves it into NHWC, where its per-channel loop is several times slower than the Mul.)
+        fold = plan.input.fold
+        self.folded = fold is not None
+        if self.folded and (fold.centred or not self.whole):
+            raise LoweringError(f"{plan.name}: a folded conv input is one branch with no centre")
+        self.register_buffer("fold_inverse", fold.inverse.view(1, -1, 1, 1) if self.folded else None)
         out = plan.output
         # normalized outputs: w_scale above is divided by these per output channel; multiplied back
         self.register_buffer(
@@ -86,12 +99,12 @@ class OrtConvLayer(LoweredLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.ctx.current()
         x = f32(x)
-        if self.fold_scale is not None:  # Fold.normalize with a zero centre: x - 0 is x, bit for bit
-            x = x / self.fold_scale
         out = None
         for b in self.branches:
             g = b.group
             xg = x if self.whole else torch.index_select(x, 1, getattr(self, f"b{g}_idx"))
+            if self.folded:
+                xg = xg * self.fold_inverse
             if (b.qmin, b.qmax) != UINT8_GRID:
                 xg = torch.minimum(torch.maximum(xg, self._pick(f"b{g}_lo", slot)), self._pick(f"b{g}_hi", slot))
             xg = QDQ.apply(xg, self._pick(f"b{g}_xs", slot), self._pick(f"b{g}_xz", slot), None)
@@ -112,7 +125,7 @@ class OrtConvLayer(LoweredLayer):
                 "slots": self.n_slots,
                 "quantized_output": True,
                 "normalized_output": self.out_channel_scale is not None,
-                "folded": self.fold_scale is not None,
+                "folded": self.folded,
             },
         )
 

@@ -172,10 +172,10 @@ def test_onnxruntime_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name)
     convs = [m for m in low.module.modules() if isinstance(m, OrtConvLayer)]
     assert convs and len(convs) == len(recipe.outputs)
     if recipe.config.fold_conv:
-        assert all(len(c.branches) == 1 and c.fold_scale is not None for c in convs)
+        assert all(len(c.branches) == 1 and c.folded for c in convs)
         assert all(o.ranges.shape[1] == 1 for o in recipe.outputs.values())  # one output range per conv
     else:
-        assert any(len(c.branches) > 1 for c in convs) and all(c.fold_scale is None for c in convs)
+        assert any(len(c.branches) > 1 for c in convs) and not any(c.folded for c in convs)
     for slot, ref, got in every_step(sim, low, recipe):
         assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
@@ -680,7 +680,8 @@ def test_conv_fold_keeps_every_group_inside_the_union_without_a_centre():
     torch.testing.assert_close(folded, conv(x).detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path):
+@pytest.mark.parametrize("abits", [8, 6])
+def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path, abits):
     """With ``fold_conv`` the 3-group conv input of the synthetic site is one branch: x / scale per
     channel, one per-step uint8 Q/DQ, the scale in the int8 weight's columns, one output range. The
     lowering equals the simulator bit for bit, ONNX Runtime fuses it into one QLinearConv and
@@ -692,7 +693,7 @@ def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path):
     from export.qdq_export import ort_integer_kernels
 
     conv, act, _, _, config = _synthetic_ort_site()
-    config = config.replace(fold_conv=True)
+    config = config.replace(fold_conv=True, abits=abits)
     fold = fold_of(act, config.fold_exponent, centred=False)
     w = conv.weight.detach()
     wq = weight_quant(w * fold.scale.view(1, -1, 1, 1), CONV, config)
@@ -709,6 +710,10 @@ def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path):
     path = tmp_path / "ort_conv_folded.onnx"
     export_layer(low, low_ctx, x, path, opset=17)
     assert ort_integer_kernels(path) == {"QLinearConv": 1}
+    # the fold is one Mul in front of the QuantizeLinear (no Div, no per-channel Q/DQ)
+    nodes = onnx.load(str(path)).graph.node
+    assert [n.op_type for n in nodes].count("Mul") >= 1 and not any(n.op_type == "Div" for n in nodes)
+    assert not any(a.name == "axis" for n in nodes if n.op_type == "QuantizeLinear" for a in n.attribute)
     step = float(y.amax() - y.amin()) / 255
     for slot in (0, 1):
         ctx.slot = low_ctx.slot = slot
@@ -723,7 +728,7 @@ def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path):
     # the input as the conv sees it (the fold undone) against one range for the whole input
     whole_ranges = [r.new_tensor([[float(r[:, 0].min()), float(r[:, 1].max())]]) for r in act.ranges]
     zeros = torch.zeros(1, dtype=torch.long)
-    whole = plan_act("x", ActQuant("conv", ["layer", "layer"], [zeros, zeros], whole_ranges), 8, config)
+    whole = plan_act("x", ActQuant("conv", ["layer", "layer"], [zeros, zeros], whole_ranges), abits, config)
     x_folded = ActFakeQuant(lp.input)(x, 0) * fold.scale.view(1, -1, 1, 1)
     x_plain = ActFakeQuant(whole)(x, 0)
     # the narrower groups' channels (the widest keeps about the union's step: the fold is one for all
