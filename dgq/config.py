@@ -55,7 +55,8 @@ class QuantConfig:
     the exported graph) and the widest (outlier) group kept at ``outlier_bits`` (16 = float);
     ``onnxruntime`` = what ONNX Runtime's CPU integer kernels run: asymmetric (uint8) per-step
     activation ranges, symmetric int8 weights, conv inputs in channel groups fixed across timesteps
-    (one QLinearConv branch per group) whose outputs are quantized too (a calibrated per-step range
+    (folded into the weights with ``fold_conv``, else one QLinearConv branch per group) whose outputs
+    are quantized too (a calibrated per-step range
     per branch, ``Recipe.outputs``; with ``norm_outputs`` after a per-output-channel scale), Linear
     inputs with ``fold_linear`` in channel groups folded into the weights, else one range per step
     (MatMulIntegerToFloat either way).
@@ -82,8 +83,8 @@ class QuantConfig:
     norm_outputs: bool = True
     # onnxruntime profile: conv inputs' channel groups folded into the weight columns too (scales
     # only, no centre: zero padding stays exact), so each conv is one QLinearConv instead of a branch
-    # per group, with one output quantizer instead of K
-    fold_conv: bool = False
+    # per group, with one output quantizer instead of K (False: a QLinearConv branch per group)
+    fold_conv: bool = True
     # how much of a folded group's range moves into the weight columns: the input is divided and the
     # columns multiplied by (width / widest width) ** strength (1 = every group stretched to the
     # widest's width; smaller leaves more spread in the input and less in the weights, as SmoothQuant's

@@ -7,7 +7,9 @@ Default network: an SD-shaped UNet (SD v1.5's UNet config with block_out_channel
 (classifier-free guidance), calibrated on a few prompts (statistics only matter for the graph
 structure here, not for quality). ``--model fashion`` (or any zoo name/folder) benchmarks that
 model's UNet instead. The ``onnxruntime`` target is exported once per ``--ort-groups`` value (rows
-``onnxruntime K=...``): K=1 has no branches, so the rows show what DGQ's channel-group branches cost.
+``onnxruntime K=...``; its conv input groups folded into the weights, one QLinearConv per conv), and
+with ``--conv-branches`` also with a QLinearConv branch per group (``..., conv branches``): K=1 has no
+groups, so the rows show what DGQ's channel groups cost in each form.
 One process; sessions created once; runs interleaved (float, faithful,
 tensorrt, float, ...) so machine-load drift hits every graph alike; median per graph. This is a
 benchmark, not a test: nothing asserts a speed.
@@ -105,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         help="K values for the onnxruntime target (default: --groups only), e.g. 1 2 4",
     )
     p.add_argument(
-        "--conv-fold",
+        "--conv-branches",
         action="store_true",
-        help="also an onnxruntime row per K > 1 with the conv input groups folded (fold_conv: one "
-        "QLinearConv per conv)",
+        help="also an onnxruntime row per K > 1 with a QLinearConv branch per conv input group "
+        "(fold_conv=False) instead of the groups folded into the weights",
     )
     p.add_argument("--wbits", type=int, default=8, choices=(8, 4))
     p.add_argument("--groups", type=int, default=4, help="DGQ's K for both targets (default 4)")
@@ -159,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     targets = {t: t for t in args.targets if t != "onnxruntime"}  # row name -> export target
     if "onnxruntime" in args.targets:
-        variants = [(k, False) for k in args.ort_groups or [args.groups]]
-        if args.conv_fold:
-            variants += [(k, True) for k, _ in variants if k > 1]
+        variants = [(k, True) for k in args.ort_groups or [args.groups]]
+        if args.conv_branches:
+            variants += [(k, False) for k, _ in variants if k > 1]
         for k, fold in variants:
-            row = f"onnxruntime K={k}" + (", conv folded" if fold else "")
+            row = f"onnxruntime K={k}" + ("" if fold else ", conv branches")
             config = preset("dgq", wbits=args.wbits, groups=k, **ORT_PRESET, fold_conv=fold)
             recipe = build_recipe(stats, pipe.unet, config, progress=False)
             recipes[row] = calibrate_outputs(pipe, recipe, prompts, args.steps, SD_GUIDANCE, progress=False)

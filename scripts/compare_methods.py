@@ -65,18 +65,23 @@ ABLATIONS = {
         "dgq",
         {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_strength": 1.0},
     ),
-    # The same K=4 target with its conv inputs' groups folded into the weights too: one QLinearConv
-    # (and one output quantizer) per conv instead of a branch per group.
-    "DGQ, onnxruntime profile K=4, conv folded": (
+    # The same K=4 target with a QLinearConv branch per conv input group instead of the groups folded
+    # into the weights (the target before fold_conv).
+    "DGQ, onnxruntime profile K=4, conv branches": (
         "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_conv": True},
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_conv": False},
     ),
-    "DGQ, onnxruntime profile K=8, conv folded": (
+    # More groups cost nothing at run time once folded (one QLinearConv per conv either way).
+    "DGQ, onnxruntime profile K=8": (
         "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 8, "fold_conv": True},
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 8},
     ),
-    # The same K=4 target without folded Linear input groups and per-channel conv output scales
-    # (the profile before those two fields; recipes stored without them load this way).
+    "DGQ, onnxruntime profile K=16": (
+        "dgq",
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 16},
+    ),
+    # The same K=4 target without folded Linear and conv input groups and per-channel conv output
+    # scales (the profile before those fields; recipes stored without them load this way).
     "DGQ, onnxruntime profile K=4, unfolded": (
         "dgq",
         {
@@ -86,6 +91,7 @@ ABLATIONS = {
             "groups": 4,
             "fold_linear": False,
             "norm_outputs": False,
+            "fold_conv": False,
         },
     ),
 }

@@ -82,7 +82,8 @@ def test_stored_configs_without_later_fields_read_them_as_off():
         del stored[name]
     old = QuantConfig.from_dict(stored)
     assert not old.fold_linear and not old.norm_outputs and not old.folds_linear and not old.folds_conv
-    assert QuantConfig(profile="onnxruntime").folds_linear  # new configs have them on
+    new = QuantConfig(profile="onnxruntime")  # new configs have them on
+    assert new.folds_linear and new.folds_conv and new.normalizes_outputs
     assert not QuantConfig(profile="onnxruntime", weight_granularity="tensor").normalizes_outputs
 
 

@@ -90,10 +90,10 @@ def recipes(tiny_pipe, stats):
     return {
         "onnxruntime": ort_mk(),
         "onnxruntime_a6": ort_mk(abits=6, quantize_qkv=True),
-        # before folded Linear inputs and normalized conv outputs (recipes written then load as this)
-        "onnxruntime_legacy": ort_mk(fold_linear=False, norm_outputs=False),
-        # conv input groups folded into the weights: one branch per conv
-        "onnxruntime_cfold": ort_mk(fold_conv=True),
+        # before folded Linear and conv inputs and normalized conv outputs (recipes written then load as this)
+        "onnxruntime_legacy": ort_mk(fold_linear=False, norm_outputs=False, fold_conv=False),
+        # a QLinearConv branch per conv input group instead of folding the groups into the weights
+        "onnxruntime_branches": ort_mk(fold_conv=False),
         "faithful": mk(groups=8),
         "faithful_a6": mk(groups=8, abits=6),
         "tensorrt": mk(groups=4, profile="tensorrt", outlier_bits=16),
@@ -163,7 +163,7 @@ def test_faithful_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
         assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
 
-@pytest.mark.parametrize("name", ["onnxruntime", "onnxruntime_a6", "onnxruntime_legacy", "onnxruntime_cfold"])
+@pytest.mark.parametrize("name", ["onnxruntime", "onnxruntime_a6", "onnxruntime_legacy", "onnxruntime_branches"])
 def test_onnxruntime_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
     """Conv branches with quantized outputs (or folded conv inputs, one branch each), MatMul-form
     Linear layers, 6-bit clipping, q/k/v Q/DQ."""
@@ -607,7 +607,7 @@ def _synthetic_ort_site():
     out = OutputQuant(
         torch.tensor([[[-3.0, 2.0], [-4.0, 5.0], [-20.0, 18.0]], [[-1.0, 1.0], [-6.0, 6.0], [-15.0, 16.0]]])
     )
-    config = preset("dgq", groups=3, **ORT_PRESET)
+    config = preset("dgq", groups=3, fold_conv=False, **ORT_PRESET)  # a branch per group
     w = conv.weight.detach()
     s = symmetric_scale_from_absmax(w.abs().amax((1, 2, 3)), 8)
     wq = WeightQuant(8, "channel", None, True, s, torch.zeros_like(s))
@@ -682,8 +682,8 @@ def test_conv_fold_keeps_every_group_inside_the_union_without_a_centre():
 
 @pytest.mark.parametrize("abits", [8, 6])
 def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path, abits):
-    """With ``fold_conv`` the 3-group conv input of the synthetic site is one branch: x / scale per
-    channel, one per-step uint8 Q/DQ, the scale in the int8 weight's columns, one output range. The
+    """With ``fold_conv`` the 3-group conv input of the synthetic site is one branch: x * (1 / scale)
+    per channel, one per-step uint8 Q/DQ, the scale in the int8 weight's columns, one output range. The
     lowering equals the simulator bit for bit, ONNX Runtime fuses it into one QLinearConv and
     equals it up to one output step on a rounding edge; and the folded input is quantized finer than
     with one range for all channels (its groups differ up to 9x in width)."""
@@ -793,11 +793,11 @@ def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path, 
 
 
 def test_onnxruntime_target_runs_integer_kernels(recipes, exports):
-    """Every quantized conv branch becomes QLinearConv and the token Linear layers MatMulIntegerToFloat
-    in ONNX Runtime CPU's optimized graph (the summary's counts)."""
+    """Every quantized conv becomes one QLinearConv (its input groups folded) and the token Linear
+    layers MatMulIntegerToFloat in ONNX Runtime CPU's optimized graph (the summary's counts)."""
     folder, summary = exports["onnxruntime"]
     kernels = summary.ort_integer_kernels
-    assert kernels["QLinearConv"] == summary.sites["branches"] > summary.sites["branch_layers"] > 0
+    assert kernels["QLinearConv"] == summary.sites["branches"] == summary.sites["branch_layers"] > 0
     assert kernels.get("MatMulIntegerToFloat", 0) > 0
     assert manifest_target(folder) == "onnxruntime"
     assert "MatMulNBits" not in kernels  # a weight-only fusion would mean the activation Q/DQ was cut off
