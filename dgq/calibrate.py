@@ -138,12 +138,12 @@ def _group_one(stats: AxisStats, config: QuantConfig, axis: str | None = None, g
 
 
 def _onnxruntime_grouping(layout: str, merged: AxisStats, config: QuantConfig) -> tuple[str, torch.Tensor]:
-    """``onnxruntime`` profile: a conv input gets K channel groups fixed across steps (one QLinearConv
-    branch each, or folded into one with ``fold_conv``); a Linear input too when the config folds
-    them (``fold_linear``: the groups' scales and centres go into the weights, so one per-tensor Q/DQ
-    feeds MatMulIntegerToFloat); every
-    other input one range (a per-channel scale cannot feed MatMulIntegerToFloat, and a Gather of
-    channel groups along a MatMul's last axis costs more than the integer kernel saves: README)."""
+    """``onnxruntime`` profile: a conv input gets K channel groups fixed across steps (folded into
+    the weights with ``fold_conv``, else one QLinearConv branch each); a Linear input too when the
+    config folds them (``fold_linear``: the groups' scales and centres go into the weights, so one
+    per-tensor Q/DQ feeds MatMulIntegerToFloat); every other input one range (a per-channel scale
+    cannot feed MatMulIntegerToFloat, and a Gather of channel groups along a MatMul's last axis costs
+    more than the integer kernel saves: README)."""
     k = config.effective_groups
     grouped = layout == CONV or (layout == LINEAR and config.folds_linear)
     if not grouped or k == 1:

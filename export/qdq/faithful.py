@@ -45,10 +45,9 @@ class FaithfulActQuant(Slotted):
             )
         self.key, self.layout, self.bits = plan.key, plan.layout, plan.bits
         self.folded = plan.fold is not None  # quantizes (x - centre) / scale; the layer carries the fold
-        if self.folded:  # along the channel dim: the last of a Linear input, dim 1 of a conv's
-            shape = (-1, 1, 1) if plan.layout == "conv" else (-1,)
-            self.register_buffer("fold_scale", plan.fold.scale.float().view(shape))
-            self.register_buffer("fold_centre", plan.fold.centre.float().view(shape))
+        if self.folded:
+            self.register_buffer("fold_scale", plan.fold.scale.float())
+            self.register_buffer("fold_centre", plan.fold.centre.float())
         self.kinds = sorted(set(plan.axes))
         first = plan.slots[0].grid
         self.signed = first.signed

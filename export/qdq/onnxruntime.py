@@ -1,13 +1,14 @@
 """The ``onnxruntime`` target: the node patterns ONNX Runtime's CPU integer kernels fuse.
 
-Every quantized conv is a sum of branches, one per input-channel group (one branch for a
-layer-wise site), each a whole QLinearConv node unit: uint8 Q/DQ of the group with the step's scale
-and zero point (Gathered from per-step tables: ONNX Runtime fuses those), the DQ'd int8 weight
-slice, the conv without bias, and a uint8 Q/DQ of the branch's calibrated per-step output range;
-the float bias is added after the sum (a bias inside the unit would need a constant scale). Linear
-layers: a per-step per-tensor uint8 Q/DQ feeding MatMul with an (in, out) DQ'd weight, which fuses
-into MatMulIntegerToFloat. Weights stay in INT8 containers (4-bit values included): the integer
-kernels take int8.
+Every quantized conv is one QLinearConv node unit on its input times ``1 / fold scale`` per channel
+(the channel groups folded into the weight columns, ``fold_conv``), or a sum of branches, one per
+input-channel group (one branch for a layer-wise site), each a whole QLinearConv node unit: uint8
+Q/DQ of the group with the step's scale and zero point (Gathered from per-step tables: ONNX Runtime
+fuses those), the DQ'd int8 weight slice, the conv without bias, and a uint8 Q/DQ of the branch's
+calibrated per-step output range; the float bias is added after the sum (a bias inside the unit
+would need a constant scale). Linear layers: a per-step per-tensor uint8 Q/DQ feeding MatMul with an
+(in, out) DQ'd weight, which fuses into MatMulIntegerToFloat. Weights stay in INT8 containers (4-bit
+values included): the integer kernels take int8.
 """
 
 from __future__ import annotations
@@ -20,21 +21,13 @@ from dgq.attention import StepContext
 from dgq.plan import UINT8_GRID, LayerPlan
 from dgq.recipe import RecipeError
 from export.qdq.faithful import FaithfulLayer
-from export.qdq.ops import (
-    QDQ,
-    LoweredLayer,
-    LoweringError,
-    SiteSummary,
-    WeightDQ,
-    at_slot,
-    f32,
-    integer_weight,
-)
+from export.qdq.ops import QDQ, LoweredLayer, LoweringError, SiteSummary, WeightDQ, at_slot, f32, integer_weight
 
 
 class OrtConvLayer(LoweredLayer):
     """``onnxruntime`` Conv2d (:class:`dgq.simulate.BranchConvLayer` lowered): per input-channel
-    group a whole QLinearConv node unit, the branches summed in float, then the float bias.
+    group a whole QLinearConv node unit, the branches summed in float, then the float bias; a folded
+    input is one unit on ``x * (1 / fold scale)``.
 
     Branch g: Gather the group's channels (none for a single branch) -> uint8 Q/DQ with the step's
     scale and zero point (Gather of a per-step table by ``step_index``) -> Conv with the DQ'd int8
