@@ -227,17 +227,17 @@ class Fold:
     def centred(self) -> bool:
         return bool(self.centre.any())
 
-    def normalize(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """``(x - centre) / scale`` along ``dim`` (the last for a Linear input, 1 for a conv's): the op
-        order the exported graph uses."""
-        c, s = along(self.centre.to(x.device), x.ndim, dim), along(self.scale.to(x.device), x.ndim, dim)
-        return (x - c) / s
-
     @property
     def inverse(self) -> torch.Tensor:
-        """``1 / scale`` (float32 ``(C,)``): a centre-free fold (conv inputs) multiplies by it, one Mul
-        node in the graph, cheaper than a Div."""
+        """``1 / scale`` (float32 ``(C,)``): the graph multiplies by it (a Mul is cheaper than a Div)."""
         return (1.0 / self.scale.float()).float()
+
+    def normalize(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """``(x - centre) * (1 / scale)`` along ``dim`` (the last for a Linear input, 1 for a conv's),
+        the op order the exported graph uses (a conv input's fold has no centre: no Sub there)."""
+        if self.centred:
+            x = x - along(self.centre.to(x.device), x.ndim, dim)
+        return x * along(self.inverse.to(x.device), x.ndim, dim)
 
     def bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's bias with the centre folded in, ``bias + weight @ centre`` (float32 ``(O,)``; a

@@ -49,10 +49,8 @@ class ActFakeQuant:
 
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         sp = self.plan.slot(slot)
-        fold = self.plan.fold
-        if fold is not None:  # quantized in the normalized domain; the layer carries the fold
-            # a conv input's fold has no centre and multiplies (BranchConvLayer, the graph's Mul)
-            x = x.float() * fold.inverse.view(-1, 1, 1) if self.layout == "conv" else fold.normalize(x.float())
+        if self.plan.fold is not None:  # quantized in the normalized domain; the layer carries the fold
+            x = self.plan.fold.normalize(x.float(), 1 if self.layout == "conv" else -1)
         shape = x.shape
         v = quant_view(x, self.layout, sp.axis)
         dim = axis_dim(self.layout, sp.axis, v.ndim)

@@ -44,10 +44,10 @@ class FaithfulActQuant(Slotted):
                 "outlier_bits); export this recipe with --target tensorrt"
             )
         self.key, self.layout, self.bits = plan.key, plan.layout, plan.bits
-        self.folded = plan.fold is not None  # quantizes (x - centre) / scale; the layer carries the fold
+        self.folded = plan.fold is not None  # quantizes (x - centre) * (1 / scale); the layer carries the fold
         if self.folded:
-            self.register_buffer("fold_scale", plan.fold.scale.float())
-            self.register_buffer("fold_centre", plan.fold.centre.float())
+            self.register_buffer("fold_inverse", plan.fold.inverse)
+            self.register_buffer("fold_centre", plan.fold.centre.float() if plan.fold.centred else None)
         self.kinds = sorted(set(plan.axes))
         first = plan.slots[0].grid
         self.signed = first.signed
@@ -106,7 +106,9 @@ class FaithfulActQuant(Slotted):
     def _forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         x32 = f32(x)
         if self.folded:  # dgq.plan.Fold.normalize, op for op
-            x32 = (x32 - self.fold_centre) / self.fold_scale
+            if self.fold_centre is not None:
+                x32 = x32 - self.fold_centre
+            x32 = x32 * self.fold_inverse
         out = None
         for kind in self.kinds:
             y = self._one(x32, kind, slot)

@@ -741,7 +741,7 @@ def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path, a
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path, strength):
     """onnxruntime target, a token Linear whose input has 3 channel groups (one an outlier group, 40x
-    wider) over 2 steps, folded: (x - centre) / scale per channel, one per-tensor uint8 Q/DQ per step,
+    wider) over 2 steps, folded: (x - centre) * (1 / scale) per channel, one per-tensor uint8 Q/DQ per step,
     the scale in the int8 weight's columns and the centre in the bias; at both fold strengths (the
     scale the groups' relative widths, or their square roots). The lowering equals the
     simulator bit for bit; ONNX Runtime (off, and on: one MatMulIntegerToFloat) equals it up to the
