@@ -55,7 +55,7 @@ class QuantConfig:
     the exported graph) and the widest (outlier) group kept at ``outlier_bits`` (16 = float);
     ``onnxruntime`` = what ONNX Runtime's CPU integer kernels run: asymmetric (uint8) per-step
     activation ranges, symmetric int8 weights, conv inputs in channel groups fixed across timesteps
-    (folded into the weights with ``fold_conv``, else one QLinearConv branch per group) whose outputs
+    (folded into the weights per ``fold_conv``, else one QLinearConv branch per group) whose outputs
     are quantized too (a calibrated per-step range
     per branch, ``Recipe.outputs``; with ``norm_outputs`` after a per-output-channel scale), Linear
     inputs with ``fold_linear`` in channel groups folded into the weights, else one range per step
@@ -83,8 +83,10 @@ class QuantConfig:
     norm_outputs: bool = True
     # onnxruntime profile: conv inputs' channel groups folded into the weight columns too (scales
     # only, no centre: zero padding stays exact), so each conv is one QLinearConv instead of a branch
-    # per group, with one output quantizer instead of K (False: a QLinearConv branch per group)
-    fold_conv: bool = True
+    # per group (False: a QLinearConv branch per group). None: folded at W8A8 only, where it cost
+    # 0.5 dB for 1.1-1.4x speed; with 6-bit activations or 4-bit weights it cost 1.5-1.8 dB
+    # (docs/export-targets.md).
+    fold_conv: bool | None = None
     # how much of a folded group's range moves into the weight columns: the input is divided and the
     # columns multiplied by (width / widest width) ** strength (1 = every group stretched to the
     # widest's width; smaller leaves more spread in the input and less in the weights, as SmoothQuant's
@@ -128,6 +130,7 @@ class QuantConfig:
             or (isinstance(self.fold_strength, (int, float)) and 0.0 <= self.fold_strength <= 1.0),
             f"fold_strength must be None or in [0, 1], got {self.fold_strength!r}",
         )
+        check(self.fold_conv in (None, True, False), f"fold_conv must be None, True or False, got {self.fold_conv!r}")
         check(isinstance(self.keep_float, tuple), "keep_float must be a tuple of patterns")
         check(
             self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),
@@ -156,8 +159,13 @@ class QuantConfig:
 
     @property
     def folds_conv(self) -> bool:
-        """Conv inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_conv``)."""
-        return self.profile == "onnxruntime" and self.fold_conv
+        """Conv inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_conv``; by
+        default at 8-bit weights and activations)."""
+        if self.profile != "onnxruntime":
+            return False
+        if self.fold_conv is None:
+            return self.wbits >= 8 and self.abits >= 8
+        return self.fold_conv
 
     @property
     def fold_exponent(self) -> float:

@@ -7,9 +7,10 @@ Default network: an SD-shaped UNet (SD v1.5's UNet config with block_out_channel
 (classifier-free guidance), calibrated on a few prompts (statistics only matter for the graph
 structure here, not for quality). ``--model fashion`` (or any zoo name/folder) benchmarks that
 model's UNet instead. The ``onnxruntime`` target is exported once per ``--ort-groups`` value (rows
-``onnxruntime K=...``; its conv input groups folded into the weights, one QLinearConv per conv), and
-with ``--conv-branches`` also with a QLinearConv branch per group (``..., conv branches``): K=1 has no
-groups, so the rows show what DGQ's channel groups cost in each form.
+``onnxruntime K=...``; at W8A8 its conv input groups folded into the weights, one QLinearConv per
+conv), and with ``--conv-branches`` also with a QLinearConv branch per group (``..., conv
+branches``, the default at 4-bit weights): K=1 has no groups, so the rows show what DGQ's channel
+groups cost in each form.
 One process; sessions created once; runs interleaved (float, faithful,
 tensorrt, float, ...) so machine-load drift hits every graph alike; median per graph. This is a
 benchmark, not a test: nothing asserts a speed.
@@ -161,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     targets = {t: t for t in args.targets if t != "onnxruntime"}  # row name -> export target
     if "onnxruntime" in args.targets:
-        variants = [(k, True) for k in args.ort_groups or [args.groups]]
+        variants = [(k, None) for k in args.ort_groups or [args.groups]]  # the default: folded at W8A8
         if args.conv_branches:
             variants += [(k, False) for k, _ in variants if k > 1]
         for k, fold in variants:
-            row = f"onnxruntime K={k}" + ("" if fold else ", conv branches")
             config = preset("dgq", wbits=args.wbits, groups=k, **ORT_PRESET, fold_conv=fold)
+            row = f"onnxruntime K={k}" + ("" if config.folds_conv or k == 1 else ", conv branches")
+            if row in targets:
+                continue  # branches are already the default at these bits
             recipe = build_recipe(stats, pipe.unet, config, progress=False)
             recipes[row] = calibrate_outputs(pipe, recipe, prompts, args.steps, SD_GUIDANCE, progress=False)
             targets[row] = "onnxruntime"

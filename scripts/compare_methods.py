@@ -66,10 +66,15 @@ ABLATIONS = {
         {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_strength": 1.0},
     ),
     # The same K=4 target with a QLinearConv branch per conv input group instead of the groups folded
-    # into the weights (the target before fold_conv).
+    # into the weights (the target before fold_conv; the default below W8A8)...
     "DGQ, onnxruntime profile K=4, conv branches": (
         "dgq",
         {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_conv": False},
+    ),
+    # ... and with them folded at every bit width (the default folds them at W8A8 only).
+    "DGQ, onnxruntime profile K=4, conv folded": (
+        "dgq",
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_conv": True},
     ),
     # More groups cost nothing at run time once folded (one QLinearConv per conv either way).
     "DGQ, onnxruntime profile K=8": (

@@ -87,6 +87,19 @@ def test_stored_configs_without_later_fields_read_them_as_off():
     assert not QuantConfig(profile="onnxruntime", weight_granularity="tensor").normalizes_outputs
 
 
+def test_conv_fold_at_w8a8_unless_set():
+    assert QuantConfig(profile="onnxruntime").folds_conv
+    assert not QuantConfig(profile="onnxruntime", abits=6).folds_conv
+    assert not QuantConfig(profile="onnxruntime", wbits=4).folds_conv
+    assert QuantConfig(profile="onnxruntime", wbits=4, fold_conv=True).folds_conv
+    assert not QuantConfig(profile="onnxruntime", fold_conv=False).folds_conv
+    assert not QuantConfig(profile="tensorrt", outlier_bits=16, fold_conv=True).folds_conv
+    stored = QuantConfig(profile="onnxruntime", abits=6).to_dict()
+    assert QuantConfig.from_dict(json.loads(json.dumps(stored))).fold_conv is None  # the rule, not a value
+    with pytest.raises(ValueError, match="fold_conv"):
+        QuantConfig(profile="onnxruntime", fold_conv="yes")
+
+
 def test_fold_strength_follows_the_weight_width_unless_set():
     from dgq.config import FOLD_STRENGTH_8BIT, FOLD_STRENGTH_LOWBIT
 

@@ -171,7 +171,7 @@ def test_onnxruntime_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name)
     sim, low = simulator_and_lowering(tiny_pipe.unet, recipe, "onnxruntime")
     convs = [m for m in low.module.modules() if isinstance(m, OrtConvLayer)]
     assert convs and len(convs) == len(recipe.outputs)
-    if recipe.config.fold_conv:
+    if recipe.config.folds_conv:
         assert all(len(c.branches) == 1 and c.folded for c in convs)
         assert all(o.ranges.shape[1] == 1 for o in recipe.outputs.values())  # one output range per conv
     else:
