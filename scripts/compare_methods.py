@@ -77,13 +77,13 @@ ABLATIONS = {
         {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_conv": True},
     ),
     # More groups cost nothing at run time once folded (one QLinearConv per conv either way).
-    "DGQ, onnxruntime profile K=8": (
+    "DGQ, onnxruntime profile K=8, conv folded": (
         "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 8},
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 8, "fold_conv": True},
     ),
-    "DGQ, onnxruntime profile K=16": (
+    "DGQ, onnxruntime profile K=16, conv folded": (
         "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 16},
+        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 16, "fold_conv": True},
     ),
     # The same K=4 target without folded Linear and conv input groups and per-channel conv output
     # scales (the profile before those fields; recipes stored without them load this way).
