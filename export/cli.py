@@ -32,9 +32,10 @@ Targets:
              step_index input); the reference graph, runs in ONNX Runtime
   tensorrt   what TensorRT executes: symmetric INT8, constant Q/DQ scales, channel groups as
              branches, per-step scales as x/s -> unit Q/DQ -> *s; linted against TensorRT's rules
-  onnxruntime  what ONNX Runtime's CPU integer kernels run: each conv input channel group is a
-             QLinearConv branch (uint8 activations with per-step ranges, int8 weights, a
-             quantized output), Linear layers fuse to MatMulIntegerToFloat; attention stays float
+  onnxruntime  what ONNX Runtime's CPU integer kernels run: each conv is a QLinearConv (uint8
+             activations with per-step ranges, int8 weights, a quantized output) with its input
+             channel groups folded into the weights at W8A8 (a branch per group at other bits),
+             Linear layers fuse to MatMulIntegerToFloat; attention stays float
   float      the float graphs only (baseline for size and speed)
 
 Without --recipe the model is calibrated first (DGQ preset with the target's profile), which takes
