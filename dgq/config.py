@@ -130,7 +130,10 @@ class QuantConfig:
             or (isinstance(self.fold_strength, (int, float)) and 0.0 <= self.fold_strength <= 1.0),
             f"fold_strength must be None or in [0, 1], got {self.fold_strength!r}",
         )
-        check(self.fold_conv in (None, True, False), f"fold_conv must be None, True or False, got {self.fold_conv!r}")
+        check(
+            self.fold_conv is None or type(self.fold_conv) is bool,
+            f"fold_conv must be None, True or False, got {self.fold_conv!r}",
+        )
         check(isinstance(self.keep_float, tuple), "keep_float must be a tuple of patterns")
         check(
             self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),

@@ -162,7 +162,7 @@ class ActPlan:
     layout: str
     bits: int
     slots: list[SlotPlan]
-    # A folded site quantizes u = (x - fold.centre) / fold.scale per tensor (its slots are layer-wise
+    # A folded site quantizes u = (x - fold.centre) * (1 / fold.scale) per tensor (its slots are layer-wise
     # grids on u); the consumer's weight columns carry fold.scale and its bias W @ fold.centre.
     fold: Fold | None = None
 

@@ -96,8 +96,9 @@ def test_conv_fold_at_w8a8_unless_set():
     assert not QuantConfig(profile="tensorrt", outlier_bits=16, fold_conv=True).folds_conv
     stored = QuantConfig(profile="onnxruntime", abits=6).to_dict()
     assert QuantConfig.from_dict(json.loads(json.dumps(stored))).fold_conv is None  # the rule, not a value
-    with pytest.raises(ValueError, match="fold_conv"):
-        QuantConfig(profile="onnxruntime", fold_conv="yes")
+    for bad in ("yes", 1, 1.0):
+        with pytest.raises(ValueError, match="fold_conv"):
+            QuantConfig(profile="onnxruntime", fold_conv=bad)
 
 
 def test_fold_strength_follows_the_weight_width_unless_set():

@@ -29,6 +29,7 @@ from export.parity import first_divergence, layer_divergence, module_scope
 from export.qdq import FaithfulActQuant, FaithfulLayer, LoweringError, OrtConvLayer, lower
 from export.qdq_export import ORT_PRESET, export_onnx
 from tests.tolerances import (
+    QDQ_FOLDED_CONV_MIN_SQNR_DB,
     QDQ_GRAPH_MIN_SQNR_DB,
     QDQ_LAYER_DIVERGED_DB,
     QDQ_LAYER_EXACT_ATOL,
@@ -725,6 +726,11 @@ def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path, a
             err = np.abs(run_graph(path, feeds, level) - expected)
             assert (err > QDQ_LAYER_EXACT_ATOL).mean() <= QDQ_OUTPUT_FLIP_MAX_FRACTION
             assert err.max() <= step + QDQ_LAYER_EXACT_ATOL
+    # against the float conv itself (x lies in slot 0's ranges): a fold applied on one side only (the
+    # weight columns scaled, the input not divided) would leave errors the size of the signal
+    ctx.slot = 0
+    with torch.no_grad():
+        assert sqnr_db(conv(x), sim(x)) > QDQ_FOLDED_CONV_MIN_SQNR_DB
     # the input as the conv sees it (the fold undone) against one range for the whole input
     whole_ranges = [r.new_tensor([[float(r[:, 0].min()), float(r[:, 1].max())]]) for r in act.ranges]
     zeros = torch.zeros(1, dtype=torch.long)
