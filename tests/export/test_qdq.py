@@ -91,6 +91,8 @@ def recipes(tiny_pipe, stats):
     return {
         "onnxruntime": ort_mk(),
         "onnxruntime_a6": ort_mk(abits=6, quantize_qkv=True),
+        # conv groups folded at 6 bits too (the default keeps them as branches below W8A8)
+        "onnxruntime_a6_folded": ort_mk(abits=6, quantize_qkv=True, fold_conv=True),
         # before folded Linear and conv inputs and normalized conv outputs (recipes written then load as this)
         "onnxruntime_legacy": ort_mk(fold_linear=False, norm_outputs=False, fold_conv=False),
         # a QLinearConv branch per conv input group instead of folding the groups into the weights
@@ -164,7 +166,9 @@ def test_faithful_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
         assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
 
-@pytest.mark.parametrize("name", ["onnxruntime", "onnxruntime_a6", "onnxruntime_legacy", "onnxruntime_branches"])
+@pytest.mark.parametrize(
+    "name", ["onnxruntime", "onnxruntime_a6", "onnxruntime_a6_folded", "onnxruntime_legacy", "onnxruntime_branches"]
+)
 def test_onnxruntime_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
     """Conv branches with quantized outputs (or folded conv inputs, one branch each), MatMul-form
     Linear layers, 6-bit clipping, q/k/v Q/DQ."""
