@@ -457,11 +457,10 @@ def calibrate_outputs(
     input_keys = {s.name: s.input_key for s in layer_sites(pipe.unet, recipe.config)}
     observers: dict[str, _OutputObserver] = {}
 
-    def observe(name: str) -> _OutputObserver:
+    def observe(name: str, groups: int) -> _OutputObserver:
         act = recipe.acts[input_keys[name]]
         channels = pipe.unet.get_submodule(name).out_channels
-        branches = 1 if recipe.config.folds_conv else act.k(0)  # a folded conv input is one branch
-        observers[name] = _OutputObserver(len(act.axis), branches, channels)
+        observers[name] = _OutputObserver(len(act.axis), groups, channels)
         return observers[name]
 
     handle = apply_recipe(pipe.unet, dataclasses.replace(recipe, outputs={}), observe_outputs=observe)

@@ -225,7 +225,9 @@ def _swap_layers(unet: torch.nn.Module, plan: QuantPlan, ctx: StepContext, handl
         weight_hat = w if lp.weight is None else lp.weight.fake(w)
         handle.swapped[name] = module
         if lp.branch_outputs:
-            observe = None if lp.output is not None or observe_outputs is None else observe_outputs(name)
+            # one output range per input group, as plan_output expects (one for a folded input)
+            groups = lp.input.slots[0].k
+            observe = None if lp.output is not None or observe_outputs is None else observe_outputs(name, groups)
             new = BranchConvLayer(lp, module, weight_hat, ctx, observe)
         else:
             act = None if lp.input is None else ActFakeQuant(lp.input)
@@ -258,9 +260,10 @@ def apply_recipe(
     """Quantize ``unet`` in place as ``recipe`` says. Returns a handle whose ``remove()`` undoes it.
 
     The whole recipe is planned (and validated) before the UNet is touched, and any failure while
-    applying it restores the float UNet. ``observe_outputs(layer_name) -> callable(group, y, slot)``:
-    the output calibration pass of the ``onnxruntime`` profile (conv outputs are observed instead of
-    quantized where the recipe has no range for them)."""
+    applying it restores the float UNet. ``observe_outputs(layer_name, groups) -> callable(group, y,
+    slot)``: the output calibration pass of the ``onnxruntime`` profile (conv outputs are observed
+    instead of quantized where the recipe has no range for them; ``groups``: how many output ranges
+    the layer's plan has per slot)."""
     if check_model:
         recipe.check_model(unet)
     plan = build_plan(unet, recipe, output_required=observe_outputs is None)

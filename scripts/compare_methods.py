@@ -34,6 +34,16 @@ METHODS = {
     "naive per-tensor min-max": ("naive", {}),
     "TensorRT demo / ModelOpt INT8": ("trt-demo", {}),
 }
+# The onnxruntime export target's calibration fields (export.qdq_export.ORT_PRESET, which this script
+# does not import at module level: that pulls in torch and onnx before --help).
+ORT_FIELDS = {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float"}
+
+
+def _ort(groups: int, **changed) -> tuple[str, dict]:
+    """An ablation on the onnxruntime target's semantics with K=``groups`` and ``changed`` fields."""
+    return "dgq", {**ORT_FIELDS, "groups": groups, **changed}
+
+
 # Ablations of DGQ (--ablations): one config field changed each.
 ABLATIONS = {
     "DGQ, channel groups only": ("dgq", {"act_axis": "channel"}),
@@ -44,61 +54,26 @@ ABLATIONS = {
     "DGQ, static probs scale": ("dgq", {"attn_scale": "static"}),
     "DGQ, batch-wide probs scale": ("dgq", {"attn_scale": "batch"}),
     "DGQ, tensorrt profile (outlier group float)": ("dgq", {"profile": "tensorrt", "outlier_bits": 16}),
-    # The onnxruntime export target's semantics (quantized conv outputs, float attention; ORT_PRESET),
-    # with its default K=4 channel branches per conv and without branches.
-    "DGQ, onnxruntime profile K=4": (
-        "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4},
-    ),
-    "DGQ, onnxruntime profile K=1": (
-        "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 1},
-    ),
+    # The onnxruntime export target's semantics (quantized conv outputs, float attention), with its
+    # default K=4 channel groups per conv and without groups.
+    "DGQ, onnxruntime profile K=4": _ort(4),
+    "DGQ, onnxruntime profile K=1": _ort(1),
     # The same K=4 target with its Linear inputs at one range per step (no folded channel groups).
-    "DGQ, onnxruntime profile K=4, Linear unfolded": (
-        "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_linear": False},
-    ),
+    "DGQ, onnxruntime profile K=4, Linear unfolded": _ort(4, fold_linear=False),
     # The same K=4 target folding the whole group widths into the weights at every weight width
     # (the default folds half of them, in log scale, below 8-bit weights).
-    "DGQ, onnxruntime profile K=4, fold strength 1": (
-        "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_strength": 1.0},
-    ),
+    "DGQ, onnxruntime profile K=4, fold strength 1": _ort(4, fold_strength=1.0),
     # The same K=4 target with a QLinearConv branch per conv input group instead of the groups folded
     # into the weights (the target before fold_conv; the default below W8A8)...
-    "DGQ, onnxruntime profile K=4, conv branches": (
-        "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_conv": False},
-    ),
+    "DGQ, onnxruntime profile K=4, conv branches": _ort(4, fold_conv=False),
     # ... and with them folded at every bit width (the default folds them at W8A8 only).
-    "DGQ, onnxruntime profile K=4, conv folded": (
-        "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 4, "fold_conv": True},
-    ),
+    "DGQ, onnxruntime profile K=4, conv folded": _ort(4, fold_conv=True),
     # More groups cost nothing at run time once folded (one QLinearConv per conv either way).
-    "DGQ, onnxruntime profile K=8, conv folded": (
-        "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 8, "fold_conv": True},
-    ),
-    "DGQ, onnxruntime profile K=16, conv folded": (
-        "dgq",
-        {"profile": "onnxruntime", "quantize_qkv": False, "attn_probs": "float", "groups": 16, "fold_conv": True},
-    ),
+    "DGQ, onnxruntime profile K=8, conv folded": _ort(8, fold_conv=True),
+    "DGQ, onnxruntime profile K=16, conv folded": _ort(16, fold_conv=True),
     # The same K=4 target without folded Linear and conv input groups and per-channel conv output
     # scales (the profile before those fields; recipes stored without them load this way).
-    "DGQ, onnxruntime profile K=4, unfolded": (
-        "dgq",
-        {
-            "profile": "onnxruntime",
-            "quantize_qkv": False,
-            "attn_probs": "float",
-            "groups": 4,
-            "fold_linear": False,
-            "norm_outputs": False,
-            "fold_conv": False,
-        },
-    ),
+    "DGQ, onnxruntime profile K=4, unfolded": _ort(4, fold_linear=False, norm_outputs=False, fold_conv=False),
 }
 BITS = [(8, 8), (4, 8), (8, 6), (4, 6)]
 # NVIDIA ModelOpt's configs (--modelopt), as its users run them: row name -> mtq config name.

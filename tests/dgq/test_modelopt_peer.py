@@ -32,3 +32,12 @@ def test_modelopt_flag_without_modelopt_is_refused_before_any_work(monkeypatch, 
     with pytest.raises(SystemExit) as e:
         compare_methods.main(["--modelopt", "--model", "tiny"])
     assert e.value.code == 2 and "nvidia-modelopt" in capsys.readouterr().err
+
+
+def test_onnxruntime_ablations_use_the_export_target_fields():
+    """The ablations' onnxruntime fields are the export's own preset (kept apart for a fast --help)."""
+    from export.qdq_export import ORT_PRESET
+
+    assert compare_methods.ORT_FIELDS == ORT_PRESET
+    ablation = compare_methods.ABLATIONS["DGQ, onnxruntime profile K=4, conv branches"]
+    assert ablation == ("dgq", {**ORT_PRESET, "groups": 4, "fold_conv": False})
