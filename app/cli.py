@@ -269,9 +269,13 @@ def _calibrate_into(args: argparse.Namespace) -> int:
     }
     if args.no_bos_fp:
         overrides["bos_fp"] = False
+    if args.no_fold_groups:
+        overrides["fold_groups"] = False
     if args.keep_float is not None:
         overrides["keep_float"] = tuple(args.keep_float)
     config = preset(args.preset, **overrides)
+    if args.no_fold_groups and config.profile != "tensorrt":
+        raise ValueError("--no-fold-groups applies to --profile tensorrt (the profile with channel-group branches)")
     model = args.model or zoo.DEFAULT_MODEL
     prompts = calibration_prompts(model, args.num_prompts, args.prompts)
     pipe = zoo.load_pipeline(model, seed=args.seed)
@@ -334,6 +338,12 @@ def _add_calibrate(sub) -> None:
         type=int,
         choices=(4, 6, 8, 16),
         help="tensorrt profile: bits of the widest group (16 = float)",
+    )
+    p.add_argument(
+        "--no-fold-groups",
+        action="store_true",
+        help="tensorrt profile: one GEMM branch per channel group instead of the groups (all but the "
+        "outlier group) folded into the weights (the graph before folding; more layers, ablation)",
     )
     p.add_argument("--keep-float", nargs="*", help="module-name patterns kept in float (default: conv_in conv_out)")
     p.add_argument("--prompts", type=Path, help="prompt file, one per line (default: built-in list)")

@@ -24,7 +24,7 @@ from common.constants import DEFAULT_GUIDANCE
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.config import QuantConfig
 from dgq.fingerprint import model_identity
-from dgq.plan import fold_of
+from dgq.plan import site_fold
 from dgq.quant import (
     CHANNEL,
     LAYER,
@@ -390,9 +390,9 @@ def layer_weight_quant(unet: torch.nn.Module, site, act: ActQuant | None, config
     columns."""
     w = unet.get_submodule(site.name).weight
     conv = site.kind == CONV
-    if (config.folds_conv if conv else config.folds_linear) and act is not None and act.axis[0] == CHANNEL:
-        # the folded input's scale lives in the columns
-        w = w.detach().float() * along(fold_of(act, config.fold_exponent, centred=not conv).scale, w.ndim, 1)
+    fold = site_fold(act, config, conv)
+    if fold is not None:  # the folded input's scale lives in the columns
+        w = w.detach().float() * along(fold.scale, w.ndim, 1)
     return weight_quant(w, site.kind, config)
 
 

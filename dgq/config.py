@@ -16,7 +16,7 @@ from common.constants import QUANT_TARGETS
 
 CONFIG_VERSION = 1
 # Fields added after version 1 whose absence in a stored config means "off".
-LEGACY_OFF = ("fold_linear", "norm_outputs", "fold_conv")
+LEGACY_OFF = ("fold_linear", "norm_outputs", "fold_conv", "fold_groups")
 
 WEIGHT_INITS = ("mse", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "block", "tensor")
@@ -87,6 +87,10 @@ class QuantConfig:
     # 0.5 dB for 1.1-1.4x speed; with 6-bit activations or 4-bit weights it cost 1.5-1.8 dB
     # (docs/export-targets.md).
     fold_conv: bool | None = None
+    # tensorrt profile: a channel-grouped Conv/Linear input's groups, all but the outlier group,
+    # folded into the weight columns (symmetric scales, no centre), so the layer is one INT8 GEMM on
+    # ``x * (1 / fold scale)`` plus the outlier group's branch, instead of one GEMM per group (False).
+    fold_groups: bool = True
     # how much of a folded group's range moves into the weight columns: the input is divided and the
     # columns multiplied by (width / widest width) ** strength (1 = every group stretched to the
     # widest's width; smaller leaves more spread in the input and less in the weights, as SmoothQuant's
@@ -134,6 +138,7 @@ class QuantConfig:
             self.fold_conv is None or type(self.fold_conv) is bool,
             f"fold_conv must be None, True or False, got {self.fold_conv!r}",
         )
+        check(type(self.fold_groups) is bool, f"fold_groups must be True or False, got {self.fold_groups!r}")
         check(isinstance(self.keep_float, tuple), "keep_float must be a tuple of patterns")
         check(
             self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),
@@ -157,13 +162,18 @@ class QuantConfig:
 
     @property
     def folds_linear(self) -> bool:
-        """Linear inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_linear``)."""
+        """Linear inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_linear``;
+        ``tensorrt`` profile, ``fold_groups``)."""
+        if self.profile == "tensorrt":
+            return self.fold_groups
         return self.profile == "onnxruntime" and self.fold_linear
 
     @property
     def folds_conv(self) -> bool:
         """Conv inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_conv``; by
-        default at 8-bit weights and activations)."""
+        default at 8-bit weights and activations; ``tensorrt`` profile, ``fold_groups``)."""
+        if self.profile == "tensorrt":
+            return self.fold_groups
         if self.profile != "onnxruntime":
             return False
         if self.fold_conv is None:

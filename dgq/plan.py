@@ -165,10 +165,28 @@ class ActPlan:
     # A folded site quantizes u = (x - fold.centre) * (1 / fold.scale) per tensor (its slots are layer-wise
     # grids on u); the consumer's weight columns carry fold.scale and its bias W @ fold.centre.
     fold: Fold | None = None
+    # tensorrt profile, folded: quantized as clamp(round(x * unit_multiplier[slot])) * scale[slot], the
+    # op order of its graph (a unit-scale Q/DQ, the step's scale multiplied back after the GEMM)
+    unit_domain: bool = False
 
     @property
     def n_slots(self) -> int:
         return len(self.slots)
+
+    @functools.cached_property
+    def unit_multiplier(self) -> torch.Tensor:
+        """Folded ``unit_domain`` site: float32 ``(S, C)``, ``(1 / fold scale) / scale[slot]`` per
+        channel and 0 on the outlier group's channels (which are quantized apart)."""
+        inverse = self.fold.inverse
+        mask = self.slots[0].outlier_mask
+        if mask is not None:
+            inverse = torch.where(mask, torch.zeros_like(inverse), inverse)
+        return (inverse[None, :] / self.unit_scale[:, None]).float()
+
+    @functools.cached_property
+    def unit_scale(self) -> torch.Tensor:
+        """Folded ``unit_domain`` site: float32 ``(S,)``, the scale of the folded channels' grid per slot."""
+        return torch.stack([sp.grid.scale[0] for sp in self.slots]).float()
 
     def slot(self, s: int) -> SlotPlan:
         """The plan of slot ``s`` (slot 0 for a site with one set for all steps)."""
@@ -250,56 +268,101 @@ class Fold:
 FOLD_MIN_WIDTH = 1e-6  # a group whose range is a point keeps a finite scale
 
 
-def fold_of(act: ActQuant, strength: float = 1.0, centred: bool = True) -> Fold:
+def fold_of(
+    act: ActQuant, strength: float = 1.0, centred: bool = True, symmetric: bool = False, keep: int | None = None
+) -> Fold:
     """The fold of a channel-grouped site with one grouping for every slot, from each group's range
-    over all slots ``[lo_g, hi_g]``.
+    over all slots ``[lo_g, hi_g]`` (``[-amax_g, amax_g]`` when ``symmetric``).
 
     ``centred`` (Linear inputs): the centre ``(lo_g + hi_g) / 2`` and the scale, the width
     ``hi_g - lo_g`` relative to the widest group's (1: the widest group keeps its values and the
     others are stretched to its width). Not centred (conv inputs: zero padding must stay zero, so
-    nothing is subtracted): the smallest scale that keeps the group inside the union of all groups'
-    ranges ``[L, H]``, ``max(hi_g / H, lo_g / L)`` (at most 1). Either scale is raised to the power
-    ``strength`` (0: nothing moves into the weights)."""
+    nothing is subtracted; every symmetric input): the smallest scale that keeps the group inside the
+    union of all groups' ranges ``[L, H]``, ``max(hi_g / H, lo_g / L)`` (at most 1; ``amax_g / AMAX``
+    when symmetric). Either scale is raised to the power ``strength`` (0: nothing moves into the
+    weights). ``keep``: a group left out of the fold (scale 1, centre 0) and of the union, the
+    ``tensorrt`` profile's outlier group, which is quantized on its own."""
     gi = act.group_index[0].long()
     ranges = torch.stack([r.float() for r in act.ranges])  # (S, K, 2)
     lo, hi = ranges[..., 0].amin(0), ranges[..., 1].amax(0)
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        lo, hi = -amax, amax
+    folded = torch.ones_like(lo, dtype=torch.bool)
+    if keep is not None:
+        folded[keep] = False
     if centred:
         width = (hi - lo).clamp_min(FOLD_MIN_WIDTH)
-        scale, centre = width / width.max(), (lo + hi) / 2
+        scale, centre = width / width[folded].max(), (lo + hi) / 2
     else:
-        big_l, big_h = lo.min().clamp_max(0.0), hi.max().clamp_min(0.0)
+        big_l, big_h = lo[folded].min().clamp_max(0.0), hi[folded].max().clamp_min(0.0)
         up = hi.clamp_min(0.0) / big_h if big_h > 0 else torch.zeros_like(hi)
         down = lo.clamp_max(0.0) / big_l if big_l < 0 else torch.zeros_like(lo)
         scale, centre = torch.maximum(up, down).clamp(FOLD_MIN_WIDTH, 1.0), torch.zeros_like(lo)
-    return Fold((scale**strength)[gi].contiguous(), centre[gi].contiguous())
+    scale = torch.where(folded, scale**strength, torch.ones_like(scale))
+    centre = torch.where(folded, centre, torch.zeros_like(centre))
+    return Fold(scale[gi].contiguous(), centre[gi].contiguous())
 
 
-def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig, centred: bool = True) -> ActPlan:
-    """A folded site: per slot one layer-wise grid on the normalized input, whose range is the union
-    of the groups' ranges of that slot, normalized."""
+def outlier_group_of(k: int, bits: int, config: QuantConfig) -> int | None:
+    """The group of ``k`` that a ``tensorrt``-profile site keeps apart at ``outlier_bits`` (groups
+    are sorted: the last one is the widest), or None."""
+    outlier_bits = config.outlier_bits if config.profile == "tensorrt" else None
+    return k - 1 if outlier_bits is not None and outlier_bits != bits and k > 1 else None
+
+
+def site_fold(act: ActQuant | None, config: QuantConfig, conv: bool) -> Fold | None:
+    """The fold of a Conv2d (``conv``) or Linear input under ``config``, or None when the input is
+    not folded (the config does not fold this kind of layer, or the input is not channel-grouped).
+
+    ``onnxruntime``: centred for Linear inputs, centre-free for conv inputs, at ``fold_exponent``.
+    ``tensorrt``: symmetric and centre-free, the outlier group left out (its own branch)."""
+    if act is None or not (config.folds_conv if conv else config.folds_linear) or act.axis[0] != CHANNEL:
+        return None
+    if config.profile == "tensorrt":
+        keep = outlier_group_of(int(act.ranges[0].shape[0]), config.abits, config)
+        return fold_of(act, config.fold_exponent, centred=False, symmetric=True, keep=keep)
+    return fold_of(act, config.fold_exponent, centred=not conv)
+
+
+def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig, fold: Fold) -> ActPlan:
+    """A folded site: per slot one grid on the normalized input, whose range is the union of the
+    folded groups' ranges of that slot, normalized. With an outlier group (``tensorrt``) the slot
+    has two channel groups: 0, the folded channels on that grid, and 1, the outlier group's
+    channels, unscaled and kept apart as ``plan_act`` keeps them."""
     if set(act.axis) != {CHANNEL} or any(not torch.equal(g, act.group_index[0]) for g in act.group_index):
         raise RecipeError(f"{key}: a folded input needs one channel grouping for every step")
-    fold = fold_of(act, config.fold_exponent, centred)
     gi = act.group_index[0].long()
     k = int(act.ranges[0].shape[0])
+    og = outlier_group_of(k, bits, config)
+    if og is not None and not bool((gi == og).any()):
+        og = None  # an empty outlier group: nothing to keep apart
     # per group (constant within one): its scale and centre; groups with no channel are left out
     g_scale = torch.ones(k).scatter_(0, gi, fold.scale)
     g_centre = torch.zeros(k).scatter_(0, gi, fold.centre)
     members = torch.zeros(k, dtype=torch.bool).scatter_(0, gi, True)
+    if og is not None:
+        members[og] = False
+    if not bool(members.any()):
+        raise RecipeError(f"{key}: every channel is in the outlier group; nothing to fold")
     slots = []
     for ranges in act.ranges:
         u = ((ranges.float() - g_centre[:, None]) / g_scale[:, None])[members]
         union = torch.stack([u[:, 0].min(), u[:, 1].max()]).view(1, 2)
-        slots.append(SlotPlan(LAYER, torch.zeros(1, dtype=torch.long), act_grid(union, bits, config, LAYER)))
-    return ActPlan(key, act.layout, bits, slots, fold)
+        if og is None:
+            slots.append(SlotPlan(LAYER, torch.zeros(1, dtype=torch.long), act_grid(union, bits, config, LAYER)))
+            continue
+        grid = act_grid(torch.cat([union, ranges[og : og + 1].float()]), bits, config, CHANNEL)
+        outlier = None
+        if config.outlier_bits != FLOAT_BITS:
+            outlier = act_grid(ranges[og:], config.outlier_bits, config, CHANNEL)
+        slots.append(SlotPlan(CHANNEL, (gi == og).long(), grid, 1, outlier))
+    return ActPlan(key, act.layout, bits, slots, fold, unit_domain=config.profile == "tensorrt")
 
 
-def plan_act(
-    key: str, act: ActQuant, bits: int, config: QuantConfig, fold: bool = False, centred: bool = True
-) -> ActPlan:
+def plan_act(key: str, act: ActQuant, bits: int, config: QuantConfig, fold: Fold | None = None) -> ActPlan:
     """The plan of one activation site of a recipe (validated against the recipe's own shapes);
-    ``fold``: an input whose channel groups are folded into its layer (``_plan_folded``; ``centred``
-    False for a conv input)."""
+    ``fold``: the fold of an input whose channel groups are folded into its layer (``site_fold``)."""
     if not (len(act.axis) == len(act.group_index) == len(act.ranges)) or not act.axis:
         raise RecipeError(f"{key}: axis, group_index and ranges must have one entry per slot")
     for s, (axis, gi, ranges) in enumerate(zip(act.axis, act.group_index, act.ranges, strict=True)):
@@ -310,18 +373,15 @@ def plan_act(
         k = int(ranges.shape[0])
         if gi.numel() and (int(gi.min()) < 0 or int(gi.max()) >= k):
             raise RecipeError(f"{key}: slot {s} group index outside [0, {k})")
-    if fold and CHANNEL in act.axis:
-        return _plan_folded(key, act, bits, config, centred)
-    outlier_bits = config.outlier_bits if config.profile == "tensorrt" else None
+    if fold is not None:
+        return _plan_folded(key, act, bits, config, fold)
     slots = []
     for axis, gi, ranges in zip(act.axis, act.group_index, act.ranges, strict=True):
-        k = int(ranges.shape[0])
         grid = act_grid(ranges, bits, config, axis)
-        outlier_group = outlier = None
-        if outlier_bits is not None and outlier_bits != bits and k > 1:
-            outlier_group = k - 1  # groups are sorted: the last one is the widest
-            if outlier_bits != FLOAT_BITS:
-                outlier = act_grid(ranges[k - 1 :], outlier_bits, config, axis)
+        outlier = None
+        outlier_group = outlier_group_of(int(ranges.shape[0]), bits, config)
+        if outlier_group is not None and config.outlier_bits != FLOAT_BITS:
+            outlier = act_grid(ranges[outlier_group:], config.outlier_bits, config, axis)
         slots.append(SlotPlan(axis, gi.long(), grid, outlier_group, outlier))
     return ActPlan(key, act.layout, bits, slots)
 
@@ -504,8 +564,8 @@ def plan_layer(
     ``output_required=False`` allows an ``onnxruntime`` conv without output ranges (the output
     calibration pass, which observes them instead)."""
     weight = None if wq is None else plan_weight(name, wq)
-    fold = config.folds_conv if kind == CONV else config.folds_linear
-    inp = None if act is None else plan_act(f"{name}.input", act, config.abits, config, fold, kind != CONV)
+    fold = site_fold(act, config, kind == CONV)
+    inp = None if act is None else plan_act(f"{name}.input", act, config.abits, config, fold)
     if inp is not None and inp.fold is not None:
         if weight is None:
             raise RecipeError(f"{name}: a folded input needs the layer's weights quantized with its scale")

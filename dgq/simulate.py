@@ -49,6 +49,8 @@ class ActFakeQuant:
 
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         sp = self.plan.slot(slot)
+        if self.plan.unit_domain:
+            return self._unit_domain(x, sp, slot)
         if self.plan.fold is not None:  # quantized in the normalized domain; the layer carries the fold
             x = self.plan.fold.normalize(x.float(), 1 if self.layout == "conv" else -1)
         shape = x.shape
@@ -61,6 +63,26 @@ class ActFakeQuant:
             kept = v if o is None else fake_quantize_affine(v, o.scale, o.zero_point, o.qmin, o.qmax, axis=dim)
             x_hat = torch.where(along(sp.outlier_mask, v.ndim, dim), kept, x_hat)
         return x_hat.reshape(shape)
+
+    def _unit_domain(self, x: torch.Tensor, sp, slot: int) -> torch.Tensor:
+        """A folded ``tensorrt`` site, op for op as its graph: ``clamp(round(x * m[slot])) * s[slot]``
+        on the folded channels; the outlier channels as ``plan_act`` keeps them."""
+        p = self.plan
+        i = slot if p.n_slots > 1 else 0
+        dim = 1 if self.layout == "conv" else x.ndim - 1
+        x = x.float()
+        g = sp.grid
+        q = torch.clamp(torch.round(x * along(p.unit_multiplier[i], x.ndim, dim)), g.qmin, g.qmax)
+        x_hat = q * p.unit_scale[i]
+        if sp.outlier_mask is not None:
+            o = sp.outlier
+            kept = (
+                x
+                if o is None
+                else fake_quantize_affine(x, o.scale.reshape(()), o.zero_point.reshape(()), o.qmin, o.qmax)
+            )
+            x_hat = torch.where(along(sp.outlier_mask, x.ndim, dim), kept, x_hat)
+        return x_hat
 
 
 class ProbsFakeQuant:

@@ -1,6 +1,9 @@
-"""Per-UNet-call latency and engine size of engine variants (FP16 vs INT8 vs INT4 weights).
+"""Per-UNet-call latency, engine size and network layers of engine variants (FP16 vs INT8 vs INT4).
 
     python scripts/benchmark_engines.py fp16=outputs/export_fp16 int8=outputs/export_int8 int4=outputs/export_int4
+
+Layers are those of the parsed network (``<component>.engine.report.json``: every ONNX node and
+every constant, cast and broadcast TensorRT's parser adds), with ratios against ``--baseline``.
 
 Each argument is ``label=folder`` with ``<component>.engine`` (+ ``.engine.json``) built by
 scripts/build_engine.py. Sizes are always reported. Latency needs a CUDA GPU and a TensorRT runtime:
@@ -91,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--component", default="unet", help="which engine to time (default unet)")
     parser.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
+    parser.add_argument(
+        "--baseline", default=None, help="variant the layer and size ratios are taken against (default: the first)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -107,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             meta = json.loads(meta_path.read_text())
             results[label]["tensorrt"] = f"{meta['tensorrt']['flavour']} {meta['tensorrt']['version']}"
             results[label]["export_target"] = meta["export"]["target"]
+        report_path = Path(f"{p}.report.json")
+        if report_path.is_file():  # the parsed network, as build_engine.py wrote it
+            net = json.loads(report_path.read_text())["network"]
+            results[label]["network_layers"] = net["num_layers"]
+            results[label]["gemm_layers"] = net["quantized"]["total"] + net["quantized"]["float"]
+            results[label]["quantized"] = net["summary"]
+    base = results[args.baseline or next(iter(results))] if results else None
+    if args.baseline is not None and args.baseline not in results:
+        log.error("--baseline %s is not one of the variants %s", args.baseline, list(results))
+        return 2
 
     from runtime.runners import tensorrt_available
 
@@ -118,12 +134,27 @@ def main(argv: list[str] | None = None) -> int:
             "no CUDA GPU with a TensorRT runtime here: reporting engine sizes only (latency needs a GPU)\n"
         )
 
-    rows = [("variant", "engine MB", f"{args.component} median ms/call")]
+    def ratio(r: dict, key: str) -> str:
+        if key not in r or key not in base:
+            return "-"
+        return f"{r[key] / base[key]:.2f}x"
+
+    rows = [
+        ("variant", "network layers", "vs base", "Conv/MatMul", "engine MB", "vs base", f"{args.component} ms/call")
+    ]
     rows += [
-        (label, f"{r['engine_mb']:.2f}", f"{r['median_ms']:.2f}" if "median_ms" in r else "-")
+        (
+            label,
+            str(r.get("network_layers", "-")),
+            ratio(r, "network_layers"),
+            str(r.get("gemm_layers", "-")),
+            f"{r['engine_mb']:.2f}",
+            ratio(r, "engine_mb"),
+            f"{r['median_ms']:.2f}" if "median_ms" in r else "-",
+        )
         for label, r in results.items()
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     sys.stdout.write(
         "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows) + "\n"
     )

@@ -142,6 +142,17 @@ QDQ_LAYER_DIVERGED_DB = 15.0
 QDQ_OUTPUT_FLIP_MAX_FRACTION = 0.01
 # tensorrt-target lowering (branches summed, multiply-back after the GEMM) against the simulator.
 QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB = 30.0
+# The same at 6-bit activations (folded, the outlier group on its own 8-bit grid): a 6-bit step is 4x an
+# 8-bit one, so each float32 round-off that moves a value across a rounding edge (the folded GEMM
+# multiplies its output by the step's scale, the simulator its input) costs more downstream. Measured on
+# the tiny UNet: 20.5, 133.1, 133.5 dB over its 3 steps (the first edge is crossed in an attention block
+# at step 0 and grows from there); a wiring error (no fold on one side, a wrong step's scale) is near 0 dB.
+QDQ_TENSORRT_A6_VS_SIM_MIN_SQNR_DB = 15.0
+# One folded tensorrt layer (3 groups up to 40x apart, the widest kept apart) against the float layer,
+# inputs within the calibrated ranges: measured 49.5 / 52.6 dB (conv / linear, A8, float outliers) and
+# 44.8 / 47.9 dB (A6, 8-bit outliers). A fold on one side only (input not scaled, or columns not
+# scaled) leaves errors the size of the signal.
+QDQ_TRT_FOLDED_MIN_SQNR_DB = 35.0
 # The default model, 25 steps: the Q/DQ export through runtime.Text2ImagePipeline (ONNX Runtime CPU,
 # optimizations on) against the simulated diffusers pipeline, same prompt and seed: PSNR of the
 # uint8 images. Measured (scripts/export_parity.py, 10 images): median 43.5 dB faithful W8A8,

@@ -55,7 +55,7 @@ from export.qdq.faithful import FaithfulActQuant, FaithfulLayer
 from export.qdq.lower import LOWERINGS, TARGETS, Lowered, QuantUNetForExport, lower, lowering_for, site_counts
 from export.qdq.onnxruntime import OrtConvLayer, OrtLinearLayer
 from export.qdq.ops import QDQ, STEP_INPUT, LoweredLayer, LoweringError, SiteSummary, Slotted, WeightDQ
-from export.qdq.tensorrt import BranchedLayer, UnitLayer, UnitScaleActQuant
+from export.qdq.tensorrt import BranchedLayer, FoldedActQuant, FoldedLayer, UnitLayer, UnitScaleActQuant
 
 __all__ = [
     "LOWERINGS",
@@ -65,6 +65,8 @@ __all__ = [
     "BranchedLayer",
     "FaithfulActQuant",
     "FaithfulLayer",
+    "FoldedActQuant",
+    "FoldedLayer",
     "Lowered",
     "LoweredLayer",
     "LoweringError",

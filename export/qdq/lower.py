@@ -23,7 +23,7 @@ from dgq.sites import CONV, LINEAR, set_module
 from export.qdq.faithful import FaithfulActQuant, FaithfulLayer
 from export.qdq.onnxruntime import OrtConvLayer, OrtLinearLayer
 from export.qdq.ops import LoweredLayer, LoweringError, SiteSummary, Slotted
-from export.qdq.tensorrt import BranchedLayer, UnitLayer, UnitScaleActQuant
+from export.qdq.tensorrt import BranchedLayer, FoldedLayer, UnitLayer, UnitScaleActQuant
 
 TARGETS = QUANT_TARGETS
 
@@ -31,8 +31,8 @@ TARGETS = QUANT_TARGETS
 LOWERINGS: dict[tuple[str, str], tuple[type[LoweredLayer], ...]] = {
     ("faithful", CONV): (FaithfulLayer,),
     ("faithful", LINEAR): (FaithfulLayer,),
-    ("tensorrt", CONV): (BranchedLayer, UnitLayer),
-    ("tensorrt", LINEAR): (BranchedLayer, UnitLayer),
+    ("tensorrt", CONV): (FoldedLayer, BranchedLayer, UnitLayer),
+    ("tensorrt", LINEAR): (FoldedLayer, BranchedLayer, UnitLayer),
     ("onnxruntime", CONV): (OrtConvLayer, FaithfulLayer),  # weight-only convs: DQ'd weight, float input
     ("onnxruntime", LINEAR): (OrtLinearLayer,),
 }
@@ -66,7 +66,9 @@ class QuantUNetForExport(nn.Module):
             if isinstance(m, Slotted):
                 m.clear_memo()
         rest = list(rest)
-        step = rest.pop() if self.n_slots > 1 else 0
+        # one Cast of the step index for every per-step table lookup (TensorRT's parser would add
+        # one per int64 Gather otherwise)
+        step = rest.pop().to(torch.int32) if self.n_slots > 1 else 0
         self.ctx.slot = step
         added = {"text_embeds": rest[0], "time_ids": rest[1]} if self.sdxl else None
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
@@ -155,6 +157,9 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
         new = cls(lp, module, ctx, aq)
         if cls.act_quantizer is None:
             sites.append(new.summary())
+        if cls is FoldedLayer:
+            outliers = 0 if aq.outlier_index is None else int(aq.outlier_index.numel())
+            sites.append(SiteSummary(name, "folded", {"outlier_channels": outliers}))
         if lp.weight is not None:
             w = lp.weight
             sites.append(SiteSummary(name, "weight", {"bits": w.bits, "granularity": w.granularity, "block": w.block}))

@@ -104,6 +104,17 @@ def at_slot(table: torch.Tensor, n_slots: int, slot) -> torch.Tensor:
     return table[0] if n_slots == 1 else table[slot]
 
 
+def at_slot_along(table: torch.Tensor, n_slots: int, slot, ndim: int, dim: int | None) -> torch.Tensor:
+    """Row ``slot`` of a per-step table ``(S, n)``, shaped to broadcast against an ``ndim`` tensor
+    along ``dim`` (``n == 1`` or ``dim`` None: every axis 1). The table is reshaped before the lookup
+    (the exporter folds that into the initializer), so the graph has a Gather and no Reshape, and
+    TensorRT's parser adds no broadcast layer."""
+    shape = [1] * ndim
+    if dim is not None:
+        shape[dim] = -1
+    return at_slot(table.reshape(n_slots, *shape), n_slots, slot)
+
+
 def _same(a, b) -> bool:
     return a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
 

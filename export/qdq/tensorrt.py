@@ -28,6 +28,7 @@ from export.qdq.ops import (
     WeightDQ,
     as_dtype,
     at_slot,
+    at_slot_along,
     f32,
     integer_weight,
     unit_grid,
@@ -83,9 +84,7 @@ class UnitScaleActQuant(Slotted):
 
     def _unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
         x = f32(x)
-        dim = axis_dim(self.layout, self.axis, x.ndim)
-        s = self.pick("scale", slot)
-        sv = along(s, x.ndim, dim) if (dim is not None and s.numel() > 1) else s.reshape(())
+        sv = at_slot_along(self.scale, self.n_slots, slot, x.ndim, axis_dim(self.layout, self.axis, x.ndim))
         return unit_grid(x / sv, self.qmin, self.qmax), sv
 
     def forward(self, x: torch.Tensor, slot) -> torch.Tensor:
@@ -101,7 +100,7 @@ class UnitScaleActQuant(Slotted):
                 x = torch.clamp(x, self.qmin * float(s[0]), self.qmax * float(s[0]))
             y = QDQ.apply(x, s.reshape(()), ZERO_I8, None)
         else:
-            sv = along(s, x.ndim, dim) if dim is not None else s.reshape(())
+            sv = at_slot_along(self.scale, self.n_slots, slot, x.ndim, dim)
             y = unit_grid(x / sv, self.qmin, self.qmax) * sv
         if self.outlier_mask is not None:
             mask = along(self.outlier_mask, x.ndim, dim)
@@ -161,7 +160,7 @@ class BranchedLayer(LoweredLayer):
             self.register_buffer("w_zp", z)
             self.w_axis = None if wp.axis is None else (0 if self.is_conv else 1)
         for b in self.branches:
-            self.register_buffer(f"b{b.group}_idx", b.index)
+            self.register_buffer(f"b{b.group}_idx", b.index.to(torch.int32))  # no Cast before the Gather
             if not b.is_float:
                 self.register_buffer(f"b{b.group}_scale", b.scale.float())
             if wp is None:
@@ -223,3 +222,122 @@ class UnitLayer(FaithfulLayer):
         # x / s -> unit Q/DQ -> conv/GEMM -> * s -> + bias: the Q/DQ feeds the layer directly.
         u, s = self.act.unit_domain(x, self.ctx.current())
         return self._add_bias(self._op(u, self.weight(), None) * s)
+
+
+class FoldedActQuant(Slotted):
+    """The ``tensorrt`` activation quantizer of a folded channel-grouped input (``ActPlan.fold``):
+    every group but the outlier group on one symmetric grid per step, in the fold's normalized domain.
+
+    ``unit_domain(x, slot)`` returns ``(Q/DQ(x * m[step]) on the unit grid, s[step])``, with
+    ``m[step] = (1 / fold scale) / s[step]`` per channel and 0 on the outlier channels
+    (``ActPlan.unit_multiplier``): the layer's GEMM on it, times ``s[step]``, is the folded
+    channels' part. With one slot ``m`` and ``s`` are constants. ``outliers(x, slot)`` returns the outlier
+    group's channels (a Gather; None without an outlier group) and, when they are quantized at
+    ``outlier_bits``, their per-step scale to multiply the branch's GEMM by.
+    """
+
+    def __init__(self, plan: ActPlan):
+        n = plan.n_slots
+        super().__init__(n)
+        fold, first = plan.fold, plan.slots[0]
+        if fold is None or fold.centred or not first.grid.signed:
+            raise LoweringError(f"{plan.key}: the tensorrt target folds symmetric, centre-free inputs only")
+        if not plan.unit_domain:
+            raise LoweringError(f"{plan.key}: not a tensorrt-profile folded input")
+        self.key, self.layout, self.bits = plan.key, plan.layout, plan.bits
+        self.qmin, self.qmax = first.grid.qmin, first.grid.qmax
+        mask = first.outlier_mask
+        self.register_buffer("mult", plan.unit_multiplier)
+        self.register_buffer("scale", plan.unit_scale[:, None].contiguous())
+        self.outlier_float = False
+        if mask is None:
+            self.outlier_index = None
+        else:
+            self.register_buffer("outlier_index", torch.nonzero(mask).flatten().to(torch.int32))
+            self.outlier_float = first.outlier is None
+            if not self.outlier_float:
+                self.register_buffer("outlier_scale", torch.stack([sp.outlier.scale[0] for sp in plan.slots])[:, None])
+                self.oqmin, self.oqmax = first.outlier.qmin, first.outlier.qmax
+
+    def _dim(self, x: torch.Tensor) -> int:
+        return 1 if self.layout == "conv" else x.ndim - 1
+
+    def unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.memo("unit", x, slot, lambda: self._unit_domain(x, slot))
+
+    def _unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
+        x = f32(x)
+        m = at_slot_along(self.mult, self.n_slots, slot, x.ndim, self._dim(x))
+        return unit_grid(x * m, self.qmin, self.qmax), at_slot_along(self.scale, self.n_slots, slot, x.ndim, None)
+
+    def outliers(self, x: torch.Tensor, slot) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.outlier_index is None:
+            return None, None
+        return self.memo("outliers", x, slot, lambda: self._outliers(x, slot))
+
+    def _outliers(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = f32(x)
+        xo = torch.index_select(x, self._dim(x), self.outlier_index)
+        if self.outlier_float:
+            return xo, None
+        so = at_slot_along(self.outlier_scale, self.n_slots, slot, x.ndim, None)
+        return unit_grid(xo / so, self.oqmin, self.oqmax), so
+
+    def summary(self) -> SiteSummary:
+        outlier = None if self.outlier_index is None else ("float" if self.outlier_float else "int")
+        return SiteSummary(
+            self.key,
+            "act",
+            {"axes": [CHANNEL], "bits": self.bits, "slots": self.n_slots, "folded": True, "outlier": outlier},
+        )
+
+
+class FoldedLayer(FaithfulLayer):
+    """``tensorrt`` Conv2d/Linear whose input's channel groups are folded (``FoldedActQuant``): one
+    GEMM on the unit-domain input with the DQ'd weight whose columns carry the fold's scale, times the
+    step's scale, plus the outlier group's GEMM (a float branch with the fake-quantized weight's
+    columns, or its own unit Q/DQ and DQ'd weight columns), the bias added once.
+
+    ``y = GEMM(Q/DQ(x * m[step]), DQ(W_f)) * s[step] + GEMM(x[outlier channels], W[:, outlier]) + b``
+    """
+
+    act_quantizer = FoldedActQuant
+
+    @classmethod
+    def accepts(cls, plan: LayerPlan) -> bool:
+        return plan.input is not None and plan.input.fold is not None
+
+    def __init__(self, plan: LayerPlan, inner: nn.Module, ctx: StepContext, act: nn.Module | None = None):
+        super().__init__(plan, inner, ctx, act)
+        self.bias = None if inner.bias is None else inner.bias.detach().float().clone()  # no centre to fold in
+        if not isinstance(act, FoldedActQuant) or plan.weight is None:
+            raise LoweringError(f"{plan.name}: a folded tensorrt layer needs its FoldedActQuant and quantized weights")
+        self.outlier_float = act.outlier_float
+        if act.outlier_index is not None:
+            idx = act.outlier_index.long()
+            w = inner.weight.detach().float()
+            if act.outlier_float:  # the simulator's weight columns, as float constants
+                w_o = plan.weight.fake(w)[:, idx]
+                self.register_buffer("w_outlier", w_o if self.is_conv else w_o.t().contiguous())
+            else:
+                if plan.weight.granularity == "block":
+                    raise LoweringError(f"{plan.name}: block-wise weights cannot be split into an outlier branch")
+                q_o = self.w_q[:, idx]
+                self.register_buffer("w_outlier_q", q_o if self.is_conv else q_o.t().contiguous())
+                self.w_outlier_axis = None if self.w_axis is None else (0 if self.is_conv else 1)
+
+    def _outlier_weight(self) -> torch.Tensor:
+        if self.outlier_float:
+            return self.w_outlier
+        return WeightDQ.apply(self.w_outlier_q, self.w_scale, self.w_zp, self.w_outlier_axis, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.ctx.current()
+        x = f32(x)
+        u, s = self.act.unit_domain(x, slot)
+        y = self._op(u, self.weight(), None) * s
+        xo, so = self.act.outliers(x, slot)
+        if xo is not None:
+            yo = self._op_t(xo, self._outlier_weight())
+            y = y + (yo if so is None else yo * so)
+        return self._add_bias(y)

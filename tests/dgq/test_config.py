@@ -93,7 +93,8 @@ def test_conv_fold_at_w8a8_unless_set():
     assert not QuantConfig(profile="onnxruntime", wbits=4).folds_conv
     assert QuantConfig(profile="onnxruntime", wbits=4, fold_conv=True).folds_conv
     assert not QuantConfig(profile="onnxruntime", fold_conv=False).folds_conv
-    assert not QuantConfig(profile="tensorrt", outlier_bits=16, fold_conv=True).folds_conv
+    # the tensorrt profile's fold is fold_groups, whatever fold_conv says
+    assert not QuantConfig(profile="tensorrt", outlier_bits=16, fold_conv=True, fold_groups=False).folds_conv
     stored = QuantConfig(profile="onnxruntime", abits=6).to_dict()
     assert QuantConfig.from_dict(json.loads(json.dumps(stored))).fold_conv is None  # the rule, not a value
     for bad in ("yes", 1, 1.0):
@@ -118,3 +119,22 @@ def test_fold_strength_follows_the_weight_width_unless_set():
 def test_fold_strength_outside_0_1_is_refused(strength):
     with pytest.raises(ValueError, match="fold_strength"):
         QuantConfig(profile="onnxruntime", fold_strength=strength)
+
+
+def test_tensorrt_folds_channel_groups_unless_told_not_to():
+    """New tensorrt configs fold Conv and Linear input groups; stored ones without the field were
+    calibrated with a branch per group and keep it; only True/False is accepted."""
+    from dgq.config import LEGACY_OFF
+
+    new = QuantConfig(profile="tensorrt", outlier_bits=16)
+    assert new.fold_groups and new.folds_conv and new.folds_linear
+    off = QuantConfig(profile="tensorrt", outlier_bits=16, fold_groups=False)
+    assert not off.folds_conv and not off.folds_linear
+    assert not QuantConfig(fold_groups=True).folds_conv  # the faithful profile folds nothing
+    stored = new.to_dict()
+    assert "fold_groups" in LEGACY_OFF
+    del stored["fold_groups"]
+    assert not QuantConfig.from_dict(stored).folds_conv
+    for bad in (None, "yes", 1):
+        with pytest.raises(ValueError, match="fold_groups"):
+            QuantConfig(profile="tensorrt", fold_groups=bad)

@@ -16,17 +16,26 @@ from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics
 from dgq.config import preset
 from dgq.eval import metrics
 from dgq.plan import plan_act, plan_layer
-from dgq.quant import CHANNEL
+from dgq.quant import CHANNEL, along
 from dgq.recipe import ActQuant, WeightQuant
 from dgq.simulate import ActFakeQuant, BranchConvLayer, QuantLayer, apply_recipe
-from dgq.sites import CONV
+from dgq.sites import CONV, LINEAR
 from export.float_export import ExportError
 from export.iospec import read_specs
 from export.lint import LintError, check_tensorrt, lint_tensorrt
 from export.manifest import read_manifest
 from export.ort_session import create_session
 from export.parity import first_divergence, layer_divergence, module_scope
-from export.qdq import FaithfulActQuant, FaithfulLayer, LoweringError, OrtConvLayer, lower
+from export.qdq import (
+    BranchedLayer,
+    FaithfulActQuant,
+    FaithfulLayer,
+    FoldedActQuant,
+    FoldedLayer,
+    LoweringError,
+    OrtConvLayer,
+    lower,
+)
 from export.qdq_export import ORT_PRESET, export_onnx
 from tests.tolerances import (
     QDQ_FOLDED_CONV_MIN_SQNR_DB,
@@ -38,7 +47,9 @@ from tests.tolerances import (
     QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB,
     QDQ_OUTPUT_FLIP_MAX_FRACTION,
     QDQ_RUNTIME_TINY_IMAGE_MIN_SQNR_DB,
+    QDQ_TENSORRT_A6_VS_SIM_MIN_SQNR_DB,
     QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB,
+    QDQ_TRT_FOLDED_MIN_SQNR_DB,
 )
 
 CAL = ["a photo of a cat", "a red car on a street"]
@@ -100,6 +111,10 @@ def recipes(tiny_pipe, stats):
         "faithful": mk(groups=8),
         "faithful_a6": mk(groups=8, abits=6),
         "tensorrt": mk(groups=4, profile="tensorrt", outlier_bits=16),
+        # a GEMM branch per channel group (the target before fold_groups; stored recipes load so)
+        "tensorrt_branches": mk(groups=4, profile="tensorrt", outlier_bits=16, fold_groups=False),
+        # folded at 6 bits with the outlier group quantized on its own 8-bit grid
+        "tensorrt_a6_o8": mk(groups=4, profile="tensorrt", outlier_bits=8, abits=6),
         "tensorrt_w4": mk(groups=4, profile="tensorrt", outlier_bits=16, wbits=4),
         "faithful_w4": mk(groups=8, wbits=4, weight_granularity="block", weight_block=32),
     }
@@ -112,6 +127,7 @@ def exports(tiny_pipe, recipes, tmp_path_factory):
     for name, target in (
         ("faithful", "faithful"),
         ("tensorrt", "tensorrt"),
+        ("tensorrt_branches", "tensorrt"),
         ("tensorrt_w4", "tensorrt"),
         ("faithful_w4", "faithful"),
         ("onnxruntime", "onnxruntime"),
@@ -185,13 +201,18 @@ def test_onnxruntime_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name)
         assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
 
-def test_tensorrt_lowering_matches_simulator(tiny_pipe, recipes):
-    """Branches sum in another order than one conv, so float rounding moves a few values across a
-    rounding edge downstream: close, not bit-equal (the graph is checked against this lowering)."""
-    recipe = recipes["tensorrt"]
+@pytest.mark.parametrize("name", ["tensorrt", "tensorrt_branches", "tensorrt_w4", "tensorrt_a6_o8"])
+def test_tensorrt_lowering_matches_simulator(tiny_pipe, recipes, name):
+    """Branches sum in another order than one conv, and the step's scale multiplies the GEMM's output
+    rather than its input, so float rounding moves a few values across a rounding edge downstream:
+    close, not bit-equal (the graph is checked against this lowering)."""
+    recipe = recipes[name]
     sim, low = simulator_and_lowering(tiny_pipe.unet, recipe, "tensorrt")
+    layers = [m for m in low.module.modules() if isinstance(m, (FoldedLayer, BranchedLayer))]
+    assert layers and all(isinstance(m, BranchedLayer) != recipe.config.fold_groups for m in layers)
+    bound = QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB if recipe.config.abits == 8 else QDQ_TENSORRT_A6_VS_SIM_MIN_SQNR_DB
     for _, ref, got in every_step(sim, low, recipe):
-        assert sqnr_db(ref, got) > QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB
+        assert sqnr_db(ref, got) > bound
 
 
 # ---------------------------------------------------------------------------- rung 3b: one layer, exact
@@ -297,17 +318,22 @@ def test_a_broken_layer_is_named_as_the_first_divergence(tiny_pipe, recipes, exp
     assert first is not None and first.name == victim
 
 
-def test_tensorrt_graph_passes_lint_with_branches_where_the_recipe_says(recipes, exports):
-    folder, summary = exports["tensorrt"]
+@pytest.mark.parametrize("name", ["tensorrt", "tensorrt_branches"])
+def test_tensorrt_graph_passes_lint_with_branches_where_the_recipe_says(recipes, exports, name):
+    """A channel-grouped layer is one GEMM plus one for its outlier group when folded (the default),
+    else one GEMM per group."""
+    folder, summary = exports[name]
     model = onnx.load(str(folder / "unet.onnx"))
     assert not [v for v in lint_tensorrt(model) if v.severity == "error"]
-    recipe = recipes["tensorrt"]
+    recipe = recipes[name]
     grouped = {
         k[: -len(".input")]
         for k, a in recipe.acts.items()
         if k.endswith(".input") and set(a.axis) == {CHANNEL} and a.k(0) > 1
     }
-    assert grouped and summary.sites["branch_layers"] == len(grouped)
+    folded = recipe.config.fold_groups
+    assert grouped and summary.sites["folded" if folded else "branch_layers"] == len(grouped)
+    assert summary.sites.get("branch_layers", 0 if folded else 1) == (0 if folded else len(grouped))
     # every branch of a grouped layer is its own conv/GEMM node under that layer's name
     for name in sorted(grouped):
         parts: list[str] = []
@@ -318,7 +344,10 @@ def test_tensorrt_graph_passes_lint_with_branches_where_the_recipe_says(recipes,
                 parts.append(p)
         prefix = "/unet/" + "/".join(parts) + "/"
         gemms = [n for n in model.graph.node if n.name.startswith(prefix) and n.op_type in ("Conv", "MatMul")]
-        assert len(gemms) == recipe.acts[name + ".input"].k(0), name
+        act = recipe.acts[name + ".input"]
+        outliers = int((act.group_index[0] == act.k(0) - 1).sum())  # the widest group's channels
+        expected = (1 + (outliers > 0)) if folded else len(torch.unique(act.group_index[0]))
+        assert len(gemms) == expected, name
 
 
 def test_lint_names_the_offending_node(exports):
@@ -518,7 +547,7 @@ def test_one_branched_layer_graph_matches_the_simulator(tmp_path):
         torch.tensor([[-0.5, 0.5], [-3.0, 3.0], [-7.0, 7.0]]),
     ]
     act = ActQuant("conv", ["channel", "channel"], [gi, gi], ranges)
-    config = preset("dgq", groups=3, profile="tensorrt", outlier_bits=16)
+    config = preset("dgq", groups=3, profile="tensorrt", outlier_bits=16, fold_groups=False)
     w = conv.weight.detach()
     from dgq.quant import symmetric_scale_from_absmax
 
@@ -540,6 +569,88 @@ def test_one_branched_layer_graph_matches_the_simulator(tmp_path):
             expected = sim(x).numpy()
         got = run_graph(path, {"x": x.numpy(), "step_index": np.array(slot, np.int64)}, "off")
         np.testing.assert_allclose(got, expected, atol=QDQ_LAYER_EXACT_ATOL, rtol=0)
+
+
+def _synthetic_trt_site(kind: str, abits: int, outlier_bits: int):
+    """A Conv2d or Linear with 3 input-channel groups over 2 steps (the widest kept apart at
+    ``outlier_bits``), tensorrt profile, symmetric int8 weights of the folded columns."""
+    from dgq.calibrate import weight_quant
+    from dgq.plan import site_fold
+
+    torch.manual_seed(3)
+    layer = torch.nn.Conv2d(6, 4, 3, padding=1) if kind == CONV else torch.nn.Linear(6, 4)
+    gi = torch.tensor([0, 2, 1, 1, 0, 2])
+    ranges = [
+        torch.tensor([[-1.0, 1.0], [-3.0, 2.0], [-40.0, 40.0]]),
+        torch.tensor([[-0.5, 0.5], [-2.0, 4.0], [-30.0, 50.0]]),
+    ]
+    act = ActQuant("conv" if kind == CONV else "linear", ["channel"] * 2, [gi, gi], ranges)
+    config = preset("dgq", groups=3, profile="tensorrt", outlier_bits=outlier_bits, abits=abits)
+    fold = site_fold(act, config, kind == CONV)
+    w = layer.weight.detach()
+    wq = weight_quant(w * along(fold.scale, w.ndim, 1), kind, config)
+    return layer, act, wq, config
+
+
+def test_tensorrt_fold_is_symmetric_and_leaves_the_outlier_group_alone():
+    """Symmetric and centre-free: each folded group's scale is its absolute max over the widest
+    folded group's, the outlier group keeps scale 1 and is not part of the union."""
+    from dgq.plan import site_fold
+
+    _, act, _, config = _synthetic_trt_site(CONV, 8, 16)
+    fold = site_fold(act, config, conv=True)
+    assert not fold.centred
+    # groups over both steps: amax 1, 4 (folded; the union is 4), 50 (outlier)
+    expected = torch.tensor([1.0 / 4, 1.0, 1.0])[act.group_index[0]]
+    assert torch.allclose(fold.scale, expected)
+    plan = plan_layer("conv", CONV, None, act, None, config.replace(fold_groups=False)).input
+    assert plan.fold is None  # not folded without fold_groups
+    # without an outlier group (outlier_bits == abits) the widest group is folded too
+    whole = site_fold(act, config.replace(outlier_bits=8), conv=True)
+    assert torch.allclose(whole.scale, torch.tensor([1.0 / 50, 4.0 / 50, 1.0])[act.group_index[0]])
+
+
+@pytest.mark.parametrize(
+    "kind,abits,outlier_bits",
+    [(CONV, 8, 16), (LINEAR, 8, 16), (CONV, 6, 8), (LINEAR, 6, 8)],
+    ids=["conv-float-outliers", "linear-float-outliers", "conv-a6-o8", "linear-a6-o8"],
+)
+def test_one_folded_tensorrt_layer_graph_matches_the_simulator(tmp_path, kind, abits, outlier_bits):
+    """tensorrt target, a folded layer over 2 steps: one Q/DQ on x * m[step] feeding the GEMM with
+    the folded int8 weight, times s[step], plus the outlier group's GEMM (float, or its own Q/DQ and
+    int8 weight columns). ONNX Runtime (optimizations off) equals the simulator's QuantLayer up to
+    float32 summation order (the integers are the same: the simulator computes x * m[step] op for op),
+    and the graph passes the TensorRT lint."""
+    layer, act, wq, config = _synthetic_trt_site(kind, abits, outlier_bits)
+    lp = plan_layer("layer", kind, wq, act, None, config)
+    assert lp.input.fold is not None and lp.input.unit_domain
+    ctx, low_ctx = StepContext(), StepContext()
+    sim = QuantLayer(layer, lp.weight.fake(layer.weight.detach()), ActFakeQuant(lp.input), ctx)
+    low = FoldedLayer(lp, layer, low_ctx, FoldedActQuant(lp.input))
+    # every channel within its group's range at slot 0 (group widths up to 40x apart)
+    lo, hi = act.ranges[0][act.group_index[0]].unbind(1)
+    shape = (2, 6, 5, 5) if kind == CONV else (2, 7, 6)
+    dim = 1 if kind == CONV else 2
+    x = along(lo, len(shape), dim) + along(hi - lo, len(shape), dim) * torch.rand(shape)
+    path = tmp_path / "folded.onnx"
+    export_layer(low, low_ctx, x, path, opset=17)
+    model = onnx.load(str(path))
+    assert not [v for v in lint_tensorrt(model) if v.severity == "error"]
+    ops = [n.op_type for n in model.graph.node]
+    gemm = "Conv" if kind == CONV else "MatMul"
+    assert ops.count(gemm) == 2 and "Div" not in ops[: ops.index("QuantizeLinear")]
+    assert ops.count("QuantizeLinear") == (1 if outlier_bits == 16 else 2)
+    for slot in (0, 1):
+        ctx.slot = low_ctx.slot = slot
+        with torch.no_grad():
+            expected = sim(x).numpy()
+            np.testing.assert_allclose(low(x).numpy(), expected, atol=QDQ_LAYER_EXACT_ATOL, rtol=0)
+        got = run_graph(path, {"x": x.numpy(), "step_index": np.array(slot, np.int64)}, "off")
+        np.testing.assert_allclose(got, expected, atol=QDQ_LAYER_EXACT_ATOL, rtol=0)
+    # and the layer is the float layer, quantized: the narrow groups are not flattened by the wide one
+    ctx.slot = 0
+    with torch.no_grad():
+        assert sqnr_db(layer(x), sim(x)) > QDQ_TRT_FOLDED_MIN_SQNR_DB
 
 
 @pytest.mark.parametrize("signed,lo,hi", [(True, -8, 7), (False, 0, 15)])

@@ -436,6 +436,10 @@ def test_benchmark_reports_sizes_and_exits_0_without_gpu(tmp_path, capsys):
     assert set(results) == {"int8", "int4"} and all(
         r["engine_mb"] > 0 and "median_ms" not in r for r in results.values()
     )
+    # the parsed network's layer counts from the build reports, and ratios against the first variant
+    assert all(r["network_layers"] > r["gemm_layers"] > 0 for r in results.values())
+    assert "network layers" in text and "1.00x" in text
+    assert main([f"int8={tmp_path / 'int8'}", "--baseline", "int4"]) == 2  # not a variant
     assert main([f"x={tmp_path / 'none'}"]) == 2
 
 
