@@ -90,7 +90,9 @@ class QuantConfig:
     # tensorrt profile: a channel-grouped Conv/Linear input's groups, all but the outlier group,
     # folded into the weight columns (symmetric scales, no centre), so the layer is one INT8 GEMM on
     # ``x * (1 / fold scale)`` plus the outlier group's branch, instead of one GEMM per group (False).
-    fold_groups: bool = True
+    # None: folded with 8-bit weights, where it cost 0.7 dB; with 4-bit weights it cost 2.3 dB
+    # (docs/export-targets.md).
+    fold_groups: bool | None = None
     # how much of a folded group's range moves into the weight columns: the input is divided and the
     # columns multiplied by (width / widest width) ** strength (1 = every group stretched to the
     # widest's width; smaller leaves more spread in the input and less in the weights, as SmoothQuant's
@@ -138,7 +140,10 @@ class QuantConfig:
             self.fold_conv is None or type(self.fold_conv) is bool,
             f"fold_conv must be None, True or False, got {self.fold_conv!r}",
         )
-        check(type(self.fold_groups) is bool, f"fold_groups must be True or False, got {self.fold_groups!r}")
+        check(
+            self.fold_groups is None or type(self.fold_groups) is bool,
+            f"fold_groups must be None, True or False, got {self.fold_groups!r}",
+        )
         check(isinstance(self.keep_float, tuple), "keep_float must be a tuple of patterns")
         check(
             self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),
@@ -161,19 +166,27 @@ class QuantConfig:
         return self.is_symmetric or self.profile == "onnxruntime"
 
     @property
+    def folds_groups(self) -> bool:
+        """``tensorrt`` profile: channel groups of Conv and Linear inputs folded (``fold_groups``; by
+        default with 8-bit weights)."""
+        if self.profile != "tensorrt":
+            return False
+        return self.wbits >= 8 if self.fold_groups is None else self.fold_groups
+
+    @property
     def folds_linear(self) -> bool:
         """Linear inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_linear``;
-        ``tensorrt`` profile, ``fold_groups``)."""
+        ``tensorrt`` profile, ``folds_groups``)."""
         if self.profile == "tensorrt":
-            return self.fold_groups
+            return self.folds_groups
         return self.profile == "onnxruntime" and self.fold_linear
 
     @property
     def folds_conv(self) -> bool:
         """Conv inputs with folded channel-group scales (``onnxruntime`` profile, ``fold_conv``; by
-        default at 8-bit weights and activations; ``tensorrt`` profile, ``fold_groups``)."""
+        default at 8-bit weights and activations; ``tensorrt`` profile, ``folds_groups``)."""
         if self.profile == "tensorrt":
-            return self.fold_groups
+            return self.folds_groups
         if self.profile != "onnxruntime":
             return False
         if self.fold_conv is None:

@@ -54,16 +54,17 @@ ABLATIONS = {
     "DGQ, static probs scale": ("dgq", {"attn_scale": "static"}),
     "DGQ, batch-wide probs scale": ("dgq", {"attn_scale": "batch"}),
     "DGQ, tensorrt profile (outlier group float)": ("dgq", {"profile": "tensorrt", "outlier_bits": 16}),
-    # The tensorrt export target's default K=4, its groups folded into the weights (the default) or
-    # one GEMM branch per group (the target before fold_groups; recipes stored without it load so).
+    # The tensorrt export target's default K=4: its channel groups (all but the outlier group) folded
+    # into the weights with 8-bit weights (the default), at every weight width, or one GEMM branch per
+    # group (the target before fold_groups; recipes stored without the field load this way).
     "DGQ, tensorrt profile K=4": ("dgq", {"profile": "tensorrt", "outlier_bits": 16, "groups": 4}),
+    "DGQ, tensorrt profile K=4, groups folded": (
+        "dgq",
+        {"profile": "tensorrt", "outlier_bits": 16, "groups": 4, "fold_groups": True},
+    ),
     "DGQ, tensorrt profile K=4, groups as branches": (
         "dgq",
         {"profile": "tensorrt", "outlier_bits": 16, "groups": 4, "fold_groups": False},
-    ),
-    "DGQ, tensorrt profile, groups as branches": (
-        "dgq",
-        {"profile": "tensorrt", "outlier_bits": 16, "fold_groups": False},
     ),
     # The onnxruntime export target's semantics (quantized conv outputs, float attention), with its
     # default K=4 channel groups per conv and without groups.

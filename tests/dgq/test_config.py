@@ -121,13 +121,17 @@ def test_fold_strength_outside_0_1_is_refused(strength):
         QuantConfig(profile="onnxruntime", fold_strength=strength)
 
 
-def test_tensorrt_folds_channel_groups_unless_told_not_to():
-    """New tensorrt configs fold Conv and Linear input groups; stored ones without the field were
-    calibrated with a branch per group and keep it; only True/False is accepted."""
+def test_tensorrt_folds_channel_groups_with_8bit_weights_unless_told():
+    """New tensorrt configs fold Conv and Linear input groups with 8-bit weights (not with 4-bit ones,
+    where it cost more); stored ones without the field were calibrated with a branch per group and keep
+    it; only None/True/False is accepted."""
     from dgq.config import LEGACY_OFF
 
     new = QuantConfig(profile="tensorrt", outlier_bits=16)
-    assert new.fold_groups and new.folds_conv and new.folds_linear
+    assert new.fold_groups is None and new.folds_groups and new.folds_conv and new.folds_linear
+    assert QuantConfig(profile="tensorrt", outlier_bits=16, abits=6).folds_groups
+    assert not QuantConfig(profile="tensorrt", outlier_bits=16, wbits=4).folds_groups
+    assert QuantConfig(profile="tensorrt", outlier_bits=16, wbits=4, fold_groups=True).folds_groups
     off = QuantConfig(profile="tensorrt", outlier_bits=16, fold_groups=False)
     assert not off.folds_conv and not off.folds_linear
     assert not QuantConfig(fold_groups=True).folds_conv  # the faithful profile folds nothing
@@ -135,6 +139,6 @@ def test_tensorrt_folds_channel_groups_unless_told_not_to():
     assert "fold_groups" in LEGACY_OFF
     del stored["fold_groups"]
     assert not QuantConfig.from_dict(stored).folds_conv
-    for bad in (None, "yes", 1):
+    for bad in ("yes", 1):
         with pytest.raises(ValueError, match="fold_groups"):
             QuantConfig(profile="tensorrt", fold_groups=bad)

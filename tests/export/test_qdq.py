@@ -209,7 +209,7 @@ def test_tensorrt_lowering_matches_simulator(tiny_pipe, recipes, name):
     recipe = recipes[name]
     sim, low = simulator_and_lowering(tiny_pipe.unet, recipe, "tensorrt")
     layers = [m for m in low.module.modules() if isinstance(m, (FoldedLayer, BranchedLayer))]
-    assert layers and all(isinstance(m, BranchedLayer) != recipe.config.fold_groups for m in layers)
+    assert layers and all(isinstance(m, BranchedLayer) != recipe.config.folds_groups for m in layers)
     bound = QDQ_TENSORRT_VS_SIM_MIN_SQNR_DB if recipe.config.abits == 8 else QDQ_TENSORRT_A6_VS_SIM_MIN_SQNR_DB
     for _, ref, got in every_step(sim, low, recipe):
         assert sqnr_db(ref, got) > bound
@@ -331,7 +331,7 @@ def test_tensorrt_graph_passes_lint_with_branches_where_the_recipe_says(recipes,
         for k, a in recipe.acts.items()
         if k.endswith(".input") and set(a.axis) == {CHANNEL} and a.k(0) > 1
     }
-    folded = recipe.config.fold_groups
+    folded = recipe.config.folds_groups
     assert grouped and summary.sites["folded" if folded else "branch_layers"] == len(grouped)
     assert summary.sites.get("branch_layers", 0 if folded else 1) == (0 if folded else len(grouped))
     # every branch of a grouped layer is its own conv/GEMM node under that layer's name
@@ -934,7 +934,8 @@ def test_qkv_projections_share_one_qdq(exports, name):
     inputs: dict[tuple[str, str], str] = {}
     for n in model.graph.node:
         parts = n.name.split("/")
-        if n.op_type == "MatMul" and len(parts) > 3 and parts[-2] in ("to_q", "to_k", "to_v"):
+        # the projection's (main) GEMM; a folded projection's outlier GEMM is MatMul_1 on a Gather
+        if n.op_type == "MatMul" and len(parts) > 3 and parts[-2] in ("to_q", "to_k", "to_v") and parts[-1] == "MatMul":
             inputs[("/".join(parts[:-2]), parts[-2])] = n.input[0]
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     by_block: dict[str, list[str]] = {}
