@@ -96,7 +96,7 @@ def test_user_errors_exit_2_with_one_line_and_bugs_keep_their_traceback(caplog):
     assert run_command(lambda _args: None, None) == 0
 
 
-def test_calibrate_inspect_and_refusals(tmp_path, capsys):
+def test_calibrate_inspect_and_refusals(tmp_path, capsys, caplog):
     out = tmp_path / "r.safetensors"
     args = [
         "calibrate",
@@ -124,4 +124,7 @@ def test_calibrate_inspect_and_refusals(tmp_path, capsys):
     assert main(args) == 2  # exists, no --overwrite
     assert main([*args[:-1], str(tmp_path / "no-such-dir" / "r.safetensors")]) == 2
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+    # --no-fold-groups is a tensorrt-profile switch: refused with another profile, nothing written
+    assert main([*args[:-2], "--no-fold-groups", "--out", str(tmp_path / "nf.safetensors")]) == 2
+    assert "--no-fold-groups applies to --profile tensorrt" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]
