@@ -56,6 +56,24 @@ def _quant_dtype(tensor, producers: Mapping[str, Any]) -> str | None:
     return None
 
 
+# Names TensorRT's ONNX parser gives the layers it adds itself (casts of int64 indices, broadcast
+# shuffles, constants holding Q/DQ scales, shape-tensor helpers), not ONNX nodes of the graph.
+_PARSER_PREFIXES = ("ONNXTRT_", "tmp_weight", "(Unnamed Layer")
+
+
+def _origin(name: str) -> str:
+    """Where a network layer comes from: ``parser`` (added by the ONNX parser), ``attention`` (an
+    attention block's own ops: diffusers' ``attn1``/``attn2`` scopes, not their q/k/v/out
+    projections) or ``graph`` (any other ONNX node)."""
+    if name.startswith(_PARSER_PREFIXES):
+        return "parser"
+    parts = name.split("/")
+    scoped = any(p.startswith("attn") and p[4:].isdigit() for p in parts[:-1])
+    if scoped and not any(p.startswith(("to_q", "to_k", "to_v", "to_out")) for p in parts):
+        return "attention"
+    return "graph"
+
+
 def _scheme(activation: str | None, weight: str | None) -> str | None:
     """One label per quantized GEMM: 'INT8' (W8A8), 'INT4 weights', 'FP8', 'INT8 weights', 'INT8 activations'."""
     if activation is None and weight is None:
@@ -70,17 +88,21 @@ def _scheme(activation: str | None, weight: str | None) -> str | None:
 def network_report(network) -> dict[str, Any]:
     """Layer type counts, each Conv/MatMul's input precisions and quantization scheme, and a summary line.
 
-    ``layers`` lists every compute layer: ``{"name", "type", "inputs": [{"name", "dtype", "dequantized_from"}],
+    ``layer_origins`` counts layers by where they come from (``_origin``: parser-added, attention
+    ops, other graph nodes). ``layers`` lists every compute layer:
+    ``{"name", "type", "inputs": [{"name", "dtype", "dequantized_from"}],
     "scheme"}`` where input 0 is the activation and input 1 the weight.
     """
     producers = _producers(network)
     types: Counter[str] = Counter()
+    origins: Counter[str] = Counter()
     qdq_dtypes: Counter[str] = Counter()
     layers = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         kind = _name(layer.type)
         types[kind] += 1
+        origins[_origin(layer.name)] += 1
         if kind in ("QUANTIZE", "DEQUANTIZE"):
             side = layer.get_output(0) if kind == "QUANTIZE" else layer.get_input(0)
             qdq_dtypes[_name(side.dtype)] += 1
@@ -108,6 +130,7 @@ def network_report(network) -> dict[str, Any]:
         "source": "parsed network (the graph's Q/DQ; not the kernels TensorRT chose)",
         "num_layers": network.num_layers,
         "layer_types": dict(sorted(types.items())),
+        "layer_origins": dict(sorted(origins.items())),
         "qdq_dtypes": dict(sorted(qdq_dtypes.items())),
         "quantized": {"total": n_quant, "float": n_float, "by_scheme": dict(sorted(schemes.items()))},
         "summary": summary,

@@ -3,7 +3,8 @@
     python scripts/benchmark_engines.py fp16=outputs/export_fp16 int8=outputs/export_int8 int4=outputs/export_int4
 
 Layers are those of the parsed network (``<component>.engine.report.json``: every ONNX node and
-every constant, cast and broadcast TensorRT's parser adds), with ratios against ``--baseline``.
+every constant, cast and broadcast TensorRT's parser adds), with ratios against ``--baseline``, and
+how many of them the parser added and how many are attention ops (``runtime.engine_report``).
 
 Each argument is ``label=folder`` with ``<component>.engine`` (+ ``.engine.json``) built by
 scripts/build_engine.py. Sizes are always reported. Latency needs a CUDA GPU and a TensorRT runtime:
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             results[label]["network_layers"] = net["num_layers"]
             results[label]["gemm_layers"] = net["quantized"]["total"] + net["quantized"]["float"]
             results[label]["quantized"] = net["summary"]
+            results[label]["layer_origins"] = net.get("layer_origins", {})
     base = results[args.baseline or next(iter(results))] if results else None
     if args.baseline is not None and args.baseline not in results:
         log.error("--baseline %s is not one of the variants %s", args.baseline, list(results))
@@ -140,13 +142,25 @@ def main(argv: list[str] | None = None) -> int:
         return f"{r[key] / base[key]:.2f}x"
 
     rows = [
-        ("variant", "network layers", "vs base", "Conv/MatMul", "engine MB", "vs base", f"{args.component} ms/call")
+        (
+            "variant",
+            "network layers",
+            "vs base",
+            "parser-added",
+            "attention",
+            "Conv/MatMul",
+            "engine MB",
+            "vs base",
+            f"{args.component} ms/call",
+        )
     ]
     rows += [
         (
             label,
             str(r.get("network_layers", "-")),
             ratio(r, "network_layers"),
+            str(r.get("layer_origins", {}).get("parser", "-")),
+            str(r.get("layer_origins", {}).get("attention", "-")),
             str(r.get("gemm_layers", "-")),
             f"{r['engine_mb']:.2f}",
             ratio(r, "engine_mb"),

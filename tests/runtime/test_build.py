@@ -501,3 +501,18 @@ def test_unsupported_majors_are_named_with_what_to_install():
     assert "JetPack 6" in build.unsupported_tensorrt("tensorrt", "8.5.2")
     assert "install tensorrt-rtx>=1.0,<2" in build.unsupported_tensorrt("tensorrt_rtx", "2.0")
     assert "major version cannot be read" in build.unsupported_tensorrt("tensorrt", "dev")
+
+
+def test_network_layers_are_told_apart_by_origin():
+    from runtime.engine_report import _origin
+
+    assert (
+        _origin("ONNXTRT_castHelper_12")
+        == _origin("tmp_weight_3")
+        == _origin("(Unnamed Layer* 5) [Constant]")
+        == "parser"
+    )
+    attn = "/unet/down_blocks.0/attentions.0/transformer_blocks.0/attn1/"
+    assert _origin(attn + "Softmax") == _origin(attn + "q_quant/QuantizeLinear") == "attention"
+    assert _origin(attn + "to_q/MatMul") == _origin(attn + "to_out.0/MatMul") == "graph"
+    assert _origin("/unet/down_blocks.0/resnets.0/conv1/Conv") == _origin("/unet/attn_like/Conv") == "graph"
