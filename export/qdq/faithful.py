@@ -25,8 +25,10 @@ from export.qdq.ops import (
     Slotted,
     WeightDQ,
     as_dtype,
+    at_slot_along,
     f32,
     integer_weight,
+    unit_grid,
     zp_dtype,
 )
 
@@ -44,6 +46,12 @@ class FaithfulActQuant(Slotted):
                 "outlier_bits); export this recipe with --target tensorrt"
             )
         self.key, self.layout, self.bits = plan.key, plan.layout, plan.bits
+        # a folded tensorrt-profile input: round(x * m[step]) * s[step], as the simulator computes it
+        self.unit_domain = plan.unit_domain
+        if self.unit_domain:
+            self.register_buffer("unit_mult", plan.unit_multiplier)
+            self.register_buffer("unit_scale", plan.unit_scale[:, None].contiguous())
+            self.unit_qmin, self.unit_qmax = plan.slots[0].grid.qmin, plan.slots[0].grid.qmax
         self.folded = plan.fold is not None  # quantizes (x - centre) * (1 / scale); the layer carries the fold
         if self.folded:
             self.register_buffer("fold_inverse", plan.fold.inverse)
@@ -105,6 +113,12 @@ class FaithfulActQuant(Slotted):
 
     def _forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         x32 = f32(x)
+        if self.unit_domain:  # dgq.simulate.ActFakeQuant._unit_domain, op for op
+            dim = 1 if self.layout == "conv" else x32.ndim - 1
+            u = unit_grid(
+                x32 * at_slot_along(self.unit_mult, self.n_slots, slot, x32.ndim, dim), self.unit_qmin, self.unit_qmax
+            )
+            return as_dtype(u * at_slot_along(self.unit_scale, self.n_slots, slot, x32.ndim, None), x.dtype)
         if self.folded:  # dgq.plan.Fold.normalize, op for op
             if self.fold_centre is not None:
                 x32 = x32 - self.fold_centre

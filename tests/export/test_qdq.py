@@ -115,6 +115,8 @@ def recipes(tiny_pipe, stats):
         "tensorrt_branches": mk(groups=4, profile="tensorrt", outlier_bits=16, fold_groups=False),
         # folded at 6 bits with the outlier group quantized on its own 8-bit grid
         "tensorrt_a6_o8": mk(groups=4, profile="tensorrt", outlier_bits=8, abits=6),
+        # no outlier group: every group folded; the faithful target takes it too
+        "tensorrt_no_outliers": mk(groups=4, profile="tensorrt"),
         "tensorrt_w4": mk(groups=4, profile="tensorrt", outlier_bits=16, wbits=4),
         "faithful_w4": mk(groups=8, wbits=4, weight_granularity="block", weight_block=32),
     }
@@ -178,6 +180,16 @@ def test_faithful_lowering_is_the_simulator_exactly(tiny_pipe, recipes, name):
     quants = [m for m in low.module.modules() if isinstance(m, FaithfulActQuant)]
     assert any(any(q.shift.values()) for q in quants)
     assert {k for q in quants for k in q.kinds} >= {"channel", "pixel"}
+    for slot, ref, got in every_step(sim, low, recipe):
+        assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
+
+
+def test_faithful_target_runs_a_folded_tensorrt_recipe_as_the_simulator_exactly(tiny_pipe, recipes):
+    """A tensorrt-profile recipe without an outlier group, its channel groups folded, on the faithful
+    target: the folded inputs are quantized as the simulator does, round(x * m[step]) * s[step]."""
+    recipe = recipes["tensorrt_no_outliers"]
+    sim, low = simulator_and_lowering(tiny_pipe.unet, recipe, "faithful")
+    assert any(m.unit_domain for m in low.module.modules() if isinstance(m, FaithfulActQuant))
     for slot, ref, got in every_step(sim, low, recipe):
         assert torch.equal(ref, got), f"slot {slot}: max diff {(ref - got).abs().max()}"
 
