@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             results[label]["gemm_layers"] = net["quantized"]["total"] + net["quantized"]["float"]
             results[label]["quantized"] = net["summary"]
             results[label]["layer_origins"] = net.get("layer_origins", {})
-    base = results[args.baseline or next(iter(results))] if results else None
     if args.baseline is not None and args.baseline not in results:
         log.error("--baseline %s is not one of the variants %s", args.baseline, list(results))
         return 2
+    base = results[args.baseline or next(iter(results))]
 
     from runtime.runners import tensorrt_available
 
