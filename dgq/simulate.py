@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.plan import ActPlan, LayerPlan, ProbsPlan, QuantPlan, build_plan
-from dgq.quant import along, axis_dim, fake_log2_quantize, fake_quantize_affine, quant_view
+from dgq.quant import CHANNEL, along, axis_dim, fake_log2_quantize, fake_quantize_affine, quant_view
 from dgq.recipe import Recipe, RecipeError
 from dgq.sites import set_module
 
@@ -69,7 +69,7 @@ class ActFakeQuant:
         on the folded channels; the outlier channels as ``plan_act`` keeps them."""
         p = self.plan
         i = slot if p.n_slots > 1 else 0
-        dim = 1 if self.layout == "conv" else x.ndim - 1
+        dim = axis_dim(self.layout, CHANNEL, x.ndim)
         x = x.float()
         g = sp.grid
         q = torch.clamp(torch.round(x * along(p.unit_multiplier[i], x.ndim, dim)), g.qmin, g.qmax)

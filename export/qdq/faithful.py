@@ -16,7 +16,7 @@ from torch import nn
 
 from dgq.attention import StepContext
 from dgq.plan import ActPlan, LayerPlan
-from dgq.quant import LAYER, along, axis_dim, quant_view
+from dgq.quant import CHANNEL, LAYER, along, axis_dim, quant_view
 from export.qdq.ops import (
     QDQ,
     LoweredLayer,
@@ -25,10 +25,9 @@ from export.qdq.ops import (
     Slotted,
     WeightDQ,
     as_dtype,
-    at_slot_along,
     f32,
     integer_weight,
-    unit_grid,
+    unit_quantize,
     zp_dtype,
 )
 
@@ -113,12 +112,12 @@ class FaithfulActQuant(Slotted):
 
     def _forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         x32 = f32(x)
-        if self.unit_domain:  # dgq.simulate.ActFakeQuant._unit_domain, op for op
-            dim = 1 if self.layout == "conv" else x32.ndim - 1
-            u = unit_grid(
-                x32 * at_slot_along(self.unit_mult, self.n_slots, slot, x32.ndim, dim), self.unit_qmin, self.unit_qmax
+        if self.unit_domain:
+            dim = axis_dim(self.layout, CHANNEL, x32.ndim)
+            u, s = unit_quantize(
+                x32, self.unit_mult, self.unit_scale, self.n_slots, slot, dim, self.unit_qmin, self.unit_qmax
             )
-            return as_dtype(u * at_slot_along(self.unit_scale, self.n_slots, slot, x32.ndim, None), x.dtype)
+            return as_dtype(u * s, x.dtype)
         if self.folded:  # dgq.plan.Fold.normalize, op for op
             if self.fold_centre is not None:
                 x32 = x32 - self.fold_centre

@@ -115,6 +115,16 @@ def at_slot_along(table: torch.Tensor, n_slots: int, slot, ndim: int, dim: int |
     return at_slot(table.reshape(n_slots, *shape), n_slots, slot)
 
 
+def unit_quantize(
+    x: torch.Tensor, mult: torch.Tensor, scale: torch.Tensor, n_slots: int, slot, dim: int, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A folded ``tensorrt``-profile input (``ActPlan.unit_domain``): ``(Q/DQ(x * m[step]) on the unit
+    grid, s[step])`` from the ``(S, C)`` multiplier and ``(S, 1)`` scale tables, ``m`` along ``dim``;
+    the simulator's ``ActFakeQuant._unit_domain`` op for op (times ``s``)."""
+    m = at_slot_along(mult, n_slots, slot, x.ndim, dim)
+    return unit_grid(x * m, qmin, qmax), at_slot_along(scale, n_slots, slot, x.ndim, None)
+
+
 def _same(a, b) -> bool:
     return a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
 

@@ -32,6 +32,7 @@ from export.qdq.ops import (
     f32,
     integer_weight,
     unit_grid,
+    unit_quantize,
 )
 
 
@@ -260,15 +261,13 @@ class FoldedActQuant(Slotted):
                 self.oqmin, self.oqmax = first.outlier.qmin, first.outlier.qmax
 
     def _dim(self, x: torch.Tensor) -> int:
-        return 1 if self.layout == "conv" else x.ndim - 1
+        return axis_dim(self.layout, CHANNEL, x.ndim)
 
-    def unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.memo("unit", x, slot, lambda: self._unit_domain(x, slot))
+    def unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
+        def compute():
+            return unit_quantize(f32(x), self.mult, self.scale, self.n_slots, slot, self._dim(x), self.qmin, self.qmax)
 
-    def _unit_domain(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
-        x = f32(x)
-        m = at_slot_along(self.mult, self.n_slots, slot, x.ndim, self._dim(x))
-        return unit_grid(x * m, self.qmin, self.qmax), at_slot_along(self.scale, self.n_slots, slot, x.ndim, None)
+        return self.memo("unit", x, slot, compute)
 
     def outliers(self, x: torch.Tensor, slot) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.outlier_index is None:
