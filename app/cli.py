@@ -234,20 +234,33 @@ def _add_quickstart(sub) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from common.fsutil import claim_output
+    from dgq import distributed
+    from dgq.device import resolve_device
     from dgq.recipe import is_recipe_file
 
-    # Claimed before the work: an existing output is refused now, not after calibrating, and a second
-    # run to the same file fails at once instead of replacing this one's recipe.
-    with claim_output(args.out, args.overwrite, is_recipe_file, "recipe", parents=False):
-        return _calibrate_into(args)
+    device = resolve_device(args.device)
+    # Launched as several processes (torchrun / accelerate launch): each runs its share of the
+    # batches; rank 0 claims, searches and writes.
+    # (A process that fails exits; the launcher then stops the others.)
+    shard = distributed.init(device)
+    if not shard.is_main:
+        status = _calibrate_into(args, device)
+    else:
+        # Claimed before the work: an existing output is refused now, not after calibrating, and a
+        # second run to the same file fails at once instead of replacing this one's recipe.
+        with claim_output(args.out, args.overwrite, is_recipe_file, "recipe", parents=False):
+            status = _calibrate_into(args, device)
+    distributed.finish()
+    return status
 
 
-def _calibrate_into(args: argparse.Namespace) -> int:
+def _calibrate_into(args: argparse.Namespace, device) -> int:
     import time
 
-    from dgq import zoo
+    from dgq import distributed, zoo
     from dgq.calibrate import calibrate
     from dgq.config import preset
+    from dgq.device import place, resolve_dtype
     from dgq.prompts import calibration_prompts
     from dgq.summary import recipe_summary
 
@@ -278,7 +291,7 @@ def _calibrate_into(args: argparse.Namespace) -> int:
         raise ValueError("--no-fold-groups applies to --profile tensorrt (the profile with channel-group branches)")
     model = args.model or zoo.DEFAULT_MODEL
     prompts = calibration_prompts(model, args.num_prompts, args.prompts)
-    pipe = zoo.load_pipeline(model, seed=args.seed)
+    pipe = place(zoo.load_pipeline(model, seed=args.seed), device, resolve_dtype(args.dtype))
     t0 = time.perf_counter()
     recipe = calibrate(
         pipe,
@@ -289,10 +302,13 @@ def _calibrate_into(args: argparse.Namespace) -> int:
         size=args.size,
         batch_size=args.batch_size,
     )
+    if not distributed.current().is_main:
+        return 0
+    # No wall-clock time in the recipe: the same inputs give the same bytes, however many processes.
     recipe.meta["model_spec"] = model
-    recipe.meta["calibration_seconds"] = round(time.perf_counter() - t0, 1)
     recipe.save(args.out, overwrite=args.overwrite)
     sys.stdout.write(recipe_summary(recipe, top=5) + "\n")
+    sys.stdout.write(f"calibrated in {time.perf_counter() - t0:.1f} s on {distributed.current().world} process(es)\n")
     sys.stdout.write(f"recipe: {args.out}\n")
     return 0
 
@@ -305,7 +321,10 @@ def _add_calibrate(sub) -> None:
         help="calibrate a UNet with DGQ (or a baseline) and write a recipe",
         description="Run the float pipeline on calibration prompts, collect per-timestep activation "
         "statistics, search DGQ groups, and write the recipe (safetensors + JSON header). Options left "
-        "unset keep the preset's value.",
+        "unset keep the preset's value. Several processes or GPUs share one calibration when launched "
+        "with torchrun or accelerate launch (e.g. `accelerate launch --multi_gpu --num_processes 8 -m "
+        "app.cli calibrate ...`): each runs its share of the prompt batches, the statistics merge "
+        "exactly, and the recipe equals a single process's.",
     )
     _add_model_arg(p)
     p.add_argument("--out", type=Path, required=True, help="recipe file to write (.safetensors)")
@@ -367,8 +386,11 @@ def _add_calibrate(sub) -> None:
         "--batch-size",
         type=argtypes.integer(1, why="a pipeline call takes one prompt at least"),
         default=8,
-        help="prompts per pipeline call (default 8)",
+        help="prompts per pipeline call (default 8); several processes share the calls",
     )
+    from dgq.device import add_arguments as add_device_arguments
+
+    add_device_arguments(p, "the float pipeline")
     p.set_defaults(func=_calibrate)
 
 
@@ -510,19 +532,15 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
         log.error("%s", err)
         return 2
     except (MemoryError, RuntimeError) as err:
-        if not _out_of_memory(err):
+        from dgq.device import is_out_of_memory
+
+        if not is_out_of_memory(err):
             raise
         log.error(
             "out of memory: %s (a smaller --size, --num-images or --batch-size needs less)",
             str(err).strip().splitlines()[-1][:200] or type(err).__name__,
         )
         return 2
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """A failed allocation: MemoryError, torch's CPU allocator or CUDA out of memory."""
-    text = str(err)
-    return isinstance(err, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def main(argv: list[str] | None = None) -> int:

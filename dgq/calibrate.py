@@ -21,8 +21,11 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from common.constants import DEFAULT_GUIDANCE
+from common.errors import DGQError
+from dgq import distributed
 from dgq.attention import DGQAttnProcessor, StepContext
 from dgq.config import QuantConfig
+from dgq.device import describe, is_out_of_memory
 from dgq.fingerprint import model_identity
 from dgq.plan import site_fold
 from dgq.quant import (
@@ -31,6 +34,7 @@ from dgq.quant import (
     AxisStats,
     affine_params_from_range,
     along,
+    axis_lengths,
     group_ranges,
     kmeans_groups,
     minmax_range,
@@ -45,6 +49,10 @@ from dgq.sites import CONV, LINEAR, QKV, attention_sites, layer_sites
 log = logging.getLogger(__name__)
 
 
+class CalibrationError(DGQError, RuntimeError):
+    """Calibration cannot go on: a non-finite activation, or out of memory (the message names the site)."""
+
+
 def _run_prompts(
     pipe: DiffusionPipeline,
     prompts: Sequence[str],
@@ -57,13 +65,17 @@ def _run_prompts(
     desc: str,
 ) -> None:
     """Run the pipeline on ``prompts`` for its hooks' sake (latents discarded): prompt ``i`` gets noise
-    seed ``seed + i``, ``batch_size`` prompts per call, the pipeline's own progress bar restored."""
+    seed ``seed + i``, ``batch_size`` prompts per call, the pipeline's own progress bar restored.
+
+    Under several processes (``dgq.distributed``) each runs its share of the same batches."""
     was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    shard = distributed.current()
+    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+    batches = shard.take(batches, f"batches of {batch_size} prompts")
     try:
         pipe.set_progress_bar_config(disable=True)
-        batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
         with torch.inference_mode():
-            for idx in tqdm(batches, desc=desc, disable=not progress):
+            for idx in tqdm(batches, desc=desc, disable=not (progress and shard.is_main)):
                 pipe(
                     [prompts[i] for i in idx],
                     num_inference_steps=steps,
@@ -77,19 +89,33 @@ def _run_prompts(
         pipe.set_progress_bar_config(disable=was_disabled)
 
 
+class _NonFinite(Exception):
+    """An observer's input had NaN or Inf (turned into a :class:`CalibrationError` naming the timestep)."""
+
+    def __init__(self, site: str, slot: int) -> None:
+        super().__init__(site, slot)
+        self.site, self.slot = site, slot
+
+
 class ActObserver:
     """Streams :class:`AxisStats` per timestep slot for one activation site; returns its input."""
 
-    def __init__(self, layout: str) -> None:
+    def __init__(self, layout: str, site: str = "") -> None:
         self.layout = layout
+        self.site = site
         self.stats: dict[int, AxisStats] = {}
 
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         grouping_layout = "conv" if self.layout == CONV else "linear"
-        if slot in self.stats:
-            self.stats[slot].update(x)
-        else:
-            self.stats[slot] = AxisStats.from_batch(x, grouping_layout)
+        try:
+            if slot in self.stats:
+                self.stats[slot].update(x)
+            else:
+                self.stats[slot] = AxisStats.from_batch(x, grouping_layout)
+        except ValueError:
+            if not bool(torch.isfinite(x).all()):
+                raise _NonFinite(self.site, slot) from None
+            raise
         return x
 
 
@@ -200,7 +226,7 @@ def weight_quant(weight: torch.Tensor, kind: str, config: QuantConfig) -> Weight
         zp = torch.zeros_like(scale)
     else:
         scale, zp = affine_params_from_range(lo, hi, config.wbits, include_zero=True)
-    return WeightQuant(config.wbits, granularity, block, sym, scale, zp)
+    return WeightQuant(config.wbits, granularity, block, sym, scale.cpu(), zp.cpu())
 
 
 # ---------------------------------------------------------------------------- the session
@@ -213,9 +239,9 @@ class KeyObserver:
     statistics without token 0, ``bos`` those of token 0 alone; ``with_bos`` puts them together.
     """
 
-    def __init__(self) -> None:
-        self.rest = ActObserver(QKV)
-        self.bos = ActObserver(QKV)
+    def __init__(self, site: str = "") -> None:
+        self.rest = ActObserver(QKV, site)
+        self.bos = ActObserver(QKV, site)
 
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         self.bos(x[:, :1], slot)
@@ -251,6 +277,60 @@ class ProbsMaxObserver:
         body = p[..., 1:] if self.is_cross else p
         self.max_no_bos[slot] = max(self.max_no_bos.get(slot, 0.0), float(body.amax()))
         return p
+
+
+def _cpu(stats: AxisStats) -> AxisStats:
+    move = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return dataclasses.replace(
+        stats,
+        channel_amin=move(stats.channel_amin),
+        channel_amax=move(stats.channel_amax),
+        pixel_amin=move(stats.pixel_amin),
+        pixel_amax=move(stats.pixel_amax),
+    )
+
+
+def _observers(layer_obs: dict[str, ActObserver], qkv: dict[str, dict[str, object]]) -> list[ActObserver]:
+    """Every activation observer of one pass, in a fixed order (the same in every process)."""
+    out = list(layer_obs.values())
+    for o in qkv.values():
+        out += [o["q"], o["k"].rest, o["k"].bos, o["v"]]
+    return out
+
+
+def _reduce_statistics(table: _SlotTable, observers: list[ActObserver], probs: list[ProbsMaxObserver]) -> None:
+    """Merge the statistics of every process into each (``dgq.distributed``): min of the minima, max of
+    the maxima, sum of the sample counts. Exact, so the result is what one process that ran every batch
+    would hold. A no-op for one process."""
+    if distributed.current().world == 1:
+        return
+    distributed.agree(table.values, "timesteps")
+    entries = [(obs, slot) for obs in observers for slot in sorted(obs.stats)]
+    distributed.agree(
+        [
+            (obs.site, slot, st.ndim, st.channel_amin.numel(), None if st.pixel_amin is None else st.pixel_amin.numel())
+            for obs, slot in entries
+            for st in [obs.stats[slot]]
+        ],
+        "sites or shapes",
+    )
+    fields = [("channel_amin", "min"), ("pixel_amin", "min"), ("channel_amax", "max"), ("pixel_amax", "max")]
+    for name, op in fields:
+        held = [(obs.stats[slot], getattr(obs.stats[slot], name)) for obs, slot in entries]
+        held = [(st, t) for st, t in held if t is not None]
+        for (st, _), merged in zip(held, distributed.all_reduce([t for _, t in held], op), strict=True):
+            setattr(st, name, merged)
+    counts = distributed.all_reduce([torch.tensor([obs.stats[slot].samples]) for obs, slot in entries], "sum")
+    for (obs, slot), n in zip(entries, counts, strict=True):
+        obs.stats[slot].samples = int(n)
+    n_slots = len(table.values)
+    for key in ("max_all", "max_no_bos"):
+        # float(amax) of float32 data: exactly representable in float64, so the max is exact
+        values = distributed.all_reduce(
+            [torch.tensor([getattr(p, key)[s] for s in range(n_slots)], dtype=torch.float64) for p in probs], "max"
+        )
+        for p, v in zip(probs, values, strict=True):
+            setattr(p, key, {s: float(v[s]) for s in range(n_slots)})
 
 
 @dataclass
@@ -300,17 +380,27 @@ def collect_statistics(
     table = _SlotTable()
     layers = layer_sites(unet, everything)
     attns = attention_sites(unet, everything)
-    layer_obs = {s.name: ActObserver(s.kind) for s in layers}
-    qkv = {a.name: {"q": ActObserver(QKV), "k": KeyObserver(), "v": ActObserver(QKV)} for a in attns}
+    layer_obs = {s.name: ActObserver(s.kind, s.name) for s in layers}
+    qkv = {
+        a.name: {
+            "q": ActObserver(QKV, f"{a.name} q"),
+            "k": KeyObserver(f"{a.name} k"),
+            "v": ActObserver(QKV, f"{a.name} v"),
+        }
+        for a in attns
+    }
     probs = {a.name: ProbsMaxObserver(a.is_cross) for a in attns}
+    where = {"site": None}
+
+    def observe(m, args, obs):
+        where["site"] = obs.site
+        return (obs(args[0], ctx.current()),)
 
     hooks = [slot_hook(unet, ctx, table)]
     for s in layers:
         obs = layer_obs[s.name]
         hooks.append(
-            unet.get_submodule(s.name).register_forward_pre_hook(
-                lambda m, args, obs=obs: (obs(args[0], ctx.current()),)
-            )
+            unet.get_submodule(s.name).register_forward_pre_hook(lambda m, args, obs=obs: observe(m, args, obs))
         )
     original = dict(unet.attn_processors)
     procs = dict(original)
@@ -318,14 +408,35 @@ def collect_statistics(
         o = qkv[a.name]
         procs[f"{a.name}.processor"] = DGQAttnProcessor(ctx, q=o["q"], k=o["k"], v=o["v"], probs=probs[a.name])
     unet.set_attn_processor(procs)
+    param = next(unet.parameters())
     try:
         _run_prompts(
             pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress, "calibration batches"
         )
+    except _NonFinite as err:
+        t = table.values[err.slot]
+        raise CalibrationError(
+            f"{err.site}: NaN or Inf in its input at timestep {t:g} (step {err.slot + 1} of {num_inference_steps}); "
+            f"the {str(param.dtype).removeprefix('torch.')} model overflows there"
+            + (" (float16's range is small: --dtype bfloat16 or float32)" if param.dtype == torch.float16 else "")
+            + "; nothing was written"
+        ) from None
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise CalibrationError(
+            f"out of memory on {param.device} at {where['site'] or 'the first layer'} "
+            f"({batch_size} prompts per call at {size} px): fewer prompts per call (--batch-size), "
+            "--dtype float16/bfloat16 on a GPU, or a smaller --size; nothing was written"
+        ) from err
     finally:
         for h in hooks:
             h.remove()
         unet.set_attn_processor(original)
+    observers = _observers(layer_obs, qkv)
+    for obs in observers:  # the statistics live on the CPU from here (the search and the recipe do)
+        obs.stats = {slot: _cpu(st) for slot, st in obs.stats.items()}
+    _reduce_statistics(table, observers, list(probs.values()))
     log.info(
         "collected statistics of %d layers and %d attention blocks over %d timestep slots in %.1f s",
         len(layers),
@@ -340,6 +451,7 @@ def collect_statistics(
         "size": size,
         "seed": seed,
         "scheduler": type(pipe.scheduler).__name__,
+        **describe(param.device, param.dtype),
         "versions": {
             "torch": torch.__version__.split("+")[0],
             "diffusers": diffusers.__version__,
@@ -354,6 +466,91 @@ def collect_statistics(
         probs,
         meta,
     )
+
+
+def statistics_bytes(stats: CalibrationStats) -> int:
+    """Bytes of the activation statistics ``stats`` holds (float32 min/max vectors per site and slot,
+    two maxima per attention block and slot)."""
+    held = sum(st.nbytes for _, per_slot in stats.layers.values() for st in per_slot.values())
+    for o in stats.qkv.values():
+        for obs in (o["q"], o["k"].rest, o["k"].bos, o["v"]):
+            held += sum(st.nbytes for st in obs.stats.values())
+    return held + 16 * len(stats.probs) * len(stats.slots)
+
+
+class _ShapeObserver:
+    """Counts the float32 elements an :class:`ActObserver` would keep for its input, from the shape."""
+
+    def __init__(self, layout: str) -> None:
+        self.layout = "conv" if layout == CONV else "linear"
+        self.elements = 0
+
+    def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        c, n = axis_lengths(tuple(x.shape), self.layout)
+        self.elements = 2 * (c + (n or 0))
+        return x
+
+
+class _ShapeKeyObserver:
+    def __init__(self) -> None:
+        self.rest, self.bos = _ShapeObserver(QKV), _ShapeObserver(QKV)
+
+    def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        self.bos(x[:, :1], slot)
+        self.rest(x[:, 1:], slot)
+        return x
+
+
+def statistics_footprint(unet: torch.nn.Module, latent_size: int, text_tokens: int = 77) -> dict[str, int]:
+    """What :func:`collect_statistics` keeps per timestep slot for ``unet`` at ``latent_size``, from one
+    UNet call's shapes: ``{"bytes_per_slot", "sites"}``. ``unet`` may live on the ``meta`` device (no
+    weights, no compute: the arithmetic for models that do not fit), and the result is exact: the same
+    hooks and attention processor as calibration, counting instead of observing. Multiply by the number
+    of steps for a calibration's total; it does not depend on the number of prompts."""
+    cfg = unet.config
+    everything = QuantConfig(keep_float=())
+    ctx = StepContext()
+    ctx.slot = 0
+    layers = layer_sites(unet, everything)
+    attns = attention_sites(unet, everything)
+    layer_obs = [_ShapeObserver(s.kind) for s in layers]
+    qkv = {a.name: (_ShapeObserver(QKV), _ShapeKeyObserver(), _ShapeObserver(QKV)) for a in attns}
+    hooks = [
+        unet.get_submodule(s.name).register_forward_pre_hook(lambda m, args, obs=obs: (obs(args[0], 0),))
+        for s, obs in zip(layers, layer_obs, strict=True)
+    ]
+    original = dict(unet.attn_processors)
+    procs = dict(original)
+    for a in attns:
+        q, k, v = qkv[a.name]
+        procs[f"{a.name}.processor"] = DGQAttnProcessor(ctx, q=q, k=k, v=v)
+    unet.set_attn_processor(procs)
+    param = next(unet.parameters())
+    kw = dict(device=param.device, dtype=param.dtype)
+    extra = {}
+    if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text and size conditioning
+        n_time = 6
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(
+                1, cfg.projection_class_embeddings_input_dim - n_time * cfg.addition_time_embed_dim, **kw
+            ),
+            "time_ids": torch.zeros(1, n_time, **kw),
+        }
+    try:
+        with torch.inference_mode():
+            unet(
+                torch.zeros(1, cfg.in_channels, latent_size, latent_size, **kw),
+                torch.tensor(1, device=param.device),
+                encoder_hidden_states=torch.zeros(1, text_tokens, cfg.cross_attention_dim, **kw),
+                **extra,
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+        unet.set_attn_processor(original)
+    elements = sum(o.elements for o in layer_obs)
+    elements += sum(q.elements + k.rest.elements + k.bos.elements + v.elements for q, k, v in qkv.values())
+    return {"bytes_per_slot": 4 * elements + 16 * len(attns), "sites": len(layers) + 3 * len(attns)}
 
 
 def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantConfig, progress: bool = True) -> Recipe:
@@ -409,8 +606,8 @@ class _OutputObserver:
 
     def __call__(self, branch: int, y: torch.Tensor, slot: int) -> None:
         y = y.detach().float()
-        self.lo[slot, branch] = torch.minimum(self.lo[slot, branch], y.amin((0, 2, 3)))
-        self.hi[slot, branch] = torch.maximum(self.hi[slot, branch], y.amax((0, 2, 3)))
+        self.lo[slot, branch] = torch.minimum(self.lo[slot, branch], y.amin((0, 2, 3)).cpu())
+        self.hi[slot, branch] = torch.maximum(self.hi[slot, branch], y.amax((0, 2, 3)).cpu())
         self.seen[slot, branch] = True
 
     def output_quant(self, normalize: bool) -> OutputQuant:
@@ -477,11 +674,20 @@ def calibrate_outputs(
         outputs={},
         meta=dict(recipe.meta),
     )
+    names = sorted(observers)
+    distributed.agree(names, "output sites")
+    for attr, op in (("lo", "min"), ("hi", "max")):
+        merged = distributed.all_reduce([getattr(observers[n], attr) for n in names], op)
+        for n, t in zip(names, merged, strict=True):
+            setattr(observers[n], attr, t)
+    seen = distributed.all_reduce([observers[n].seen.to(torch.uint8) for n in names], "max")
+    for n, t in zip(names, seen, strict=True):
+        observers[n].seen = t.bool()
     for name, obs in observers.items():
         if not obs.seen.any(dim=1).all():
             raise RuntimeError(f"{name}: no output observed in some timestep slots; generate with the calibrated steps")
         out.outputs[name] = obs.output_quant(normalize=recipe.config.normalizes_outputs)
-    out.meta["output_calibration"] = {"prompts": len(prompts), "seconds": round(time.perf_counter() - t0, 1)}
+    out.meta["output_calibration"] = {"prompts": len(prompts)}
     log.info("observed the outputs of %d convs in %.1f s", len(observers), time.perf_counter() - t0)
     return out
 
@@ -497,10 +703,17 @@ def calibrate(
     batch_size: int = 8,
     progress: bool = True,
 ) -> Recipe:
-    """Calibrate ``pipe.unet`` with DGQ on ``prompts``: :func:`collect_statistics` then :func:`build_recipe`."""
+    """Calibrate ``pipe.unet`` with DGQ on ``prompts``: :func:`collect_statistics` then :func:`build_recipe`.
+
+    Runs where ``pipe`` is (``dgq.device.place``); the recipe is on the CPU, in float32. Under several
+    processes (``torchrun`` / ``accelerate launch``, ``dgq.distributed``) each runs its share of the
+    prompt batches, the statistics merge exactly, rank 0 searches and every process gets its recipe."""
     t0 = time.perf_counter()
     stats = collect_statistics(pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress)
-    recipe = build_recipe(stats, pipe.unet, config, progress)
+    # Under several processes the statistics are already merged: one searches, every one gets the recipe.
+    shard = distributed.current()
+    recipe = build_recipe(stats, pipe.unet, config, progress) if shard.is_main else None
+    recipe = distributed.broadcast_object(recipe)
     if config.profile == "onnxruntime":
         recipe = calibrate_outputs(
             pipe, recipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress

@@ -14,6 +14,7 @@ another model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -153,7 +154,10 @@ class Recipe:
 
     def check_model(self, unet: torch.nn.Module) -> None:
         """Raise :class:`RecipeError` when ``unet`` is not the model this recipe was made for."""
-        ident = model_identity(unet)
+        # A recipe calibrated on a float16/bfloat16 cast names that dtype: ``unet`` matches when its
+        # weights, cast to it, are the ones calibrated.
+        dtype = self.model.get("dtype")
+        ident = model_identity(unet, getattr(torch, dtype) if dtype in ("float16", "bfloat16") else None)
         if ident["config_hash"] != self.model["config_hash"]:
             raise RecipeError(
                 f"this recipe was made for another model architecture ({self.model['class']} with config hash "
@@ -164,6 +168,34 @@ class Recipe:
                 "this recipe was made for the same architecture with other weights "
                 f"(weights hash {self.model['weights_hash'][:12]} vs {ident['weights_hash'][:12]}); recalibrate"
             )
+
+    def to(self, device: torch.device | str) -> Recipe:
+        """A copy with every tensor on ``device`` (the simulator runs where the UNet is); ``self`` when
+        they are there already."""
+        device = torch.device(device)
+        held = [
+            *(t for a in self.acts.values() for t in (*a.group_index, *a.ranges)),
+            *(p.static_max for p in self.probs.values()),
+            *(t for w in self.weights.values() for t in (w.scale, w.zero_point)),
+            *(t for o in self.outputs.values() for t in (o.ranges, o.channel_scale)),
+        ]
+        if all(t.device == device for t in held if t is not None):
+            return self
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            acts={
+                k: dataclasses.replace(a, group_index=[mv(g) for g in a.group_index], ranges=[mv(r) for r in a.ranges])
+                for k, a in self.acts.items()
+            },
+            probs={k: ProbsQuant(mv(p.static_max)) for k, p in self.probs.items()},
+            weights={
+                k: dataclasses.replace(w, scale=mv(w.scale), zero_point=mv(w.zero_point))
+                for k, w in self.weights.items()
+            },
+            outputs={k: OutputQuant(mv(o.ranges), mv(o.channel_scale)) for k, o in self.outputs.items()},
+            meta=dict(self.meta),
+        )
 
     # ---- serialization ------------------------------------------------------------------------
 

@@ -288,6 +288,7 @@ def apply_recipe(
     the layer's plan has per slot)."""
     if check_model:
         recipe.check_model(unet)
+    recipe = recipe.to(next(unet.parameters()).device)
     plan = build_plan(unet, recipe, output_required=observe_outputs is None)
     ctx = StepContext()
     handle = SimulationHandle(unet)

@@ -122,6 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="largest number of images per call in the profiles (default 4)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for random-weight zoo models (default 0)")
+    from dgq.device import add_arguments as add_device_arguments
+
+    add_device_arguments(p, "the calibration without --recipe (the graphs are traced on the CPU in float32)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,7 +139,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import torch
+
     from dgq import zoo
+    from dgq.device import place, resolve_device, resolve_dtype
     from export.qdq_export import INT4_OPSET, export_onnx
 
     out = Path(args.out)
@@ -157,10 +163,18 @@ def _export(args: argparse.Namespace) -> int:
             f"and the faithful target's INT16 zero points need opset {INT4_OPSET} (leave --opset out)"
         )
     model = args.model or zoo.DEFAULT_MODEL
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     pipe = zoo.load_pipeline(model, seed=args.seed)
     pipe.set_progress_bar_config(disable=True)
     if args.target != "float" and recipe is None:
-        recipe = _calibrate(pipe, model, args)
+        recipe = _calibrate(place(pipe, device, dtype), model, args)
+        # The graphs are traced on the CPU in float32: back from the device, or reloaded when the
+        # calibration cast the weights (a cast back would export rounded weights).
+        if dtype == torch.float32:
+            pipe.to("cpu")
+        else:
+            pipe = zoo.load_pipeline(model, seed=args.seed)
+            pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
     summary = export_onnx(
         pipe,

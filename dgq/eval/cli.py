@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common import argtypes
 from common.constants import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from dgq.device import add_arguments as add_device_arguments
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-judge", action="store_true", help="skip judge accuracy and label flips")
     p.add_argument("--no-noise", action="store_true", help="skip per-step noise-prediction metrics")
     p.add_argument("--out", type=Path, default=Path("outputs/eval"), help="output folder (default outputs/eval)")
+    add_device_arguments(p, "both pipelines")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from dgq import zoo
+    from dgq.device import place, resolve_device, resolve_dtype
     from dgq.eval.data import default_prompts, real_images
     from dgq.eval.yardstick import YardstickConfig, evaluate, format_table, write_report
 
@@ -104,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     prompts = default_prompts(args.num_prompts)
-    reference = zoo.load_pipeline(args.model, seed=args.seed)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    reference = place(zoo.load_pipeline(args.model, seed=args.seed), device, dtype)
     if args.recipe is not None:
         from dgq.recipe import load
         from dgq.simulate import simulate
@@ -112,7 +116,11 @@ def run(args: argparse.Namespace) -> int:
         candidate = simulate(reference, load(args.recipe))
         args.candidate = f"recipe {args.recipe}"
     else:
-        candidate = reference if args.candidate == SAME else zoo.load_pipeline(args.candidate, seed=args.seed)
+        candidate = (
+            reference
+            if args.candidate == SAME
+            else place(zoo.load_pipeline(args.candidate, seed=args.seed), device, dtype)
+        )
     for pipe in {id(reference): reference, id(candidate): candidate}.values():
         pipe.set_progress_bar_config(disable=True)  # one bar for the whole run, not one per image batch
     real = real_images(args.num_real)[0] if config.fid and args.num_real > 0 else None

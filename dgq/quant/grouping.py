@@ -182,12 +182,28 @@ class AxisStats:
             self.conv,
         )
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the four vectors held."""
+        held = (self.channel_amin, self.channel_amax, self.pixel_amin, self.pixel_amax)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
     def update(self, x: Tensor) -> AxisStats:
         """Fold one more batch in place (a streaming observer); returns self."""
         merged = self.merge(AxisStats.from_batch(x, self.layout, self.conv))
         for f in fields(self):
             setattr(self, f.name, getattr(merged, f.name))
         return self
+
+
+def axis_lengths(shape: tuple[int, ...], layout: str) -> tuple[int, int | None]:
+    """``(channels, pixels)`` that :class:`AxisStats` keeps for an input of ``shape`` in ``layout``
+    (``"linear"`` or ``"conv"``; pixels None for a 2-D input), without the data."""
+    if len(shape) == 2:
+        return int(shape[1]), None
+    if layout == "conv":
+        return int(shape[1]), math.prod(int(d) for d in shape[2:])
+    return int(shape[-1]), int(shape[1])
 
 
 def _numel(t: Tensor | None) -> int | None:

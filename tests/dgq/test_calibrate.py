@@ -97,3 +97,25 @@ def test_with_bits_equals_a_fresh_build(tiny_pipe, tiny_stats, tiny_recipe, prof
     assert rebit.header() == fresh.header()
     for k, t in fresh.tensors().items():
         assert torch.equal(t, rebit.tensors()[k]), k
+
+
+def test_statistics_footprint_is_what_calibration_keeps(tiny_pipe, tiny_stats):
+    from dgq.calibrate import statistics_bytes, statistics_footprint
+
+    fp = statistics_footprint(tiny_pipe.unet, tiny_pipe.unet.config.sample_size)
+    assert statistics_bytes(tiny_stats) == fp["bytes_per_slot"] * len(tiny_stats.slots)
+
+
+def test_statistics_footprint_of_sdxl_needs_no_weights():
+    from diffusers import UNet2DConditionModel
+
+    from dgq.calibrate import statistics_footprint
+    from dgq.config import QuantConfig
+    from dgq.zoo import configs
+
+    with torch.device("meta"):  # 2.6B parameters, none allocated
+        unet = UNet2DConditionModel(**configs.SDXL_UNET)
+    small, large = statistics_footprint(unet, 64), statistics_footprint(unet, 128)
+    everything = QuantConfig(keep_float=())
+    assert small["sites"] == len(layer_sites(unet, everything)) + 3 * len(attention_sites(unet, everything))
+    assert small["sites"] == large["sites"] and small["bytes_per_slot"] < large["bytes_per_slot"]
