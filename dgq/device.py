@@ -106,6 +106,9 @@ def place(pipe: Any, device: Any, dtype: Any) -> Any:
 
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("float16 on the CPU is slow and some ops lack kernels there; bfloat16 or float32 is usual")
+    unet = getattr(pipe, "unet", None)
+    if unet is not None and unet.dtype == dtype:
+        return pipe.to(device)  # no cast (diffusers warns about casts with to())
     return pipe.to(device, dtype)
 
 

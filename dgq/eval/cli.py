@@ -26,7 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="The yardstick: generate the same prompts and seeds with a float reference and a "
         "candidate pipeline and report noise-prediction SQNR per step, paired PSNR/SSIM, FID against "
         "real Fashion-MNIST test images and against the reference, judge accuracy and label flips. "
-        "Writes results.json, summary.txt and plots to --out.",
+        "Writes results.json, summary.txt and plots to --out. Launched with torchrun or accelerate launch, "
+        "the processes (GPUs) share the samples and rank 0 scores and writes: the numbers of one process.",
     )
     p.add_argument(
         "--model", default=None, help="reference: zoo name, pipeline folder or hub id (default: the default model)"
@@ -89,7 +90,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dgq import zoo
+    from dgq import distributed, zoo
     from dgq.device import place, resolve_device, resolve_dtype
     from dgq.eval.data import default_prompts, real_images
     from dgq.eval.yardstick import YardstickConfig, evaluate, format_table, write_report
@@ -108,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     )
     prompts = default_prompts(args.num_prompts)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    # Launched as several processes (torchrun / accelerate launch): the samples are shared out,
+    # rank 0 scores and writes.
+    shard = distributed.init(device)
     reference = place(zoo.load_pipeline(args.model, seed=args.seed), device, dtype)
     if args.recipe is not None:
         from dgq.recipe import load
@@ -135,9 +139,13 @@ def run(args: argparse.Namespace) -> int:
         config.guidance,
     )
     result = evaluate(reference, candidate, prompts, config, real_images=real)
+    if not shard.is_main:
+        distributed.finish()
+        return 0
     result.results["models"] = {"reference": reference_name, "candidate": args.candidate}
     paths = write_report(result, args.out, title=f"{args.candidate} vs {reference_name}")
     sys.stdout.write(format_table(result.results) + "\n")
     for path in paths.values():
         sys.stdout.write(f"{path}\n")
+    distributed.finish()
     return 0

@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.constants import DEFAULT_GUIDANCE
+from dgq import distributed
 from dgq.eval import metrics
 from dgq.eval.capture import UNetCall, record_unet_calls, replay
 
@@ -96,6 +97,19 @@ class _StepStats:
             row["error"].append(error)
             row["cosine"].append(metrics.cosine(ref, test, per_sample=True))
             row["mse"].append(metrics.mse(ref, test, per_sample=True))
+
+    def extend(self, other: _StepStats) -> None:
+        """Append ``other``'s batches after this one's (the batches of another process, in order)."""
+        if not other.rows:
+            return
+        if self.rows and len(other.rows) != len(self.rows):
+            raise RuntimeError(f"{len(other.rows)} UNet calls per batch there, {len(self.rows)} here")
+        if not self.rows:
+            self.timesteps = list(other.timesteps)
+            self.rows = [{k: [] for k in row} for row in other.rows]
+        for row, theirs in zip(self.rows, other.rows, strict=True):
+            for k, v in theirs.items():
+                row[k].extend(v)
 
     def summary(self) -> dict[str, Any]:
         cat = [{k: torch.cat(v) for k, v in row.items()} for row in self.rows]
@@ -189,27 +203,38 @@ def sample_pairs(
                     "wrap other backends in one or set noise_fidelity=False"
                 )
     pairs = [(p, s) for p in prompts for s in config.seeds]
-    same, traj = _StepStats(), _StepStats()
     ref_dev, cand_dev = _pipe_device(reference), _pipe_device(candidate)
-    ref_images, cand_images = [], []
-    batches = range(0, len(pairs), config.batch_size)
-    for start in tqdm(batches, desc="yardstick", unit="batch", disable=not config.progress):
-        chunk = pairs[start : start + config.batch_size]
+    starts = list(range(0, len(pairs), config.batch_size))
+    # Several processes (dgq.distributed): each samples its share of the batches; every process then
+    # holds all of them in batch order, so the numbers are a single process's.
+    shard = distributed.current()
+    mine = shard.take(list(range(len(starts))), f"batches of {config.batch_size} samples")
+    done = []
+    for b in tqdm(mine, desc="yardstick", unit="batch", disable=not (config.progress and shard.is_main)):
+        chunk = pairs[starts[b] : starts[b] + config.batch_size]
         bp, bs = [p for p, _ in chunk], [s for _, s in chunk]
+        same, traj = _StepStats(), _StepStats()
         if not config.noise_fidelity:
-            ref_images.append(_call(reference, bp, bs, config))
-            cand_images.append(_call(candidate, bp, bs, config))
+            done.append((b, _call(reference, bp, bs, config), _call(candidate, bp, bs, config), same, traj))
             continue
         with record_unet_calls(reference.unet) as ref_calls:
-            ref_images.append(_call(reference, bp, bs, config))
+            ref_image = _call(reference, bp, bs, config)
         same.add(ref_calls, [replay(candidate.unet, c, cand_dev) for c in ref_calls], reference_is_recorded=True)
         del ref_calls
         with record_unet_calls(candidate.unet) as cand_calls:
-            cand_images.append(_call(candidate, bp, bs, config))
+            cand_image = _call(candidate, bp, bs, config)
         traj.add(cand_calls, [replay(reference.unet, c, ref_dev) for c in cand_calls], reference_is_recorded=False)
         del cand_calls
+        done.append((b, ref_image, cand_image, same, traj))
+    done = sorted((item for part in distributed.all_gather_object(done) for item in part), key=lambda item: item[0])
+    same, traj = _StepStats(), _StepStats()
+    for _, _, _, s, t in done:
+        same.extend(s)
+        traj.extend(t)
     noise = {"same_inputs": same.summary(), "candidate_trajectory": traj.summary()} if config.noise_fidelity else None
-    return torch.cat(ref_images), torch.cat(cand_images), noise, [p for p, _ in pairs], [s for _, s in pairs]
+    ref_images = torch.cat([r for _, r, _, _, _ in done])
+    cand_images = torch.cat([c for _, _, c, _, _ in done])
+    return ref_images, cand_images, noise, [p for p, _ in pairs], [s for _, s in pairs]
 
 
 def _fid_section(ref: torch.Tensor, cand: torch.Tensor, real: torch.Tensor | None, progress: bool) -> dict[str, Any]:
@@ -259,17 +284,21 @@ def evaluate(
     prompts: Sequence[tuple[str, int | None]],
     config: YardstickConfig = YardstickConfig(),
     real_images: torch.Tensor | None = None,
-) -> YardstickResult:
+) -> YardstickResult | None:
     """Evaluate ``candidate`` against ``reference`` on ``prompts`` (``(prompt, label or None)``).
 
     ``real_images``: ``float (M, 3, H, W)`` in [-1, 1] for FID against real data (optional).
-    Results are deterministic for deterministic pipelines (same seeds, same numbers).
+    Results are deterministic for deterministic pipelines (same seeds, same numbers). Under several
+    processes (``torchrun`` / ``accelerate launch``) the sampling is shared and rank 0 scores and
+    returns the result, with the numbers of a single process; the other ranks return None.
     """
     if not prompts:
         raise ValueError("no prompts")
     _warn_on_scheduler_mismatch(reference, candidate)
     texts = [p for p, _ in prompts]
     ref, cand, noise, sample_prompts, sample_seeds = sample_pairs(reference, candidate, texts, config)
+    if not distributed.current().is_main:
+        return None
     sample_labels = [lab for _, lab in prompts for _ in config.seeds]
     psnr = metrics.psnr(ref, cand, data_range=2.0, per_sample=True)
     # SSIM depends on absolute levels: score it on [0, 1] images like every published SSIM.

@@ -1,6 +1,7 @@
 """Calibration shared by several processes (dgq.distributed): the split, the collectives, and the
 recipe of a 2-process run against the 1-process one, byte for byte."""
 
+import json
 import os
 import subprocess
 import sys
@@ -69,17 +70,28 @@ def test_collectives_over_two_processes(tmp_path):
         assert shard == Shard(rank, 2)
 
 
-def _calibrate(args: list[str], out: Path, processes: int) -> None:
-    # One thread per process in both runs: torch's CPU kernels may round differently with another
-    # thread count, which would change the activations themselves (not the merge).
+def _run(cmd: list[str], processes: int) -> str:
+    """``dgq <cmd>`` in 1 process or under torchrun; its stdout. One thread per process in every run:
+    torch's CPU kernels may round differently with another thread count, which would change the
+    activations themselves (not the merge)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     launcher = (
         [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     )
-    cmd = [sys.executable, *launcher, "-m", "app.cli", "calibrate", *args, "--out", str(out)]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, *launcher, "-m", "app.cli", *cmd],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"on {processes} process(es)" in res.stdout
+    return res.stdout
+
+
+def _calibrate(args: list[str], out: Path, processes: int) -> None:
+    assert f"on {processes} process(es)" in _run(["calibrate", *args, "--out", str(out)], processes)
 
 
 def test_two_processes_write_the_recipe_one_process_writes(tmp_path):
@@ -90,3 +102,15 @@ def test_two_processes_write_the_recipe_one_process_writes(tmp_path):
     _calibrate(args, one, 1)
     _calibrate(args, two, 2)
     assert one.read_bytes() == two.read_bytes()
+
+
+def test_two_processes_evaluate_as_one(tmp_path, tiny_recipe):
+    recipe = tiny_recipe.save(tmp_path / "r.safetensors")
+    args = ["eval", "--model", "tiny", "--recipe", str(recipe), "--num-prompts", "3", "--seeds", "1", "--steps", "2"]
+    args += ["--batch-size", "1", "--no-fid", "--device", "cpu"]
+    results = {}
+    for n in (1, 2):
+        _run([*args, "--out", str(tmp_path / f"eval{n}")], n)
+        results[n] = json.loads((tmp_path / f"eval{n}" / "results.json").read_text())
+    assert results[1]["noise"]["same_inputs"]["sqnr_db"]  # the comparison below compares something
+    assert results[1] == results[2]
