@@ -200,26 +200,51 @@ def _add_generate(sub) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from dgq.quickstart import run_quickstart
+    from app.quickstart import format_report, run_quickstart
 
-    summary = run_quickstart(args.out, model=args.model, prompt=args.prompt, steps=args.steps)
-    for key, value in summary.items():
-        sys.stdout.write(f"{key}: {value}\n")
+    summary = run_quickstart(
+        args.out,
+        model=args.model,
+        num_images=args.num_images,
+        calibration_prompts=args.calibration_prompts,
+        steps=args.steps,
+        engines=not args.no_engines,
+    )
+    sys.stdout.write(format_report(summary) + "\n")
     return 0
 
 
 def _add_quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
-        help="the main job on the built-in default model; prints where its outputs are",
-        description="Build the default pipeline, save it as a diffusers folder, reload it with "
-        "from_pretrained, and generate an image from it on CPU.",
+        help="the main job on the built-in default model, offline: calibrate, export, build, generate, compare",
+        description="The main job end to end on the default model, offline: build the pipeline and reload it "
+        "with from_pretrained; calibrate DGQ on a small prompt set; export the float, onnxruntime and "
+        "tensorrt graphs; build the tensorrt export's UNet engine where a TensorRT module is installed; "
+        "generate the same prompts and seeds with the float PyTorch pipeline and from every export through "
+        "the runtime; write an image grid (float | onnxruntime | tensorrt), PSNR and judge flips against "
+        "float, UNet milliseconds per call, file sizes and paths.",
     )
     p.add_argument("--model", default=None, help="zoo name, pipeline folder or hub id (default: the default model)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument(
-        "--steps", type=argtypes.steps, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})"
+        "--num-images",
+        type=argtypes.integer(1, 64, why="one image per prompt and seed"),
+        default=4,
+        help="images per pipeline, one per class prompt and seed (default 4)",
     )
+    p.add_argument(
+        "--calibration-prompts",
+        type=argtypes.integer(1, why="calibration needs a prompt"),
+        default=8,
+        help="DGQ calibration prompts (default 8, a quick run; the paper and dgq calibrate use 64)",
+    )
+    p.add_argument(
+        "--steps",
+        type=argtypes.steps,
+        default=DEFAULT_STEPS,
+        help=f"denoising steps, calibrated and generated (default {DEFAULT_STEPS})",
+    )
+    p.add_argument("--no-engines", action="store_true", help="skip the TensorRT engine build")
     p.add_argument(
         "--out",
         type=Path,

@@ -45,17 +45,32 @@ def test_every_subcommand_and_option_is_documented():
     assert not undocumented, undocumented
 
 
-def test_quickstart_writes_model_image_and_summary(tmp_path, capsys):
+def test_quickstart_runs_the_main_job(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--model", "tiny", "--steps", "2", "--out", str(out)]) == 0
+    argv = ["quickstart", "--model", "tiny", "--steps", "2", "--num-images", "2", "--calibration-prompts", "2"]
+    assert main([*argv, "--no-engines", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert str(out / "images" / "float_000.png") in printed
+    assert "parity against the float PyTorch pipeline" in printed and str(out / "grid.png") in printed
+    assert "TensorRT engines: not built (--no-engines)" in printed
     assert (out / "model" / "model_index.json").is_file()
+    assert {p.name for p in (out / "recipes").iterdir()} == {"onnxruntime.safetensors", "tensorrt.safetensors"}
+    for target in ("float", "onnxruntime", "tensorrt"):
+        manifest = json.loads((out / "exports" / target / "manifest.json").read_text())
+        assert manifest["target"] == target
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"] == "tiny" and summary["steps"] == 2
+    assert summary["model"] == "tiny" and summary["steps"] == 2 and len(summary["prompts"]) == 2
+    assert set(summary["unet_ms_per_call"]) == {"float", "onnxruntime", "tensorrt"}
+    # The float export through the runtime reproduces PyTorch's images (uint8); the quantized ones
+    # are close but not equal (a quantizer that did nothing would give inf here too).
+    assert summary["parity"]["float-export"]["psnr_db_vs_float"] > 40
+    for target in ("onnxruntime", "tensorrt"):
+        assert 20 < summary["parity"][target]["psnr_db_vs_float"] < float("inf")
     from PIL import Image
 
-    assert Image.open(out / "images" / "float_000.png").size == (32, 32)
+    from app.quickstart import CELL, HEADER
+
+    assert Image.open(out / "grid.png").size == (3 * CELL, HEADER + 2 * CELL)  # 3 columns x 2 prompts
+    assert Image.open(out / "images" / "tensorrt_001.png").size == (32, 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qs"]
 
 
