@@ -34,7 +34,7 @@ from safetensors.torch import save as save_bytes
 from common.errors import DGQError
 from common.fsutil import atomic_file
 from dgq.config import WEIGHT_GRANULARITIES, QuantConfig
-from dgq.fingerprint import model_identity
+from dgq.fingerprint import float_dtype, model_identity
 from dgq.quant import CHANNEL, LAYER, PIXEL
 from dgq.sites import CONV, LINEAR, QKV
 
@@ -157,6 +157,12 @@ class Recipe:
         # A recipe calibrated on a float16/bfloat16 cast names that dtype: ``unet`` matches when its
         # weights, cast to it, are the ones calibrated.
         dtype = self.model.get("dtype")
+        have = str(float_dtype(unet)).removeprefix("torch.")
+        if have not in ("float32", dtype or "float32"):
+            raise RecipeError(
+                f"this recipe was calibrated on the {dtype or 'float32'} model and this UNet is {have}: run the "
+                f"model in {dtype or 'float32'} (--dtype {dtype or 'float32'}), or calibrate with --dtype {have}"
+            )
         ident = model_identity(unet, getattr(torch, dtype) if dtype in ("float16", "bfloat16") else None)
         if ident["config_hash"] != self.model["config_hash"]:
             raise RecipeError(

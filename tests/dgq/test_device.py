@@ -78,6 +78,11 @@ def test_bfloat16_calibration_keeps_float32_statistics_and_fits_the_float32_mode
         next(other.parameters()).add_(1.0)
     with pytest.raises(RecipeError, match="other weights"):
         recipe.check_model(other)
+    half = copy.deepcopy(tiny_pipe.unet).to(torch.float16)
+    with pytest.raises(
+        RecipeError, match=r"calibrated on the bfloat16 model and this UNet is float16.*--dtype bfloat16"
+    ):
+        recipe.check_model(half)
 
 
 def test_non_finite_activation_names_the_site_and_step(tiny_pipe):
@@ -123,3 +128,9 @@ def test_cli_device_cuda_without_cuda_writes_nothing(tmp_path, capsys):
     out = tmp_path / "r.safetensors"
     assert main(["calibrate", "--model", "tiny", "--device", "cuda", "--out", str(out)]) == 2
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_float32_recipe_on_a_cast_model_names_the_dtype_it_needs(tiny_pipe, tiny_recipe):
+    half = copy.deepcopy(tiny_pipe.unet).to(torch.bfloat16)
+    with pytest.raises(RecipeError, match=r"calibrated on the float32 model and this UNet is bfloat16"):
+        tiny_recipe.check_model(half)
