@@ -40,6 +40,7 @@ QUANT_EXPORTS = ("onnxruntime", "tensorrt")  # the grid's columns after float, i
 QUICKSTART_ENTRIES = {"model", "recipes", "exports", "images", "grid.png", "summary.json"}
 CELL = 192  # pixels per grid cell (the default model's 64 px images, scaled 3x)
 HEADER = 18  # pixels of the grid's column-name row
+LABEL = 120  # pixels of the grid's prompt column
 
 
 class _Stages:
@@ -98,19 +99,25 @@ def _flips(images: dict[str, np.ndarray], labels: list[int | None]) -> dict[str,
     }
 
 
-def _grid(columns: dict[str, np.ndarray], path: Path) -> None:
-    """One row per prompt, one column per pipeline, a header with the column names."""
+def _grid(columns: dict[str, np.ndarray], prompts: list[str], path: Path) -> None:
+    """One row per prompt (named on the left), one column per pipeline (named on top)."""
     from PIL import Image, ImageDraw
 
     names = list(columns)
-    rows = len(columns[names[0]])
-    header = HEADER
-    grid = Image.new("RGB", (CELL * len(names), header + CELL * rows), "white")
+    grid = Image.new("RGB", (LABEL + CELL * len(names), HEADER + CELL * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
     for c, name in enumerate(names):
-        draw.text((c * CELL + 4, 3), name, fill="black")
+        draw.text((LABEL + c * CELL + 4, 3), name, fill="black")
         for r, img in enumerate(columns[name]):
-            grid.paste(Image.fromarray(img).resize((CELL, CELL), Image.NEAREST), (c * CELL, header + r * CELL))
+            grid.paste(Image.fromarray(img).resize((CELL, CELL), Image.NEAREST), (LABEL + c * CELL, HEADER + r * CELL))
+    for r, prompt in enumerate(prompts):
+        lines = [""]
+        for word in prompt.split():  # wrapped to the label column
+            if lines[-1] and draw.textlength(f"{lines[-1]} {word}") > LABEL - 8:
+                lines.append(word)
+            else:
+                lines[-1] = f"{lines[-1]} {word}".strip()
+        draw.multiline_text((4, HEADER + r * CELL + 4), "\n".join(lines), fill="black")
     with atomic_file(path) as f:
         grid.save(f, format="PNG")
 
@@ -190,9 +197,8 @@ def run_quickstart(
         )
         for column, imgs in images.items():
             save_images([_pil(a) for a in imgs], tmp / "images", stem=column)
-        _grid(
-            {"float (PyTorch)": images["float"], **{f"{t} export": images[t] for t in QUANT_EXPORTS}}, tmp / "grid.png"
-        )
+        columns = {"float (PyTorch)": images["float"], **{f"{t} export": images[t] for t in QUANT_EXPORTS}}
+        _grid(columns, prompts, tmp / "grid.png")
         parity = {
             target: {
                 "psnr_db_vs_float": round(_psnr(images[target], images["float"]), 2),
@@ -296,6 +302,9 @@ def format_report(summary: dict[str, Any]) -> str:
         if judge is not None and key in judge["flips_vs_float"]:
             flips = f", judge label flips {judge['flips_vs_float'][key]}/{len(summary['prompts'])}"
         lines.append(f"  {target:<12} {psnr}{flips}")
+    if judge is not None:
+        acc = ", ".join(f"{k} {v:.0%}" for k, v in judge["accuracy"].items())
+        lines.append(f"  judge accuracy on the prompted class: {acc}")
     lines += ["", f"UNet per call ({summary['runtime']}, median ms) and unet.onnx size:"]
     base = summary["unet_ms_per_call"]["float"]
     for target, ms in summary["unet_ms_per_call"].items():

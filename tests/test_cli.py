@@ -67,9 +67,9 @@ def test_quickstart_runs_the_main_job(tmp_path, capsys):
         assert 20 < summary["parity"][target]["psnr_db_vs_float"] < float("inf")
     from PIL import Image
 
-    from app.quickstart import CELL, HEADER
+    from app.quickstart import CELL, HEADER, LABEL
 
-    assert Image.open(out / "grid.png").size == (3 * CELL, HEADER + 2 * CELL)  # 3 columns x 2 prompts
+    assert Image.open(out / "grid.png").size == (LABEL + 3 * CELL, HEADER + 2 * CELL)  # 3 columns x 2 prompts
     assert Image.open(out / "images" / "tensorrt_001.png").size == (32, 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qs"]
 
