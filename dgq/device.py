@@ -62,16 +62,23 @@ def local_rank() -> int:
         return 0
 
 
+def cuda_usable() -> bool:
+    """This torch is built with CUDA and sees a device."""
+    import torch
+
+    return bool(torch.backends.cuda.is_built() and torch.cuda.is_available())
+
+
 def resolve_device(spec: str | None = None) -> Any:
     """The ``torch.device`` for ``spec`` (None: cuda when available, else cpu); :class:`DeviceError` when
     this machine has no such device."""
     import torch
 
-    spec = device_spec(spec) if spec is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = device_spec(spec) if spec is not None else ("cuda" if cuda_usable() else "cpu")
     m = _DEVICE_RE.match(spec)
     if m.group(1) == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    if not cuda_usable():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise DeviceError(
             f"--device {spec}: torch {torch.__version__.split('+')[0]} ({build}) sees no CUDA device "

@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         "floor that distribution metrics (FID, judge accuracy) of a quantized model are read against",
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="output folder")
+    from dgq.device import add_arguments as add_device_arguments
+
+    add_device_arguments(parser, "the pipelines")
     parser.add_argument(
         "--render",
         type=Path,
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from dgq import zoo
     from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics, with_bits
     from dgq.config import preset
+    from dgq.device import place, resolve_device, resolve_dtype
     from dgq.eval.data import default_prompts
     from dgq.eval.yardstick import YardstickConfig, evaluate
     from dgq.prompts import calibration_prompts
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         w, a = b.upper().lstrip("W").split("A")
         bits.append((int(w), int(a)))
     model = args.model or zoo.DEFAULT_MODEL
-    pipe = zoo.load_pipeline(model)
+    pipe = place(zoo.load_pipeline(model), resolve_device(args.device), resolve_dtype(args.dtype))
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
     # Calibration seeds start past the evaluation seeds so no evaluated image was seen in calibration.

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-seeds", type=int, default=8, help="columns of the sample grid (default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("outputs/eval_float"), help="output folder")
+    from dgq.device import add_arguments as add_device_arguments
+
+    add_device_arguments(p, "the pipeline")
     return p
 
 
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from common.fsutil import atomic_file
     from dgq import zoo
+    from dgq.device import place, resolve_device, resolve_dtype
     from dgq.eval.data import default_prompts, real_images
     from dgq.eval.fid import fid_from_features, inception_features, load_inception
     from dgq.eval.judge import classify, load_card, load_judge
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         noise_fidelity=False,
     )
     prompts = default_prompts(args.num_prompts)
-    pipe = zoo.load_pipeline(args.model)
+    pipe = place(zoo.load_pipeline(args.model), resolve_device(args.device), resolve_dtype(args.dtype))
     pipe.set_progress_bar_config(disable=True)
     images, sample_prompts, sample_seeds = generate_images(pipe, [p for p, _ in prompts], config)
     labels = torch.tensor([lab for _, lab in prompts for _ in config.seeds])

@@ -35,6 +35,7 @@ def test_cuda_without_cuda_is_a_clear_error():
 
 
 def _fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
