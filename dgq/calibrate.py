@@ -89,8 +89,8 @@ def _run_prompts(
         pipe.set_progress_bar_config(disable=was_disabled)
 
 
-class _NonFinite(Exception):
-    """An observer's input had NaN or Inf (turned into a :class:`CalibrationError` naming the timestep)."""
+class _NonFinite(CalibrationError):
+    """An observer's input had NaN or Inf (re-raised as a :class:`CalibrationError` naming the timestep)."""
 
     def __init__(self, site: str, slot: int) -> None:
         super().__init__(site, slot)
