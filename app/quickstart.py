@@ -148,7 +148,7 @@ def run_quickstart(
     name = model or zoo.DEFAULT_MODEL
     prompts, labels = _labelled_prompts(name, num_images)
     seeds = [seed + i for i in range(num_images)]
-    stages = _Stages(7 + len(QUANT_EXPORTS))
+    stages = _Stages(5 + len(("float", *QUANT_EXPORTS)))  # load, statistics, recipes, exports, engines, generate
     t_start = time.perf_counter()
     with atomic_dir(out, overwrite=True, owned=is_quickstart_output, what="quickstart folder") as tmp:
 

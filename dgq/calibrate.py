@@ -425,7 +425,7 @@ def collect_statistics(
         if not is_out_of_memory(err):
             raise
         raise CalibrationError(
-            f"out of memory on {param.device} at {where['site'] or 'the first layer'} "
+            f"out of memory on {param.device} after entering {where['site'] or 'no UNet layer yet'} "
             f"({batch_size} prompts per call at {size} px): fewer prompts per call (--batch-size), "
             "--dtype float16/bfloat16 on a GPU, or a smaller --size; nothing was written"
         ) from err
@@ -554,7 +554,10 @@ def statistics_footprint(unet: torch.nn.Module, latent_size: int, text_tokens: i
 
 
 def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantConfig, progress: bool = True) -> Recipe:
-    """The DGQ search (docs/method.md, sections 4-6) for ``config`` on collected statistics; weights from ``unet``."""
+    """The DGQ search (docs/method.md, sections 4-6) for ``config`` on collected statistics; weights from ``unet``.
+
+    Under several processes (``dgq.distributed``, on merged statistics) the sites are shared out and
+    every process returns the whole recipe, the one a single process builds."""
     if model_identity(unet) != stats.model:
         raise ValueError("these statistics were collected on another model")
     n_slots = len(stats.slots)
@@ -574,10 +577,15 @@ def build_recipe(stats: CalibrationStats, unet: torch.nn.Module, config: QuantCo
                 values = [per_slot[s] for s in range(n_slots)]
                 static = torch.tensor(values if config.time_aware else [max(values)], dtype=torch.float32)
             recipe.probs[a.key("probs")] = ProbsQuant(static)
-    for key, layout, per_slot in tqdm(jobs, desc="group search", disable=not progress):
-        recipe.acts[key] = build_act_quant(layout, per_slot, n_slots, config)
-    for s in tqdm(layers, desc="weights", disable=not progress):
-        recipe.weights[s.name] = layer_weight_quant(unet, s, recipe.acts.get(s.input_key), config)
+    # Under several processes each searches its share of the sites and every one gets all results.
+    acts = distributed.map_shared(
+        jobs, lambda job: build_act_quant(job[1], job[2], n_slots, config), "group search", progress
+    )
+    recipe.acts.update({key: act for (key, _, _), act in zip(jobs, acts, strict=True)})
+    weights = distributed.map_shared(
+        layers, lambda s: layer_weight_quant(unet, s, recipe.acts.get(s.input_key), config), "weights", progress
+    )
+    recipe.weights.update({s.name: w for s, w in zip(layers, weights, strict=True)})
     return recipe
 
 
@@ -589,7 +597,7 @@ def layer_weight_quant(unet: torch.nn.Module, site, act: ActQuant | None, config
     conv = site.kind == CONV
     fold = site_fold(act, config, conv)
     if fold is not None:  # the folded input's scale lives in the columns
-        w = w.detach().float() * along(fold.scale, w.ndim, 1)
+        w = w.detach().float() * along(fold.scale.to(w.device), w.ndim, 1)
     return weight_quant(w, site.kind, config)
 
 
@@ -707,13 +715,11 @@ def calibrate(
 
     Runs where ``pipe`` is (``dgq.device.place``); the recipe is on the CPU, in float32. Under several
     processes (``torchrun`` / ``accelerate launch``, ``dgq.distributed``) each runs its share of the
-    prompt batches, the statistics merge exactly, rank 0 searches and every process gets its recipe."""
+    prompt batches and of the searched sites, the statistics merge exactly, and every process returns
+    the recipe one process would."""
     t0 = time.perf_counter()
     stats = collect_statistics(pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress)
-    # Under several processes the statistics are already merged: one searches, every one gets the recipe.
-    shard = distributed.current()
-    recipe = build_recipe(stats, pipe.unet, config, progress) if shard.is_main else None
-    recipe = distributed.broadcast_object(recipe)
+    recipe = build_recipe(stats, pipe.unet, config, progress)  # merged statistics: the processes share the search
     if config.profile == "onnxruntime":
         recipe = calibrate_outputs(
             pipe, recipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress

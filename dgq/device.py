@@ -90,8 +90,14 @@ def resolve_device(spec: str | None = None) -> Any:
             f"--device {spec} under several processes would put every process on one GPU; "
             "use --device cuda (each process takes the GPU of its local rank)"
         )
-    index = int(m.group(2)) if m.group(2) is not None else (local_rank() if launched else torch.cuda.current_device())
     count = torch.cuda.device_count()
+    # Launched: the local rank's GPU, modulo the visible ones as accelerate picks it (a launcher that
+    # shows each process one GPU puts every rank on its cuda:0).
+    index = (
+        int(m.group(2))
+        if m.group(2) is not None
+        else (local_rank() % count if launched else torch.cuda.current_device())
+    )
     if index >= count:
         raise DeviceError(f"--device cuda:{index}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
     return torch.device("cuda", index)

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from common.errors import DGQError
@@ -74,14 +75,26 @@ def current() -> Shard:
     return Shard(dist.get_rank(), dist.get_world_size()) if dist is not None else Shard()
 
 
+# How long a process waits in one collective. Rank 0 alone scores an evaluation (FID, the judge) while
+# the others wait at the end; the default (10 minutes for NCCL) is too short for that at SD scale.
+COLLECTIVE_TIMEOUT = timedelta(hours=12)
+
+
 def init(device: Any) -> Shard:
     """Join the launcher's process group (when launched as several processes) for ``device``; returns
-    this process's shard. Quiets logging below warnings on every process but rank 0."""
+    this process's shard. Quiets logging below warnings on every process but rank 0.
+    :class:`ShardError` when launched as several processes but no process group forms (a launcher
+    that does not set ``LOCAL_RANK``): each process would otherwise do all the work and write."""
     if launched() and _dist() is None:
         from accelerate import PartialState
 
-        state = PartialState(cpu=device.type == "cpu")
+        state = PartialState(cpu=device.type == "cpu", timeout=COLLECTIVE_TIMEOUT)
         log.debug("process %d of %d (%s, %s)", state.process_index, state.num_processes, state.backend, device)
+        if _dist() is None:
+            raise ShardError(
+                f"launched as {os.environ.get('WORLD_SIZE')} processes but no process group formed; "
+                "launch with torchrun or accelerate launch (they set RANK, LOCAL_RANK and WORLD_SIZE)"
+            )
     shard = current()
     if not shard.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -92,8 +105,11 @@ def finish() -> None:
     """Leave the process group (after the last collective), if one was joined."""
     dist = _dist()
     if dist is not None:
+        from accelerate import PartialState
+
         dist.barrier()
-        dist.destroy_process_group()
+        PartialState().destroy_process_group()
+        PartialState._reset_state()  # a later init in this process joins a new group
 
 
 def _collective_device():
@@ -134,6 +150,32 @@ def all_gather_object(obj: T) -> list[T]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_object(obj: T, dst: int = 0) -> list[T] | None:
+    """``obj`` of every process in rank order on rank ``dst``; None on the others (``[obj]`` for a
+    single process). Only ``dst`` holds them all (images of a whole evaluation, say)."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def map_shared(items: Sequence[T], fn: Any, desc: str = "", progress: bool = False) -> list[Any]:
+    """``[fn(item) for item in items]`` with the items shared out (item ``i`` on rank ``i mod N``) and
+    the results gathered on every process, in item order; a progress bar on rank 0. ``fn`` must be
+    deterministic: a result does not depend on which process computed it."""
+    from tqdm.auto import tqdm
+
+    shard = current()
+    mine = tqdm(range(shard.rank, len(items), shard.world), desc=desc, disable=not (progress and shard.is_main))
+    done = [(i, fn(items[i])) for i in mine]
+    if shard.world == 1:
+        return [result for _, result in done]
+    gathered = dict(pair for part in all_gather_object(done) for pair in part)
+    return [gathered[i] for i in range(len(items))]
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

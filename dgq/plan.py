@@ -215,7 +215,7 @@ class ActPlan:
         if first.axis not in (CHANNEL, LAYER):
             raise RecipeError(f"{self.key}: {first.axis} groups are not input-channel branches")
         if first.axis == LAYER:
-            groups = [(0, torch.arange(channels))]
+            groups = [(0, torch.arange(channels, device=first.group_index.device))]
         else:
             groups = [(g, torch.nonzero(first.group_index == g).flatten()) for g in range(first.k)]
         out = []
@@ -338,9 +338,10 @@ def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig, fold: 
     if og is not None and not bool((gi == og).any()):
         og = None  # an empty outlier group: nothing to keep apart
     # per group (constant within one): its scale and centre; groups with no channel are left out
-    g_scale = torch.ones(k).scatter_(0, gi, fold.scale)
-    g_centre = torch.zeros(k).scatter_(0, gi, fold.centre)
-    members = torch.zeros(k, dtype=torch.bool).scatter_(0, gi, True)
+    dev = gi.device
+    g_scale = torch.ones(k, device=dev).scatter_(0, gi, fold.scale.to(dev))
+    g_centre = torch.zeros(k, device=dev).scatter_(0, gi, fold.centre.to(dev))
+    members = torch.zeros(k, dtype=torch.bool, device=dev).scatter_(0, gi, True)
     if og is not None:
         members[og] = False
     if not bool(members.any()):
@@ -350,7 +351,9 @@ def _plan_folded(key: str, act: ActQuant, bits: int, config: QuantConfig, fold: 
         u = ((ranges.float() - g_centre[:, None]) / g_scale[:, None])[members]
         union = torch.stack([u[:, 0].min(), u[:, 1].max()]).view(1, 2)
         if og is None:
-            slots.append(SlotPlan(LAYER, torch.zeros(1, dtype=torch.long), act_grid(union, bits, config, LAYER)))
+            slots.append(
+                SlotPlan(LAYER, torch.zeros(1, dtype=torch.long, device=dev), act_grid(union, bits, config, LAYER))
+            )
             continue
         grid = act_grid(torch.cat([union, ranges[og : og + 1].float()]), bits, config, CHANNEL)
         outlier = None

@@ -147,5 +147,6 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(format_table(result.results) + "\n")
     for path in paths.values():
         sys.stdout.write(f"{path}\n")
+    sys.stdout.write(f"sampled on {shard.world} process(es)\n")
     distributed.finish()
     return 0

@@ -191,7 +191,7 @@ def _warn_on_scheduler_mismatch(reference: Any, candidate: Any) -> None:
 
 def sample_pairs(
     reference: Any, candidate: Any, prompts: Sequence[str], config: YardstickConfig
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None, list[str], list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None, list[str], list[int]] | None:
     """Generate every (prompt, seed) image with both pipelines; with ``config.noise_fidelity``, also
     the per-step noise-prediction metrics. Returns (reference images, candidate images, noise
     metrics or None, per-sample prompts, per-sample seeds)."""
@@ -205,8 +205,8 @@ def sample_pairs(
     pairs = [(p, s) for p in prompts for s in config.seeds]
     ref_dev, cand_dev = _pipe_device(reference), _pipe_device(candidate)
     starts = list(range(0, len(pairs), config.batch_size))
-    # Several processes (dgq.distributed): each samples its share of the batches; every process then
-    # holds all of them in batch order, so the numbers are a single process's.
+    # Several processes (dgq.distributed): each samples its share of the batches; rank 0 then holds all
+    # of them in batch order, so the numbers are a single process's (the other ranks return None).
     shard = distributed.current()
     mine = shard.take(list(range(len(starts))), f"batches of {config.batch_size} samples")
     done = []
@@ -226,7 +226,10 @@ def sample_pairs(
         traj.add(cand_calls, [replay(reference.unet, c, ref_dev) for c in cand_calls], reference_is_recorded=False)
         del cand_calls
         done.append((b, ref_image, cand_image, same, traj))
-    done = sorted((item for part in distributed.all_gather_object(done) for item in part), key=lambda item: item[0])
+    parts = distributed.gather_object(done)  # on rank 0 only: the images of the whole evaluation
+    if parts is None:
+        return None
+    done = sorted((item for part in parts for item in part), key=lambda item: item[0])
     same, traj = _StepStats(), _StepStats()
     for _, _, _, s, t in done:
         same.extend(s)
@@ -296,9 +299,10 @@ def evaluate(
         raise ValueError("no prompts")
     _warn_on_scheduler_mismatch(reference, candidate)
     texts = [p for p, _ in prompts]
-    ref, cand, noise, sample_prompts, sample_seeds = sample_pairs(reference, candidate, texts, config)
-    if not distributed.current().is_main:
+    sampled = sample_pairs(reference, candidate, texts, config)
+    if sampled is None:  # not rank 0 of several processes
         return None
+    ref, cand, noise, sample_prompts, sample_seeds = sampled
     sample_labels = [lab for _, lab in prompts for _ in config.seeds]
     psnr = metrics.psnr(ref, cand, data_range=2.0, per_sample=True)
     # SSIM depends on absolute levels: score it on [0, 1] images like every published SSIM.

@@ -51,6 +51,8 @@ def test_gpu_index_is_checked_and_processes_take_their_local_gpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert dev.resolve_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # as accelerate picks it: modulo the visible GPUs
+    assert dev.resolve_device("cuda") == torch.device("cuda", 1)
     with pytest.raises(DeviceError, match="every process on one GPU"):
         dev.resolve_device("cuda:0")
 
@@ -116,7 +118,9 @@ def test_out_of_memory_names_the_site_and_what_to_change(tiny_pipe):
 
     handle = tiny_pipe.unet.get_submodule(name).register_forward_hook(oom)
     try:
-        with pytest.raises(CalibrationError, match=f"out of memory on cpu at {name} .*--batch-size.*--dtype"):
+        with pytest.raises(
+            CalibrationError, match=f"out of memory on cpu after entering {name} .*--batch-size.*--dtype"
+        ):
             collect_statistics(tiny_pipe, CAL_PROMPTS[:1], num_inference_steps=2, progress=False)
     finally:
         handle.remove()

@@ -110,7 +110,7 @@ def test_two_processes_evaluate_as_one(tmp_path, tiny_recipe):
     args += ["--batch-size", "1", "--no-fid", "--device", "cpu"]
     results = {}
     for n in (1, 2):
-        _run([*args, "--out", str(tmp_path / f"eval{n}")], n)
+        assert f"sampled on {n} process(es)" in _run([*args, "--out", str(tmp_path / f"eval{n}")], n)
         results[n] = json.loads((tmp_path / f"eval{n}" / "results.json").read_text())
     assert results[1]["noise"]["same_inputs"]["sqnr_db"]  # the comparison below compares something
     assert results[1] == results[2]
