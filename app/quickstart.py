@@ -85,13 +85,10 @@ def _flips(images: dict[str, np.ndarray], labels: list[int | None]) -> dict[str,
         return None
     import torch
 
-    from dgq.eval.judge import classify, load_judge
+    from dgq.eval.judge import classify_uint8, load_judge
 
     judge = load_judge()
-    pred = {}
-    for name, imgs in images.items():
-        batch = torch.as_tensor(imgs, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1.0
-        pred[name] = classify(batch, judge)[0]
+    pred = {name: classify_uint8(imgs, judge) for name, imgs in images.items()}
     target = torch.as_tensor(labels)
     return {
         "accuracy": {name: float((p == target).float().mean()) for name, p in pred.items()},

@@ -8,6 +8,7 @@ per-element min/max along both candidate axes for each (site, timestep slot), so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
@@ -239,9 +240,9 @@ class KeyObserver:
     statistics without token 0, ``bos`` those of token 0 alone; ``with_bos`` puts them together.
     """
 
-    def __init__(self, site: str = "") -> None:
-        self.rest = ActObserver(QKV, site)
-        self.bos = ActObserver(QKV, site)
+    def __init__(self, site: str = "", observer: type = ActObserver) -> None:
+        self.rest = observer(QKV, site)
+        self.bos = observer(QKV, site)
 
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         self.bos(x[:, :1], slot)
@@ -333,6 +334,52 @@ def _reduce_statistics(table: _SlotTable, observers: list[ActObserver], probs: l
             setattr(p, key, {s: float(v[s]) for s in range(n_slots)})
 
 
+def _make_observers(unet: torch.nn.Module, observer: type) -> tuple[list, list, dict, dict]:
+    """``(layers, attns, layer observers, q/k/v observers)`` of every Conv2d/Linear input and attention
+    block of ``unet``, each an ``observer(layout, site)`` (keys through :class:`KeyObserver`)."""
+    everything = QuantConfig(keep_float=())
+    layers, attns = layer_sites(unet, everything), attention_sites(unet, everything)
+    layer_obs = {s.name: observer(s.kind, s.name) for s in layers}
+    qkv = {
+        a.name: {
+            "q": observer(QKV, f"{a.name} q"),
+            "k": KeyObserver(f"{a.name} k", observer),
+            "v": observer(QKV, f"{a.name} v"),
+        }
+        for a in attns
+    }
+    return layers, attns, layer_obs, qkv
+
+
+@contextlib.contextmanager
+def _observing(unet: torch.nn.Module, ctx: StepContext, layer_obs: dict, qkv: dict, probs: dict | None = None):
+    """``unet`` with its layer inputs and attention q/k/v (and probabilities) going through the
+    observers, restored on exit. Yields ``{"site": ...}``, the last layer entered."""
+    where = {"site": None}
+
+    def hook(obs):
+        def observe(module, args):
+            where["site"] = obs.site
+            return (obs(args[0], ctx.current()),)
+
+        return observe
+
+    hooks = [unet.get_submodule(name).register_forward_pre_hook(hook(obs)) for name, obs in layer_obs.items()]
+    original = dict(unet.attn_processors)
+    procs = dict(original)
+    for name, o in qkv.items():
+        procs[f"{name}.processor"] = DGQAttnProcessor(
+            ctx, q=o["q"], k=o["k"], v=o["v"], probs=None if probs is None else probs[name]
+        )
+    unet.set_attn_processor(procs)
+    try:
+        yield where
+    finally:
+        for h in hooks:
+            h.remove()
+        unet.set_attn_processor(original)
+
+
 @dataclass
 class CalibrationStats:
     """Everything one float calibration pass observed, for every Conv2d/Linear and attention block.
@@ -375,44 +422,25 @@ def collect_statistics(
     if size <= 0 or size % int(pipe.vae_scale_factor):
         raise ValueError(f"size {size} must be a positive multiple of the VAE scale factor {pipe.vae_scale_factor}")
     t0 = time.perf_counter()
-    everything = QuantConfig(keep_float=())
     ctx = StepContext()
     table = _SlotTable()
-    layers = layer_sites(unet, everything)
-    attns = attention_sites(unet, everything)
-    layer_obs = {s.name: ActObserver(s.kind, s.name) for s in layers}
-    qkv = {
-        a.name: {
-            "q": ActObserver(QKV, f"{a.name} q"),
-            "k": KeyObserver(f"{a.name} k"),
-            "v": ActObserver(QKV, f"{a.name} v"),
-        }
-        for a in attns
-    }
+    layers, attns, layer_obs, qkv = _make_observers(unet, ActObserver)
     probs = {a.name: ProbsMaxObserver(a.is_cross) for a in attns}
-    where = {"site": None}
-
-    def observe(m, args, obs):
-        where["site"] = obs.site
-        return (obs(args[0], ctx.current()),)
-
-    hooks = [slot_hook(unet, ctx, table)]
-    for s in layers:
-        obs = layer_obs[s.name]
-        hooks.append(
-            unet.get_submodule(s.name).register_forward_pre_hook(lambda m, args, obs=obs: observe(m, args, obs))
-        )
-    original = dict(unet.attn_processors)
-    procs = dict(original)
-    for a in attns:
-        o = qkv[a.name]
-        procs[f"{a.name}.processor"] = DGQAttnProcessor(ctx, q=o["q"], k=o["k"], v=o["v"], probs=probs[a.name])
-    unet.set_attn_processor(procs)
     param = next(unet.parameters())
+    slot = slot_hook(unet, ctx, table)
     try:
-        _run_prompts(
-            pipe, prompts, num_inference_steps, guidance_scale, size, seed, batch_size, progress, "calibration batches"
-        )
+        with _observing(unet, ctx, layer_obs, qkv, probs) as where:
+            _run_prompts(
+                pipe,
+                prompts,
+                num_inference_steps,
+                guidance_scale,
+                size,
+                seed,
+                batch_size,
+                progress,
+                "calibration batches",
+            )
     except _NonFinite as err:
         t = table.values[err.slot]
         raise CalibrationError(
@@ -430,9 +458,7 @@ def collect_statistics(
             "--dtype float16/bfloat16 on a GPU, or a smaller --size; nothing was written"
         ) from err
     finally:
-        for h in hooks:
-            h.remove()
-        unet.set_attn_processor(original)
+        slot.remove()
     observers = _observers(layer_obs, qkv)
     for obs in observers:  # the statistics live on the CPU from here (the search and the recipe do)
         obs.stats = {slot: _cpu(st) for slot, st in obs.stats.items()}
@@ -481,23 +507,14 @@ def statistics_bytes(stats: CalibrationStats) -> int:
 class _ShapeObserver:
     """Counts the float32 elements an :class:`ActObserver` would keep for its input, from the shape."""
 
-    def __init__(self, layout: str) -> None:
+    def __init__(self, layout: str, site: str = "") -> None:
         self.layout = "conv" if layout == CONV else "linear"
+        self.site = site
         self.elements = 0
 
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         c, n = axis_lengths(tuple(x.shape), self.layout)
         self.elements = 2 * (c + (n or 0))
-        return x
-
-
-class _ShapeKeyObserver:
-    def __init__(self) -> None:
-        self.rest, self.bos = _ShapeObserver(QKV), _ShapeObserver(QKV)
-
-    def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        self.bos(x[:, :1], slot)
-        self.rest(x[:, 1:], slot)
         return x
 
 
@@ -508,23 +525,9 @@ def statistics_footprint(unet: torch.nn.Module, latent_size: int, text_tokens: i
     hooks and attention processor as calibration, counting instead of observing. Multiply by the number
     of steps for a calibration's total; it does not depend on the number of prompts."""
     cfg = unet.config
-    everything = QuantConfig(keep_float=())
     ctx = StepContext()
     ctx.slot = 0
-    layers = layer_sites(unet, everything)
-    attns = attention_sites(unet, everything)
-    layer_obs = [_ShapeObserver(s.kind) for s in layers]
-    qkv = {a.name: (_ShapeObserver(QKV), _ShapeKeyObserver(), _ShapeObserver(QKV)) for a in attns}
-    hooks = [
-        unet.get_submodule(s.name).register_forward_pre_hook(lambda m, args, obs=obs: (obs(args[0], 0),))
-        for s, obs in zip(layers, layer_obs, strict=True)
-    ]
-    original = dict(unet.attn_processors)
-    procs = dict(original)
-    for a in attns:
-        q, k, v = qkv[a.name]
-        procs[f"{a.name}.processor"] = DGQAttnProcessor(ctx, q=q, k=k, v=v)
-    unet.set_attn_processor(procs)
+    layers, attns, layer_obs, qkv = _make_observers(unet, _ShapeObserver)
     param = next(unet.parameters())
     kw = dict(device=param.device, dtype=param.dtype)
     extra = {}
@@ -536,20 +539,14 @@ def statistics_footprint(unet: torch.nn.Module, latent_size: int, text_tokens: i
             ),
             "time_ids": torch.zeros(1, n_time, **kw),
         }
-    try:
-        with torch.inference_mode():
-            unet(
-                torch.zeros(1, cfg.in_channels, latent_size, latent_size, **kw),
-                torch.tensor(1, device=param.device),
-                encoder_hidden_states=torch.zeros(1, text_tokens, cfg.cross_attention_dim, **kw),
-                **extra,
-            )
-    finally:
-        for h in hooks:
-            h.remove()
-        unet.set_attn_processor(original)
-    elements = sum(o.elements for o in layer_obs)
-    elements += sum(q.elements + k.rest.elements + k.bos.elements + v.elements for q, k, v in qkv.values())
+    with _observing(unet, ctx, layer_obs, qkv), torch.inference_mode():
+        unet(
+            torch.zeros(1, cfg.in_channels, latent_size, latent_size, **kw),
+            torch.tensor(1, device=param.device),
+            encoder_hidden_states=torch.zeros(1, text_tokens, cfg.cross_attention_dim, **kw),
+            **extra,
+        )
+    elements = sum(o.elements for o in _observers(layer_obs, qkv))
     return {"bytes_per_slot": 4 * elements + 16 * len(attns), "sites": len(layers) + 3 * len(attns)}
 
 

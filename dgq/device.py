@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from common.errors import DGQError
+from dgq import distributed
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def resolve_device(spec: str | None = None) -> Any:
             f"--device {spec}: torch {torch.__version__.split('+')[0]} ({build}) sees no CUDA device "
             "(no GPU, no driver, or CUDA_VISIBLE_DEVICES hides it); use --device cpu"
         )
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launched = distributed.launched()
     if m.group(2) is not None and launched:
         raise DeviceError(
             f"--device {spec} under several processes would put every process on one GPU; "

@@ -178,16 +178,6 @@ def map_shared(items: Sequence[T], fn: Any, desc: str = "", progress: bool = Fal
     return [gathered[i] for i in range(len(items))]
 
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every process."""
-    dist = _dist()
-    if dist is None:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def agree(value: Any, what: str) -> None:
     """:class:`ShardError` unless every process has the same ``value`` (describing ``what``)."""
     values = all_gather_object(value)

@@ -176,17 +176,9 @@ class Recipe:
             )
 
     def to(self, device: torch.device | str) -> Recipe:
-        """A copy with every tensor on ``device`` (the simulator runs where the UNet is); ``self`` when
-        they are there already."""
+        """A copy with every tensor on ``device`` (the simulator runs where the UNet is; tensors already
+        there are shared, not copied)."""
         device = torch.device(device)
-        held = [
-            *(t for a in self.acts.values() for t in (*a.group_index, *a.ranges)),
-            *(p.static_max for p in self.probs.values()),
-            *(t for w in self.weights.values() for t in (w.scale, w.zero_point)),
-            *(t for o in self.outputs.values() for t in (o.ranges, o.channel_scale)),
-        ]
-        if all(t.device == device for t in held if t is not None):
-            return self
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return dataclasses.replace(
             self,

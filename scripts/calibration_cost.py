@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import argtypes
 from common.constants import DEFAULT_GUIDANCE
 
 log = logging.getLogger("calibration_cost")
@@ -174,13 +175,15 @@ def measure(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="zoo name, folder or hub id (default: the default model)")
-    parser.add_argument("--prompts", type=int, default=64, help="calibration prompts (default 64)")
-    parser.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    parser.add_argument("--prompts", type=argtypes.integer(1), default=64, help="calibration prompts (default 64)")
+    parser.add_argument("--steps", type=argtypes.integer(1), default=25, help="sampler steps (default 25)")
     parser.add_argument(
         "--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"guidance scale (default {DEFAULT_GUIDANCE:g})"
     )
     parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    parser.add_argument(
+        "--batch-size", type=argtypes.integer(1), default=8, help="prompts per pipeline call (default 8)"
+    )
     parser.add_argument("--groups", type=int, default=16, help="K (default 16)")
     parser.add_argument(
         "--weight-search",

@@ -42,13 +42,10 @@ def judge_flips(images: dict[str, list[np.ndarray]], labels: list[int]) -> dict[
     """The judge on uint8 images (H, W, 3) of each pipeline (``float``, ``simulator``, ``runtime``,
     same prompts and seeds in the same order): accuracy of each against ``labels`` and the flip rate
     of each quantized pipeline against ``float``."""
-    from dgq.eval.judge import classify, load_judge
+    from dgq.eval.judge import classify_uint8, load_judge
 
     judge = load_judge()
-    pred = {}
-    for name, imgs in images.items():
-        batch = torch.as_tensor(np.stack(imgs), dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1.0
-        pred[name], _ = classify(batch, judge)
+    pred = {name: classify_uint8(imgs, judge) for name, imgs in images.items()}
     target = torch.as_tensor(labels)
     out = {f"judge_accuracy_{name}": float((p == target).float().mean()) for name, p in pred.items()}
     for name in ("simulator", "runtime"):

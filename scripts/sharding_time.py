@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import argtypes
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=16, help="calibration prompts (default 16)")
     parser.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default 4)")
-    parser.add_argument("--processes", type=int, default=2, help="N (default 2)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores to use (default: all)")
+    parser.add_argument("--processes", type=argtypes.integer(2), default=2, help="N (default 2)")
+    parser.add_argument(
+        "--threads", type=argtypes.integer(1), default=os.cpu_count() or 1, help="cores to use (default: all)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON output")
     parser.add_argument("extra", nargs="*", help="more dgq calibrate options, after --")
     args = parser.parse_args(argv)

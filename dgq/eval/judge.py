@@ -19,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -167,6 +168,13 @@ def classify(
 
 
 # ---- training-time augmentation ----------------------------------------------------------------
+
+
+def classify_uint8(images, judge: Judge | None = None) -> torch.Tensor:
+    """Labels ``int64 (N,)`` of uint8 images ``(N, H, W, 3)`` (an array, or a list of ``(H, W, 3)``:
+    what a pipeline saves or the runtime returns)."""
+    batch = torch.as_tensor(np.stack(list(images)), dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return classify(batch, judge)[0]
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

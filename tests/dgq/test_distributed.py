@@ -34,7 +34,8 @@ def test_one_process_needs_no_process_group():
     assert distributed.current() == Shard(0, 1)
     t = torch.tensor([1.0, -2.0])
     assert distributed.all_reduce([t], "min")[0] is t
-    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.map_shared([1, 2, 3], lambda v: 10 * v) == [10, 20, 30]
     distributed.agree([1, 2], "anything")
 
 
@@ -46,13 +47,15 @@ def _collectives(rank: int, world: int, init_file: str, results) -> None:
         lo = distributed.all_reduce([a, b], "min")
         hi = distributed.all_reduce([a, b], "max")
         total = distributed.all_reduce([torch.tensor([rank + 1])], "sum")[0]
-        obj = distributed.broadcast_object({"rank": rank})
+        gathered = distributed.gather_object({"rank": rank})
+        # items shared out by rank, every result on every process, in item order
+        mapped = distributed.map_shared([10, 20, 30], lambda v: (v, torch.distributed.get_rank()))
         try:
             distributed.agree(rank, "values")
             agreed = "agreed"
         except ShardError as err:
             agreed = str(err)
-        results[rank] = (lo, hi, total, obj, agreed, distributed.current())
+        results[rank] = (lo, hi, total, gathered, mapped, agreed, distributed.current())
     finally:
         torch.distributed.destroy_process_group()
 
@@ -61,11 +64,12 @@ def test_collectives_over_two_processes(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_collectives, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2)
     for rank in range(2):
-        lo, hi, total, obj, agreed, shard = results[rank]
+        lo, hi, total, gathered, mapped, agreed, shard = results[rank]
         assert torch.equal(lo[0], torch.tensor([0.0, 9.0, 5.0])) and torch.equal(lo[1], torch.tensor([[0.0]]))
         assert torch.equal(hi[0], torch.tensor([1.0, 10.0, 5.0])) and torch.equal(hi[1], torch.tensor([[2.0]]))
         assert int(total) == 3
-        assert obj == {"rank": 0}
+        assert gathered == ([{"rank": 0}, {"rank": 1}] if rank == 0 else None)
+        assert mapped == [(10, 0), (20, 1), (30, 0)]
         assert "process 1 saw other values than process 0" in agreed
         assert shard == Shard(rank, 2)
 
