@@ -57,6 +57,19 @@ def _add_size_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_scheduler_arg(p: argparse.ArgumentParser, default: str) -> None:
+    from dgq.schedulers import ALIASES, argtype
+
+    p.add_argument(
+        "--scheduler",
+        type=argtype,
+        default=None,
+        metavar="NAME",
+        help=f"sampler: {', '.join(ALIASES)} or a diffusers scheduler class name; built from the model's "
+        f"scheduler config, so its betas and prediction type are kept (default: {default})",
+    )
+
+
 # ---- dgq zoo ---------------------------------------------------------------------------------
 
 
@@ -114,7 +127,14 @@ def _generate(args: argparse.Namespace) -> int:
             calibrated = read_manifest(args.onnx)["steps"]
             args.steps = DEFAULT_STEPS if calibrated is None else calibrated
         images, timings = generate_from_export(
-            args.onnx, [args.prompt] * len(seeds), seeds, args.steps, args.guidance, args.size, backend=args.backend
+            args.onnx,
+            [args.prompt] * len(seeds),
+            seeds,
+            args.steps,
+            args.guidance,
+            args.size,
+            backend=args.backend,
+            scheduler=args.scheduler,
         )
         sys.stdout.write(f"backend: {timings['backend']}\n")
         for i, call in enumerate(timings["calls"]):
@@ -126,9 +146,9 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         if args.backend != "auto":
             raise ValueError("--backend applies to --onnx export folders; the PyTorch pipeline has no backend choice")
-        from dgq import zoo
+        from dgq import schedulers, zoo
 
-        pipe = zoo.load_pipeline(args.model, seed=args.seed)
+        pipe = schedulers.use(zoo.load_pipeline(args.model, seed=args.seed), args.scheduler)
         pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
         images, timings = (
             generate(
@@ -183,8 +203,10 @@ def _add_generate(sub) -> None:
         type=argtypes.steps,
         default=None,
         help=f"denoising steps, 1..{argtypes.MAX_STEPS} (default {DEFAULT_STEPS}; with --onnx of a quantized export: "
-        "the steps it was calibrated with)",
+        "the steps it was calibrated with). A quantized export runs any count: a timestep it was not calibrated "
+        "at uses the parameters of the nearest calibrated one",
     )
+    _add_scheduler_arg(p, "the model's own (with --onnx: the export's)")
     p.add_argument(
         "--guidance",
         type=argtypes.guidance,
@@ -316,7 +338,10 @@ def _calibrate_into(args: argparse.Namespace, device) -> int:
         raise ValueError("--no-fold-groups applies to --profile tensorrt (the profile with channel-group branches)")
     model = args.model or zoo.DEFAULT_MODEL
     prompts = calibration_prompts(model, args.num_prompts, args.prompts)
+    from dgq import schedulers
+
     pipe = place(zoo.load_pipeline(model, seed=args.seed), device, resolve_dtype(args.dtype))
+    schedulers.use(pipe, args.scheduler)
     t0 = time.perf_counter()
     recipe = calibrate(
         pipe,
@@ -400,6 +425,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument(
         "--steps", type=argtypes.steps, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})"
     )
+    _add_scheduler_arg(p, "the model's own")
     p.add_argument(
         "--guidance",
         type=argtypes.guidance,

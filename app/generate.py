@@ -25,13 +25,22 @@ def generate_from_export(
     guidance: float = DEFAULT_GUIDANCE,
     size: int | None = None,
     backend: str = "auto",
+    scheduler: str | None = None,
 ) -> tuple[list[Image.Image], dict]:
     """One image per (prompt, seed) pair from an export folder (``runtime.Text2ImagePipeline``), seeded
     as :func:`dgq.generate.generate` is, so a float export gives the PyTorch pipeline's images. Returns the images
-    and a timings document: the backend that ran and per-call stage timings."""
+    and a timings document: the backend that ran and per-call stage timings. ``scheduler``: a sampler
+    name (:mod:`dgq.schedulers`) to use instead of the export's."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-    pipe = Text2ImagePipeline.from_export(folder, backend=backend)
+    swap = None
+    if scheduler is not None:
+        from dgq.schedulers import swap as swap_scheduler
+
+        def swap(saved):
+            return swap_scheduler(saved, scheduler)
+
+    pipe = Text2ImagePipeline.from_export(folder, backend=backend, scheduler=swap)
     chunk = pipe.max_images_per_call
     images, calls = [], []
     with pipe:
@@ -47,6 +56,7 @@ def generate_from_export(
         "backend_reason": getattr(pipe, "backend_reason", None),
         "export": str(folder),
         "steps": steps,
+        "scheduler": type(pipe.scheduler).__name__,
         "guidance": guidance,
         "calls": calls,
     }

@@ -33,6 +33,7 @@ from safetensors.torch import save as save_bytes
 
 from common.errors import DGQError
 from common.fsutil import atomic_file
+from common.timesteps import SlotTable
 from dgq.config import WEIGHT_GRANULARITIES, QuantConfig
 from dgq.fingerprint import float_dtype, model_identity
 from dgq.quant import CHANNEL, LAYER, PIXEL
@@ -136,21 +137,19 @@ class Recipe:
     weights: dict[str, WeightQuant] = field(default_factory=dict)
     outputs: dict[str, OutputQuant] = field(default_factory=dict)  # conv name -> output ranges (onnxruntime)
     meta: dict[str, Any] = field(default_factory=dict)  # calibration settings, versions
+    _slot_table: SlotTable | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- lookups ------------------------------------------------------------------------------
 
     def slot_of(self, timestep: float) -> int:
-        """Slot of a timestep *value* (not of the call count: PNDM repeats a timestep)."""
-        t = float(timestep)
+        """Slot of a timestep *value* (not of the call count: PNDM repeats a timestep): its own slot when
+        calibrated, else the nearest calibrated timestep's (:mod:`common.timesteps`, which logs that once
+        and warns once for a timestep far outside the calibrated range)."""
         if not self.config.time_aware:
             return 0
-        for i, s in enumerate(self.slots):
-            if abs(s - t) <= 1e-4 * max(1.0, abs(s)):
-                return i
-        raise RecipeError(
-            f"timestep {t:g} was not calibrated; this recipe has slots for {[round(s, 3) for s in self.slots]} "
-            "(calibrate with the same scheduler and number of steps you generate with)"
-        )
+        if self._slot_table is None or self._slot_table.slots != [float(s) for s in self.slots]:
+            self._slot_table = SlotTable(self.slots, "this recipe")
+        return self._slot_table.index(timestep)
 
     def check_model(self, unet: torch.nn.Module) -> None:
         """Raise :class:`RecipeError` when ``unet`` is not the model this recipe was made for."""

@@ -93,7 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--steps",
         type=argtypes.steps,
         default=DEFAULT_STEPS,
-        help=f"calibration sampler steps; generate with the same (default {DEFAULT_STEPS})",
+        help=f"calibration sampler steps: the most accurate to generate with; other counts and samplers run with "
+        f"the nearest calibrated timestep's parameters (default {DEFAULT_STEPS})",
     )
     p.add_argument(
         "--guidance",

@@ -45,6 +45,7 @@ from typing import Any
 from common.constants import TARGETS
 from common.errors import DGQError
 from common.fsutil import is_temporary
+from common.timesteps import nearest_slot
 
 MANIFEST = "manifest.json"
 FORMAT = "dgq-export"
@@ -275,15 +276,9 @@ def is_export_folder(path: str | os.PathLike) -> bool:
 
 
 def step_index(manifest: Mapping[str, Any], timestep: float) -> int | None:
-    """The ``step_index`` input for a timestep value, or None when the graph takes none."""
+    """The ``step_index`` input for a timestep value, or None when the graph takes none: the slot of the
+    timestep, or of the nearest calibrated one (:func:`common.timesteps.nearest_slot`)."""
     slots = manifest.get("slots")
     if slots is None:
         return None
-    t = float(timestep)
-    for i, s in enumerate(slots):
-        if abs(float(s) - t) <= 1e-4 * max(1.0, abs(float(s))):
-            return i
-    raise ManifestError(
-        f"timestep {t:g} was not calibrated; this export has step slots for {[round(float(s), 3) for s in slots]} "
-        f"(generate with the scheduler and the {len(slots)} steps it was calibrated with)"
-    )
+    return nearest_slot([float(s) for s in slots], timestep)

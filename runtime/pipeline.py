@@ -9,7 +9,10 @@ generator, ``scale_model_input``, guidance, ``scheduler.step``. The same seed, p
 therefore give the PyTorch pipeline's image up to the backends' numerics (tests/runtime measures it).
 
 Quantized exports whose manifest has timestep ``slots`` get one more UNet input, ``step_index``
-(int64 scalar), the slot of the call's timestep (:func:`export.manifest.step_index`).
+(int64 scalar), the slot of the call's timestep: any step count and scheduler run, and a timestep that
+was not calibrated uses the slot of the nearest calibrated one (:mod:`common.timesteps`, which warns
+once for a timestep far outside the calibrated range). ``from_export(..., scheduler=...)`` samples
+with another scheduler than the export's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -29,8 +32,9 @@ import numpy as np
 import torch
 
 from common.constants import DEFAULT_GUIDANCE
+from common.timesteps import SlotTable
 from export.iospec import FeedError, NetworkSpec, read_specs
-from export.manifest import ManifestError, read_manifest, step_index
+from export.manifest import ManifestError, read_manifest
 from runtime.runners import (
     BackendUnavailable,
     DeviceMemoryPool,
@@ -146,6 +150,8 @@ class Text2ImagePipeline:
         if slots is not None and not takes_step:
             raise ValueError(f"the manifest has {len(slots)} timestep slots but the UNet graph has no step_index input")
         self.takes_step_index = takes_step
+        # step_index of a timestep: its slot, or the nearest calibrated timestep's (common.timesteps).
+        self.slot_table = SlotTable(slots, "this export") if slots is not None else None
         self.vae_scale_factor = int(vae.metadata.get("vae_scale_factor", 8))
 
     @classmethod
@@ -160,6 +166,7 @@ class Text2ImagePipeline:
         cuda_graph: bool = False,
         verify: bool = True,
         engine_dir: str | os.PathLike | None = None,
+        scheduler: Callable[[Any], Any] | None = None,
     ) -> Text2ImagePipeline:
         """Build a pipeline from an export folder (graphs, ``iospec.json``, ``tokenizer/``, ``scheduler/``,
         ``manifest.json``; TensorRT engines as ``<component>.engine`` beside the graphs).
@@ -173,7 +180,9 @@ class Text2ImagePipeline:
         ``"tensorrt"`` raises and ``"auto"`` warns and falls back to ONNX Runtime.
         ``cuda_graph``: run the UNet engine through CUDA graphs (:class:`~runtime.runners.TensorRTRunner`).
         The choice is logged and kept in ``.backend``. ``verify`` checks every file's hash against the
-        manifest (raises :class:`~export.manifest.ManifestError` for an edited folder).
+        manifest (raises :class:`~export.manifest.ManifestError` for an edited folder). ``scheduler``: a
+        function of the export's scheduler that returns the one to sample with (e.g.
+        ``lambda s: EulerDiscreteScheduler.from_config(s.config)``, which keeps the model's betas).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -194,7 +203,9 @@ class Text2ImagePipeline:
                 f"{folder}: the manifest's timestep slots differ from those the UNet graph was exported with "
                 "(iospec.json); the folder was edited, re-export"
             )
-        tokenizer, scheduler = load_assets(folder)
+        tokenizer, saved_scheduler = load_assets(folder)
+        if scheduler is not None:
+            saved_scheduler = scheduler(saved_scheduler)
         engine_dir = Path(engine_dir) if engine_dir is not None else folder
         engines = {c: engine_dir / f"{c}.engine" for c in COMPONENTS}
         chosen, reason = _choose_backend(backend, engines)
@@ -229,7 +240,7 @@ class Text2ImagePipeline:
             runners["unet"],
             runners["vae_decoder"],
             tokenizer,
-            scheduler,
+            saved_scheduler,
             manifest=manifest,
             backend=label,
         )
@@ -384,7 +395,7 @@ class Text2ImagePipeline:
                 "encoder_hidden_states": embeds,
             }
             if self.takes_step_index:
-                feed[STEP_INDEX] = torch.tensor(step_index(self.manifest, float(t)), dtype=torch.int64)
+                feed[STEP_INDEX] = torch.tensor(self.slot_table.index(float(t)), dtype=torch.int64)
             t0 = time.perf_counter()
             noise_pred = to_torch(self.unet.infer(feed)[self.unet.spec.output_names[0]])
             timings.unet_step_s.append(time.perf_counter() - t0)

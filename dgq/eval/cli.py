@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common import argtypes
 from common.constants import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from dgq import schedulers
 from dgq.device import add_arguments as add_device_arguments
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--steps", type=argtypes.steps, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})"
     )
     p.add_argument(
+        "--scheduler",
+        type=schedulers.argtype,
+        default=None,
+        metavar="NAME",
+        help=f"sampler of both pipelines: {', '.join(schedulers.ALIASES)} or a diffusers scheduler class name "
+        "(default: the model's own); a recipe runs at any steps and sampler, uncalibrated timesteps taking "
+        "the nearest calibrated one's parameters",
+    )
+    p.add_argument(
         "--guidance",
         type=argtypes.guidance,
         default=DEFAULT_GUIDANCE,
@@ -112,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     # Launched as several processes (torchrun / accelerate launch): the samples are shared out,
     # rank 0 scores and writes.
     shard = distributed.init(device)
-    reference = place(zoo.load_pipeline(args.model, seed=args.seed), device, dtype)
+    reference = schedulers.use(place(zoo.load_pipeline(args.model, seed=args.seed), device, dtype), args.scheduler)
     if args.recipe is not None:
         from dgq.recipe import load
         from dgq.simulate import simulate
@@ -123,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         candidate = (
             reference
             if args.candidate == SAME
-            else place(zoo.load_pipeline(args.candidate, seed=args.seed), device, dtype)
+            else schedulers.use(place(zoo.load_pipeline(args.candidate, seed=args.seed), device, dtype), args.scheduler)
         )
     for pipe in {id(reference): reference, id(candidate): candidate}.values():
         pipe.set_progress_bar_config(disable=True)  # one bar for the whole run, not one per image batch

@@ -72,10 +72,12 @@ def test_bad_files_give_clear_errors(tiny_recipe, tmp_path):
         R.load(tmp_path / "drop.safetensors")
 
 
-def test_unknown_timestep_is_refused(tiny_recipe):
-    with pytest.raises(R.RecipeError, match="was not calibrated"):
-        tiny_recipe.slot_of(tiny_recipe.slots[0] + 0.5)
-    assert tiny_recipe.slot_of(tiny_recipe.slots[-1]) == len(tiny_recipe.slots) - 1
+def test_uncalibrated_timestep_takes_the_nearest_slot(tiny_recipe):
+    slots = tiny_recipe.slots
+    assert [tiny_recipe.slot_of(t) for t in slots] == list(range(len(slots)))
+    for t in (slots[0] + 0.5, slots[-1] - 0.5, 1000.0, 0.0, (slots[0] + slots[1]) / 2 + 0.25):
+        want = min(range(len(slots)), key=lambda i: abs(slots[i] - t))
+        assert tiny_recipe.slot_of(t) == want, t
     flat = R.Recipe(preset("naive"), tiny_recipe.model, tiny_recipe.slots)
     assert flat.slot_of(12345) == 0  # not time-aware: every timestep uses the one slot
 

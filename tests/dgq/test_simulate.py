@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -63,11 +64,20 @@ def test_w8a8_is_close_to_float(tiny_pipe, fixture, request):
         assert sqnr_db(ref, out) > TINY_W8A8_MIN_SQNR_DB, t
 
 
-def test_uncalibrated_timestep_and_other_model_are_refused(tiny_pipe, tiny_recipe):
-    qpipe = simulate(tiny_pipe, tiny_recipe)
+def test_uncalibrated_timestep_runs_with_the_nearest_slot_other_model_is_refused(tiny_pipe, tiny_recipe):
+    # A timestep between two calibrated ones runs with the nearest one's parameters: exactly the output
+    # of a recipe whose nearest slot is relabelled to that timestep (slot values only select the row).
+    slots = tiny_recipe.slots
+    t = slots[0] - 0.3 * (slots[0] - slots[1])
+    relabelled = dataclasses.replace(tiny_recipe, slots=[t, *slots[1:]])
+    other = dataclasses.replace(tiny_recipe, slots=[slots[0], t, *slots[2:]])
     sample, _, text = unet_inputs(tiny_pipe, 0)
-    with pytest.raises(RecipeError, match="was not calibrated"), torch.no_grad():
-        qpipe.unet(sample, torch.tensor(tiny_recipe.slots[0] - 1), text)
+    with torch.no_grad():
+        got = simulate(tiny_pipe, tiny_recipe).unet(sample, torch.tensor(t), text).sample
+        want = simulate(tiny_pipe, relabelled).unet(sample, torch.tensor(t), text).sample
+        second = simulate(tiny_pipe, other).unet(sample, torch.tensor(t), text).sample
+    assert torch.equal(got, want)
+    assert not torch.equal(got, second)  # the slots differ, so the test can tell which one ran
     other = copy.deepcopy(tiny_pipe.unet)
     with torch.no_grad():
         other.conv_in.weight.add_(1e-3)

@@ -321,6 +321,6 @@ def test_manifest_binds_the_folder(exported, tmp_path):
         read_manifest(copy, verify=True)
     with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(tmp_path / "nope")
-    with pytest.raises(ManifestError, match="step slots"):
-        step_index({"slots": [999.0, 500.0]}, 17)
     assert step_index({"slots": [999.0, 500.0]}, 500) == 1
+    assert step_index({"slots": [999.0, 500.0]}, 17) == 1  # uncalibrated: the nearest calibrated timestep
+    assert step_index({"slots": [999.0, 500.0]}, 760) == 0

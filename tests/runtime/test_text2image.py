@@ -6,9 +6,11 @@ import json
 import logging
 import shutil
 
+import diffusers
 import numpy as np
 import pytest
 import torch
+from diffusers import EulerDiscreteScheduler
 
 from export.iospec import FeedError, TensorSpec, read_specs
 from export.manifest import ManifestError
@@ -127,9 +129,15 @@ def test_step_index_fed_from_manifest_slots(tiny, runtime_pipe):
     )
     pipe(PROMPTS[:1], seed=0, steps=3)
     assert calls == [(t, slots.index(t)) for t in timesteps]
-    # Steps the export was not calibrated for have timesteps without a slot: refused, naming the slots.
-    with pytest.raises(ManifestError, match="was not calibrated"):
-        pipe(PROMPTS[:1], seed=0, steps=5)
+    # Other step counts and samplers run: a timestep without a slot is fed the nearest calibrated one's.
+    for other, steps in ((scheduler, 5), (EulerDiscreteScheduler.from_config(scheduler.config), 4)):
+        calls.clear()
+        pipe.scheduler = other
+        pipe(PROMPTS[:1], seed=0, steps=steps)
+        other.set_timesteps(steps)
+        want = [min(range(len(slots)), key=lambda i, t=float(t): abs(slots[i] - t)) for t in other.timesteps]
+        assert calls == [(float(t), i) for t, i in zip(other.timesteps, want, strict=True)]
+        assert len(set(want)) > 1
     # A UNet with step_index needs slots, and slots need a UNet with step_index.
     with pytest.raises(ValueError, match="no manifest with timestep slots"):
         Text2ImagePipeline(
@@ -139,7 +147,7 @@ def test_step_index_fed_from_manifest_slots(tiny, runtime_pipe):
         Text2ImagePipeline(*runtime_pipe.runners, tokenizer, scheduler, manifest={"slots": slots})
 
 
-def test_step_index_export_folder_end_to_end(tiny, tmp_path):
+def test_step_index_export_folder_end_to_end(tiny, tmp_path, caplog):
     _, folder = tiny
     _, scheduler = load_assets(folder)
     scheduler.set_timesteps(3)
@@ -157,8 +165,21 @@ def test_step_index_export_folder_end_to_end(tiny, tmp_path):
         assert np.allclose(pipe.unet.infer(feed)["noise_pred"], 2 * STEP_SCALE)
     out = pipe(PROMPTS[:1], seed=0, steps=3, guidance=1.0)
     assert out.images.shape == (1, 32, 32, 3) and len(out.timings.unet_step_s) == len(scheduler.timesteps)
-    with pytest.raises(ManifestError, match="was not calibrated"):
-        pipe(PROMPTS[:1], seed=0, steps=4)
+    # 4 steps: uncalibrated timesteps, run with the nearest slots' parameters (no warning: in range).
+    with caplog.at_level(logging.WARNING, logger="common.timesteps"):
+        out = pipe(PROMPTS[:1], seed=0, steps=4, guidance=1.0)
+    assert out.images.shape == (1, 32, 32, 3) and not caplog.records
+
+
+def test_schedule_far_outside_the_calibrated_range_warns_once(tiny, tmp_path, caplog):
+    _, folder = tiny
+    low = with_step_index(folder, tmp_path / "low", [150.0, 100.0, 50.0])  # only t < 200 calibrated
+    pipe = Text2ImagePipeline.from_export(low, backend="onnxruntime", threads=1)
+    with caplog.at_level(logging.WARNING, logger="common.timesteps"):
+        pipe(PROMPTS[:1], seed=0, steps=3, guidance=1.0)
+        pipe(PROMPTS[:1], seed=0, steps=3, guidance=1.0)
+    warnings = [r.message for r in caplog.records]
+    assert len(warnings) == 1 and "is outside the range this export was calibrated for (50..150" in warnings[0]
 
 
 def test_edited_folder_refused(tiny, tmp_path):
@@ -289,9 +310,38 @@ def test_cli_generate_onnx_refusals_exit_2(tiny, tmp_path):
         ["--onnx", str(folder), "--backend", "tensorrt"],
         ["--onnx", str(folder), "--size", "128"],
         ["--onnx", str(folder), "--model", "tiny"],
+        ["--onnx", str(folder), "--scheduler", "FlowMatchEulerDiscreteScheduler"],  # not for this model
+        ["--model", "tiny", "--scheduler", "FlowMatchEulerDiscreteScheduler"],
     ):
         assert main(["generate", *args, "--steps", "1", "--out", out]) == 2, args
+    for args in (["--scheduler", "eulr"], ["--steps", "0"]):  # refused by the parser, before anything loads
+        with pytest.raises(SystemExit) as stop:
+            main(["generate", "--onnx", str(folder), *args, "--out", out])
+        assert stop.value.code == 2, args
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,cls", [("euler", "EulerDiscreteScheduler"), ("dpm++", "DPMSolverMultistepScheduler")])
+def test_cli_generate_with_another_scheduler_matches_pytorch(tiny, tmp_path, name, cls):
+    """``--scheduler`` samples with another diffusers scheduler built from the model's config, in the
+    runtime and in the PyTorch pipeline alike: the same image as diffusers with that scheduler."""
+    from PIL import Image
+
+    from app.cli import main
+
+    torch_pipe, folder = tiny
+    common = ["--scheduler", name, "--steps", "3", "--image-seed", "4", "--prompt", PROMPTS[1]]
+    assert main(["generate", "--onnx", str(folder), *common, "--out", str(tmp_path / "rt")]) == 0
+    assert json.loads((tmp_path / "rt" / "timings.json").read_text())["scheduler"] == cls
+    # From the export's scheduler config, as a pipeline loaded from a saved folder would build it.
+    sampler = getattr(diffusers, cls).from_config(load_assets(folder)[1].config)
+    reference = type(torch_pipe)(**{**torch_pipe.components, "scheduler": sampler})
+    reference.set_progress_bar_config(disable=True)
+    want = _reference(reference, PROMPTS[1:], torch.Generator().manual_seed(4), 3, 5.0)[0]
+    levels, fraction = image_diff(np.asarray(Image.open(tmp_path / "rt" / "image_000.png")), want)
+    assert levels <= RUNTIME_IMAGE_MAX_ABS_LEVELS and fraction <= RUNTIME_IMAGE_MAX_DIFF_FRACTION
+    plain = _reference(torch_pipe, PROMPTS[1:], torch.Generator().manual_seed(4), 3, 5.0)[0]
+    assert image_diff(want, plain)[0] > RUNTIME_IMAGE_MAX_ABS_LEVELS  # the sampler really changed
 
 
 def test_fashion_matches_diffusers_and_truncates_at_16_tokens(tmp_path, caplog):
