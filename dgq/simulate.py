@@ -113,7 +113,21 @@ class ProbsFakeQuant:
 # ---------------------------------------------------------------------------- modules
 
 
-class QuantLayer(torch.nn.Module):
+class _SwappedLayer(torch.nn.Module):
+    """A module swapped in for a Conv2d or Linear (``self.inner``) that still answers for it:
+    ``in_features``, ``out_channels``, ``weight`` ... come from the float layer, as diffusers reads
+    them (SDXL's pipeline checks ``unet.add_embedding.linear_1.in_features``)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(super().__getattr__("inner"), name)
+
+
+class QuantLayer(_SwappedLayer):
     """A Conv2d or Linear with a fake-quantized input and weight (the module-swap seam)."""
 
     def __init__(
@@ -149,7 +163,7 @@ class QuantLayer(torch.nn.Module):
         return F.linear(x, self.weight_hat, bias)
 
 
-class BranchConvLayer(torch.nn.Module):
+class BranchConvLayer(_SwappedLayer):
     """``onnxruntime``-profile Conv2d: one branch per input-channel group (``ActPlan.branches``),
     each a whole QLinearConv unit, summed, then the float bias.
 

@@ -43,6 +43,7 @@ from export.iospec import (
     NetworkSpec,
     specs_to_json,
     text_encoder_spec,
+    text_encoders_xl_spec,
     unet_spec,
     vae_decoder_spec,
 )
@@ -84,6 +85,23 @@ class TextEncoderForExport(nn.Module):
         return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
 
 
+class TextEncodersXLForExport(nn.Module):
+    """SDXL's two text towers as one graph, ``(input_ids, input_ids_2) (int32) -> (prompt_embeds,
+    pooled_prompt_embeds)``, as ``StableDiffusionXLPipeline.encode_prompt`` computes them: each tower's
+    penultimate hidden states, concatenated (first tower first), and the second tower's projected pooled
+    output. One graph, so the runtime keeps one text-encoder stage (and one engine) for both towers."""
+
+    def __init__(self, text_encoder: nn.Module, text_encoder_2: nn.Module):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+
+    def forward(self, input_ids, input_ids_2):
+        first = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True)
+        second = self.text_encoder_2(input_ids_2.to(torch.int64), output_hidden_states=True)
+        embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return embeds, second[0]
+
+
 class VaeDecoderForExport(nn.Module):
     """``latent -> images``: undoes the VAE's latent scaling in-graph, then decodes (raw output, ~[-1, 1])."""
 
@@ -102,6 +120,20 @@ class VaeDecoderForExport(nn.Module):
 
 
 WRAPPERS = {"unet": UNetForExport, "text_encoder": TextEncoderForExport, "vae_decoder": VaeDecoderForExport}
+
+
+def is_xl(pipe: Any) -> bool:
+    """True for an SDXL-type pipeline (two text towers: a ``text_encoder_2``, even one not loaded)."""
+    return hasattr(pipe, "text_encoder_2") or "text_encoder_2" in (getattr(pipe, "components", None) or {})
+
+
+def component_wrapper(pipe: Any, component: str) -> nn.Module:
+    """The export wrapper of a pipeline component (:data:`WRAPPERS`; SDXL's text encoder takes both
+    towers, :class:`TextEncodersXLForExport`), in eval mode."""
+    module = _module(pipe, component)
+    if component == "text_encoder" and is_xl(pipe):
+        return TextEncodersXLForExport(module, pipe.text_encoder_2).eval()
+    return WRAPPERS[component](module).eval()
 
 
 # --- specs from a pipeline --------------------------------------------------------------------------
@@ -131,12 +163,17 @@ def _max_tokens(pipe: Any) -> int:
 
 
 def _check_supported(pipe: Any, components: Sequence[str]) -> None:
-    if "text_encoder" in components and getattr(pipe, "text_encoder_2", None) is not None:
-        raise ExportError(
-            f"{type(pipe).__name__} has two text encoders whose penultimate hidden states and pooled output "
-            "are combined; exporting them is not supported. Export components=('unet', 'vae_decoder') "
-            "(the SDXL UNet is supported, with text_embeds and time_ids inputs)"
-        )
+    if "text_encoder" not in components or not is_xl(pipe):
+        return
+    for attr in ("text_encoder_2", "tokenizer_2"):
+        if getattr(pipe, attr, None) is None:
+            raise ExportError(
+                f"{type(pipe).__name__} has no {attr}: SDXL's text encoder graph combines both text towers, "
+                f"so load the pipeline with {attr}, or leave 'text_encoder' out of components"
+            )
+    first, second = int(pipe.tokenizer.model_max_length), int(pipe.tokenizer_2.model_max_length)
+    if first != second:
+        raise ExportError(f"the two tokenizers pad to {first} and {second} tokens; SDXL's both pad to the same")
 
 
 def pipeline_specs(
@@ -164,6 +201,15 @@ def pipeline_specs(
             if c == "unet":
                 specs[c] = unet_spec(
                     module.config, _max_tokens(pipe), batch=cond_batch, static_size=static_size, fp16=fp16
+                )
+            elif c == "text_encoder" and is_xl(pipe):
+                specs[c] = text_encoders_xl_spec(
+                    module.config.to_dict(),
+                    pipe.text_encoder_2.config.to_dict(),
+                    _max_tokens(pipe),
+                    batch=cond_batch,
+                    fp16=fp16,
+                    force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
                 )
             elif c == "text_encoder":
                 specs[c] = text_encoder_spec(module.config.to_dict(), _max_tokens(pipe), batch=cond_batch, fp16=fp16)
@@ -419,14 +465,13 @@ def export_float(
     written: dict[str, Path] = {}
     with atomic_dir(out_dir, overwrite=overwrite, owned=is_export_output, what="export folder") as tmp:
         for c in components:
-            module = _module(pipe, c)
-            dtypes = {p.dtype for p in module.parameters()}
+            wrapper = component_wrapper(pipe, c)
+            dtypes = {p.dtype for p in wrapper.parameters()}
             if dtypes != {torch.float32}:
                 raise ExportError(
                     f"{c} has {sorted(map(str, dtypes))} weights; load the pipeline in float32 "
                     "(fp16=True converts the exported graph, which keeps the timestep path in float32)"
                 )
-            wrapper = WRAPPERS[c](module).eval()
             start = time.perf_counter()
             export_component(
                 wrapper, specs[c], tmp / f"{c}.onnx", opset=opset, external_data_threshold=external_data_threshold
@@ -479,13 +524,17 @@ def is_export_output(path: str | Path) -> bool:
 
 
 def write_assets(pipe: Any, folder: Path) -> None:
-    """Save the pipeline's tokenizer and scheduler beside the graphs (what a runtime needs besides them);
-    a pipeline-like object without them (a bare UNet export) gets neither."""
-    if hasattr(getattr(pipe, "tokenizer", None), "save_pretrained"):
-        pipe.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    """Save the pipeline's tokenizer(s) and scheduler beside the graphs (what a runtime needs besides
+    them: ``tokenizer/``, SDXL's ``tokenizer_2/``, ``scheduler/``); a pipeline-like object without them
+    (a bare UNet export) gets none."""
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        if not hasattr(tokenizer, "save_pretrained"):
+            continue
+        tokenizer.save_pretrained(str(folder / name))
         # A fast tokenizer saves the padding/truncation state of its last call; drop it so the
         # same pipeline always writes the same bytes (transformers sets both per call anyway).
-        fast = folder / "tokenizer" / "tokenizer.json"
+        fast = folder / name / "tokenizer.json"
         if fast.is_file():
             state = json.loads(fast.read_text(encoding="utf-8"))
             state["padding"] = state["truncation"] = None

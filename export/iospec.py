@@ -422,6 +422,46 @@ def text_encoder_spec(
     )
 
 
+def text_encoders_xl_spec(
+    text_config: Mapping[str, Any],
+    text_2_config: Mapping[str, Any],
+    max_tokens: int,
+    *,
+    batch: tuple[int, int, int] = (1, 2, 8),
+    fp16: bool = False,
+    force_zeros_for_empty_prompt: bool = True,
+) -> NetworkSpec:
+    """SDXL's two text towers as one network: ``input_ids`` (first tokenizer) and ``input_ids_2``
+    (second) -> ``prompt_embeds`` (the towers' penultimate hidden states, concatenated) and
+    ``pooled_prompt_embeds`` (the second tower's projection). ``force_zeros_for_empty_prompt`` (the
+    pipeline's setting) tells the runtime to use zeros, not an encoded empty prompt, as the negative
+    embeddings when no negative prompt is given, as diffusers does."""
+    for config in (text_config, text_2_config):
+        limit = config.get("max_position_embeddings")
+        if limit is not None and max_tokens > limit:
+            raise ValueError(f"max_tokens={max_tokens} exceeds a text encoder's max_position_embeddings={limit}")
+    float_t = "float16" if fp16 else "float32"
+    width = int(text_config["hidden_size"]) + int(text_2_config["hidden_size"])
+    return NetworkSpec(
+        "text_encoder",
+        [
+            TensorSpec("input_ids", "int32", ("batch", max_tokens)),
+            TensorSpec("input_ids_2", "int32", ("batch", max_tokens)),
+        ],
+        [
+            TensorSpec("prompt_embeds", float_t, ("batch", max_tokens, width)),
+            TensorSpec("pooled_prompt_embeds", float_t, ("batch", int(text_2_config["projection_dim"]))),
+        ],
+        {"batch": _batch_dim(batch)},
+        {
+            "precision": float_t,
+            "max_tokens": max_tokens,
+            "towers": 2,
+            "force_zeros_for_empty_prompt": bool(force_zeros_for_empty_prompt),
+        },
+    )
+
+
 def vae_decoder_spec(
     vae_config: Mapping[str, Any],
     *,

@@ -36,6 +36,7 @@ from export.float_export import (
     WRAPPERS,
     ExportError,
     check_opset,
+    component_wrapper,
     export_component,
     is_export_output,
     pipeline_specs,
@@ -352,7 +353,7 @@ def export_onnx(
                 )
             else:
                 export_component(
-                    WRAPPERS[c](getattr(pipe, "vae" if c == "vae_decoder" else c)).eval(),
+                    component_wrapper(pipe, c),
                     specs[c],
                     tmp / f"{c}.onnx",
                     opset=opset,

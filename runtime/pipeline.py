@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 STEP_INDEX = "step_index"
+UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states"]
+XL_UNET_INPUTS = ["text_embeds", "time_ids"]
+XL_TEXT_INPUTS = ["input_ids", "input_ids_2"]
 
 
 @dataclass
@@ -120,9 +123,10 @@ class Text2ImagePipeline:
         scheduler: Any,
         manifest: Mapping[str, Any] | None = None,
         backend: str | None = None,
+        tokenizer_2: Any = None,
     ):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
-        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.tokenizer, self.scheduler, self.tokenizer_2 = tokenizer, scheduler, tokenizer_2
         self.manifest = dict(manifest) if manifest is not None else None
         self.backend = backend or type(unet).__name__
         self._check_contracts()
@@ -138,11 +142,31 @@ class Text2ImagePipeline:
             )
         self.sample_name = unet.input_names[0]
         names = unet.input_names
-        if names[:3] != ["sample", "timestep", "encoder_hidden_states"] or set(names[3:]) - {STEP_INDEX}:
+        # SDXL: the UNet also takes the pooled text embedding and the six size conditioning values, and
+        # the text encoder graph runs both towers (export.float_export.TextEncodersXLForExport).
+        self.xl = "text_embeds" in names
+        first = UNET_INPUTS + XL_UNET_INPUTS if self.xl else UNET_INPUTS
+        if names[: len(first)] != first or set(names[len(first) :]) - {STEP_INDEX}:
             raise ValueError(
-                f"UNet inputs {names} are not sample, timestep, encoder_hidden_states[, step_index] "
-                "(SDXL UNets need text_embeds/time_ids, which this pipeline does not compute)"
+                f"UNet inputs {names} are not {', '.join(UNET_INPUTS)}[, {', '.join(XL_UNET_INPUTS)}][, step_index]"
             )
+        want_te = XL_TEXT_INPUTS if self.xl else XL_TEXT_INPUTS[:1]
+        if te.input_names != want_te or len(te.outputs) != len(want_te):
+            raise ValueError(
+                f"the text encoder takes {te.input_names} and gives {te.output_names}, but this "
+                f"{'SDXL' if self.xl else 'SD'} UNet needs one that takes {want_te} and gives "
+                f"{'prompt and pooled embeddings' if self.xl else 'the hidden states'}; export the pipeline's "
+                "text encoder(s) together with its UNet"
+            )
+        if self.xl:
+            if self.tokenizer_2 is None:
+                raise ValueError("an SDXL export needs its second tokenizer (tokenizer_2/); re-export with assets")
+            if int(self.tokenizer_2.model_max_length) != self.max_tokens:
+                raise ValueError(
+                    f"the second tokenizer pads to {self.tokenizer_2.model_max_length} tokens but the text encoder "
+                    f"takes {self.max_tokens}; use the tokenizers saved with the export"
+                )
+        self.force_zeros = bool(te.metadata.get("force_zeros_for_empty_prompt", False))
         slots = (self.manifest or {}).get("slots")
         takes_step = STEP_INDEX in names
         if takes_step and slots is None:
@@ -204,6 +228,7 @@ class Text2ImagePipeline:
                 "(iospec.json); the folder was edited, re-export"
             )
         tokenizer, saved_scheduler = load_assets(folder)
+        tokenizer_2 = load_tokenizer(folder / "tokenizer_2") if (folder / "tokenizer_2").is_dir() else None
         if scheduler is not None:
             saved_scheduler = scheduler(saved_scheduler)
         engine_dir = Path(engine_dir) if engine_dir is not None else folder
@@ -243,6 +268,7 @@ class Text2ImagePipeline:
             saved_scheduler,
             manifest=manifest,
             backend=label,
+            tokenizer_2=tokenizer_2,
         )
         pipe.backend_reason = reason
         return pipe
@@ -268,17 +294,21 @@ class Text2ImagePipeline:
         self.deactivate()
 
     # --- stages ----------------------------------------------------------------------------------
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        """int32 ids (N, max_tokens), padded to the tokenizer's ``model_max_length``; longer prompts
-        are truncated (keeping the end token, as diffusers does) with a warning per prompt."""
-        ids = self.tokenizer(
+    def tokenize(self, prompts: Sequence[str], tokenizer: Any = None) -> np.ndarray:
+        """int32 ids (N, max_tokens), padded to the tokenizer's ``model_max_length`` (``tokenizer``:
+        default the first); longer prompts are truncated (keeping the end token, as diffusers does) with
+        a warning per prompt."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        ids = tokenizer(
             list(prompts), padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="np"
         ).input_ids
-        full = self.tokenizer(list(prompts), padding=False, truncation=False).input_ids
+        if tokenizer is not self.tokenizer:
+            return ids.astype(np.int32)  # the first tokenizer's pass already warned about these prompts
+        full = tokenizer(list(prompts), padding=False, truncation=False).input_ids
         for prompt, tokens in zip(prompts, full, strict=True):
             if len(tokens) > self.max_tokens:
                 dropped = len(tokens) - self.max_tokens
-                removed = self.tokenizer.decode(tokens[self.max_tokens - 1 : -1])
+                removed = tokenizer.decode(tokens[self.max_tokens - 1 : -1])
                 log.warning(
                     "prompt truncated: %d token(s) dropped (the text encoder takes %d): %r; dropped text: %r",
                     dropped,
@@ -295,7 +325,9 @@ class Text2ImagePipeline:
         """Refuse a request outside any network's profile before spending time on it."""
         batch = images * (2 if cfg else 1)
         feeds = {
-            self.text_encoder: {self.text_encoder.spec.input_names[0]: _Shape((batch, self.max_tokens), "int32")},
+            self.text_encoder: {
+                n: _Shape((batch, self.max_tokens), "int32") for n in self.text_encoder.spec.input_names
+            },
             self.unet: {
                 t.name: _Shape(self._unet_shape(t, batch, latent_hw, channels), t.dtype) for t in self.unet.spec.inputs
             },
@@ -313,6 +345,8 @@ class Text2ImagePipeline:
             return (batch, channels, *latent_hw)
         if t.name == "encoder_hidden_states":
             return (batch, self.max_tokens, int(t.shape[2]))
+        if t.name in XL_UNET_INPUTS:
+            return (batch, int(t.shape[1]))
         return ()
 
     def latent_size(self, size: int | tuple[int, int] | None) -> tuple[int, int]:
@@ -333,10 +367,13 @@ class Text2ImagePipeline:
         seed: int | Sequence[int] = 0,
         steps: int = 25,
         guidance: float = DEFAULT_GUIDANCE,
-        negative_prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] | None = None,
         size: int | tuple[int, int] | None = None,
     ) -> Text2ImageOutput:
         """Generate one image per prompt.
+
+        ``negative_prompt``: None is diffusers' default, the empty prompt, except for an SDXL export whose
+        pipeline sets ``force_zeros_for_empty_prompt``: zero negative embeddings, as diffusers uses.
 
         ``seed``: one int seeds one CPU generator for the whole batch (diffusers with one
         ``generator``); a list gives each image its own generator (diffusers with a list of
@@ -349,6 +386,8 @@ class Text2ImagePipeline:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         n = len(prompts)
+        zero_negatives = negative_prompt is None and self.force_zeros
+        negative_prompt = "" if negative_prompt is None else negative_prompt
         negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != n:
             raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
@@ -366,12 +405,20 @@ class Text2ImagePipeline:
         timings = StageTimings()
         start = time.perf_counter()
 
-        # Text encoder: [uncond, cond] in one batch, as diffusers concatenates them.
-        ids = self.tokenize(negatives + prompts if cfg else prompts)
+        # Text encoder: [uncond, cond] in one batch, as diffusers concatenates them (zeros for uncond
+        # when the SDXL pipeline says so: then only the prompts are encoded).
+        texts = negatives + prompts if cfg and not zero_negatives else prompts
+        names = self.text_encoder.spec.input_names
+        feed = {names[0]: self.tokenize(texts)}
+        if self.xl:
+            feed[names[1]] = self.tokenize(texts, self.tokenizer_2)
         t0 = time.perf_counter()
-        out = self.text_encoder.infer({self.text_encoder.spec.input_names[0]: ids})
+        out = self.text_encoder.infer(feed)
         timings.text_encoder_s = time.perf_counter() - t0
-        embeds = to_torch(out[self.text_encoder.spec.output_names[0]])
+        encoded = [to_torch(out[name]) for name in self.text_encoder.spec.output_names]
+        if cfg and zero_negatives:
+            encoded = [torch.cat([torch.zeros_like(e), e]) for e in encoded]
+        embeds = encoded[0]
 
         device = torch.device(self.unet.device)
         scheduler = self.scheduler
@@ -386,6 +433,16 @@ class Text2ImagePipeline:
         if _accepts(scheduler.step, "generator"):
             step_kwargs["generator"] = generator
         embeds = self._cast(self.unet, "encoder_hidden_states", embeds.to(device))
+        added = {}
+        if self.xl:
+            # diffusers' _get_add_time_ids with its defaults: original size = target size = the image's
+            # (height, width) in pixels, crop top-left (0, 0); the same row for uncond and cond.
+            h, w = (d * self.vae_scale_factor for d in latent_hw)
+            rows = len(embeds)
+            added = {
+                "text_embeds": self._cast(self.unet, "text_embeds", encoded[1].to(device)),
+                "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(rows, 1).to(device),
+            }
         for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -393,6 +450,7 @@ class Text2ImagePipeline:
                 "sample": self._cast(self.unet, "sample", model_input),
                 "timestep": torch.tensor(float(t), dtype=torch.float32),
                 "encoder_hidden_states": embeds,
+                **added,
             }
             if self.takes_step_index:
                 feed[STEP_INDEX] = torch.tensor(self.slot_table.index(float(t)), dtype=torch.int64)
@@ -443,6 +501,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     "processor does."""
     pixels = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     return (pixels * 255).round().astype(np.uint8)
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Any:
+    """A tokenizer saved with an export (transformers ``AutoTokenizer``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def load_assets(folder: str | os.PathLike) -> tuple[Any, Any]:

@@ -142,4 +142,23 @@ def test_calibrate_inspect_and_refusals(tmp_path, capsys, caplog):
     # --no-fold-groups is a tensorrt-profile switch: refused with another profile, nothing written
     assert main([*args[:-2], "--no-fold-groups", "--out", str(tmp_path / "nf.safetensors")]) == 2
     assert "--no-fold-groups applies to --profile tensorrt" in caplog.text
+    # A sampler diffusers has not, or one that does not fit this model: refused, nothing written.
+    with pytest.raises(SystemExit) as stop:
+        main([*args[:-2], "--scheduler", "dpm+++", "--out", str(tmp_path / "s.safetensors")])
+    assert stop.value.code == 2
+    flow = ["--scheduler", "FlowMatchEulerDiscreteScheduler", "--out", str(tmp_path / "s.safetensors")]
+    assert main([*args[:-2], *flow]) == 2
+    assert "is not compatible with this model's PNDMScheduler" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]
+    # Calibrated with another sampler: the recipe says which, and its slots are that sampler's timesteps.
+    euler = tmp_path / "euler.safetensors"
+    assert main([*args[:-2], "--scheduler", "euler", "--out", str(euler)]) == 0
+    from dgq.recipe import load
+
+    recipe = load(euler)
+    assert recipe.meta["scheduler"] == "EulerDiscreteScheduler"
+    from dgq import schedulers, zoo
+
+    sampler = schedulers.swap(zoo.build_pipeline("tiny").scheduler, "euler")
+    sampler.set_timesteps(2)
+    assert recipe.slots == [float(t) for t in sampler.timesteps]

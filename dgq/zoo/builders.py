@@ -1,4 +1,4 @@
-"""Seeded random-weight pipelines: ``tiny`` and the SD v1.5 / v2.1 / SDXL architectures."""
+"""Seeded random-weight pipelines: ``tiny``, ``tiny-xl`` and the SD v1.5 / v2.1 / SDXL architectures."""
 
 from __future__ import annotations
 
@@ -53,6 +53,30 @@ TINY_VAE = dict(
     norm_num_groups=8,
     sample_size=32,
 )
+
+# tiny-xl: what makes SDXL SDXL at test size: two CLIP text towers whose penultimate hidden states are
+# concatenated (32 + 32 = the UNet's 64-wide cross-attention) and whose second tower's pooled,
+# projected output feeds the ``text_time`` added embedding with the six size conditioning values,
+# transformer depth 2 in the lower block, linear projections in the transformers, no attention in the
+# top block, an Euler scheduler, and a VAE marked force_upcast.
+TINY_XL_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=64,
+    attention_head_dim=(4, 8),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+    norm_num_groups=8,
+)
+TINY_XL_TEXT_2 = dict(TINY_TEXT, num_hidden_layers=3)
 
 SD_COMPONENTS = ("unet", "text_encoder", "vae")
 SDXL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -124,30 +148,43 @@ def build_sd21(seed: int = 0, components: Iterable[str] | None = None) -> Stable
     )
 
 
-def build_sdxl(seed: int = 0, components: Iterable[str] | None = None) -> StableDiffusionXLPipeline:
+def build_xl(
+    unet_cfg: dict,
+    text_cfg: dict,
+    text_2_cfg: dict,
+    vae_cfg: dict,
+    seed: int = 0,
+    components: Iterable[str] | None = None,
+) -> StableDiffusionXLPipeline:
+    """A StableDiffusionXLPipeline with seeded random weights; absent components are ``None``."""
     wanted = check_components(components, SDXL_COMPONENTS)
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**configs.SDXL_UNET)) if "unet" in wanted else None
-    text = (
-        _seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(**configs.CLIP_L_TEXT)))
-        if "text_encoder" in wanted
-        else None
-    )
+    unet = _seeded(seed, lambda: UNet2DConditionModel(**unet_cfg)) if "unet" in wanted else None
+    text = _seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg))) if "text_encoder" in wanted else None
     text2 = (
-        _seeded(seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**configs.OPENCLIP_BIGG_TEXT)))
+        _seeded(seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text_2_cfg)))
         if "text_encoder_2" in wanted
         else None
     )
-    vae_cfg = dict(configs.SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
     vae = _seeded(seed + 2, lambda: AutoencoderKL(**vae_cfg)) if "vae" in wanted else None
-    tokenizer_2 = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer(text_2_cfg["max_position_embeddings"])
     tokenizer_2.pad_token = "!"  # open_clip pads with id 0, as SDXL's tokenizer_2 does
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text,
         text_encoder_2=text2,
-        tokenizer=build_clip_tokenizer(),
+        tokenizer=build_clip_tokenizer(text_cfg["max_position_embeddings"]),
         tokenizer_2=tokenizer_2,
         unet=unet,
         scheduler=EulerDiscreteScheduler(**configs.SDXL_SCHEDULER),
         force_zeros_for_empty_prompt=True,
     )
+
+
+def build_sdxl(seed: int = 0, components: Iterable[str] | None = None) -> StableDiffusionXLPipeline:
+    vae_cfg = dict(configs.SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    return build_xl(configs.SDXL_UNET, configs.CLIP_L_TEXT, configs.OPENCLIP_BIGG_TEXT, vae_cfg, seed, components)
+
+
+def build_tiny_xl(seed: int = 0, components: Iterable[str] | None = None) -> StableDiffusionXLPipeline:
+    vae_cfg = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)
+    return build_xl(TINY_XL_UNET, TINY_TEXT, TINY_XL_TEXT_2, vae_cfg, seed, components)

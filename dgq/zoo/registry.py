@@ -50,6 +50,13 @@ def register(entry: ZooEntry) -> None:
 
 
 register(ZooEntry("tiny", "SD v1-shaped pipeline, random weights, 1.5M-param UNet; for tests", builders.build_tiny))
+register(
+    ZooEntry(
+        "tiny-xl",
+        "SDXL-shaped pipeline (two text towers, text_time embedding, depth-2 transformer), random weights; for tests",
+        builders.build_tiny_xl,
+    )
+)
 register(ZooEntry("sd15", "Stable Diffusion v1.5 architecture, random weights (UNet 860M)", builders.build_sd15))
 register(
     ZooEntry(

@@ -195,15 +195,18 @@ def test_existing_folder_needs_overwrite(tiny_pipe, exported):
         export_float(tiny_pipe, exported["iospec"].parent, components=("vae_decoder",))
 
 
-def test_two_text_encoders_refused(tiny_pipe, tmp_path):
+def test_two_text_towers_need_both_tokenizers(tiny_pipe, tmp_path):
+    # SDXL's text encoder graph runs both towers (tests/runtime/test_text2image_xl.py); a pipeline with
+    # a second tower but no second tokenizer is refused instead of exporting the first tower alone.
     sdxl_like = types.SimpleNamespace(
         unet=tiny_pipe.unet,
         text_encoder=tiny_pipe.text_encoder,
         text_encoder_2=tiny_pipe.text_encoder,
         tokenizer=tiny_pipe.tokenizer,
     )
-    with pytest.raises(ExportError, match="two text encoders"):
+    with pytest.raises(ExportError, match="has no tokenizer_2"):
         export_float(sdxl_like, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_float16_module_refused(tmp_path):

@@ -79,6 +79,32 @@ def test_runtime_image_matches_simulator(fashion, fashion_exports, name):
     assert psnr_u8(got, np.round(sim * 255)) > RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
 
 
+@pytest.mark.parametrize("name,sampler,steps", [("onnxruntime", "euler", 10), ("tensorrt", "dpm++", 20)])
+def test_runtime_matches_simulator_at_uncalibrated_steps(fashion, fashion_exports, name, sampler, steps):
+    """Calibrated at 25 DDIM steps, generated at other steps with another sampler: every uncalibrated
+    timestep takes the nearest calibrated slot, in the exported graph (through the runtime's
+    step_index) as in the simulator, so the images agree as closely as at the calibrated setting."""
+    from dgq.schedulers import swap
+    from dgq.simulate import simulate
+    from runtime.pipeline import Text2ImagePipeline
+
+    folder, recipe, _ = fashion_exports[name]
+    rt = Text2ImagePipeline.from_export(folder, backend="onnxruntime", scheduler=lambda s: swap(s, sampler))
+    got = rt(["a photo of a bag"], seed=3, steps=steps, guidance=GUIDANCE).images[0]
+    qpipe = simulate(fashion, recipe)
+    qpipe.scheduler = swap(fashion.scheduler, sampler)
+    sim = qpipe(
+        ["a photo of a bag"],
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images[0]
+    rt.scheduler.set_timesteps(steps)
+    assert not all(t in recipe.slots for t in rt.scheduler.timesteps.tolist())
+    assert psnr_u8(got, np.round(sim * 255)) > RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
+
+
 def test_onnxruntime_target_runs_integer_kernels(fashion_exports):
     """Acceptance: ONNX Runtime CPU's optimized graph of the default model's onnxruntime export runs
     every quantized conv branch as QLinearConv and the token Linear layers as MatMulIntegerToFloat."""
