@@ -90,6 +90,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="calibration prompts (default 64)",
     )
     p.add_argument(
+        "--scheduler",
+        type=_scheduler_name,
+        default=None,
+        metavar="NAME",
+        help="sampler to calibrate with and to save with the export (the runtime's default): ddim, euler, "
+        "dpm++, ... or a diffusers scheduler class name (default: the recipe's, else the model's)",
+    )
+    p.add_argument(
         "--steps",
         type=argtypes.steps,
         default=DEFAULT_STEPS,
@@ -126,6 +134,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from dgq.device import add_arguments as add_device_arguments
 
     add_device_arguments(p, "the calibration without --recipe (the graphs are traced on the CPU in float32)")
+
+
+def _scheduler_name(text: str) -> str:
+    from dgq.schedulers import argtype
+
+    return argtype(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,8 +179,21 @@ def _export(args: argparse.Namespace) -> int:
         )
     model = args.model or zoo.DEFAULT_MODEL
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    pipe = zoo.load_pipeline(model, seed=args.seed)
-    pipe.set_progress_bar_config(disable=True)
+    # The sampler saved with the export (the runtime's default) is the one the recipe was calibrated
+    # with: --scheduler, else the recipe's own record, else the model's.
+    sampler = args.scheduler or (recipe.meta.get("scheduler") if recipe is not None else None)
+
+    def load():
+        from dgq import schedulers
+
+        pipe = zoo.load_pipeline(model, seed=args.seed)
+        pipe.set_progress_bar_config(disable=True)
+        if sampler is not None and sampler != type(pipe.scheduler).__name__:
+            schedulers.use(pipe, sampler)
+            log.info("sampler of this export: %s", type(pipe.scheduler).__name__)
+        return pipe
+
+    pipe = load()
     if args.target != "float" and recipe is None:
         recipe = _calibrate(place(pipe, device, dtype), model, args)
         # The graphs are traced on the CPU in float32: back from the device, or reloaded when the
@@ -174,8 +201,7 @@ def _export(args: argparse.Namespace) -> int:
         if dtype == torch.float32:
             pipe.to("cpu")
         else:
-            pipe = zoo.load_pipeline(model, seed=args.seed)
-            pipe.set_progress_bar_config(disable=True)
+            pipe = load()
     t0 = time.perf_counter()
     summary = export_onnx(
         pipe,

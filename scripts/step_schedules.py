@@ -58,9 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="calibration prompts of every recipe, the one and the recalibrated ones (default 16)",
     )
     p.add_argument(
-        "--eval-prompts", type=argtypes.integer(1), default=20, help="held-out prompts, class-balanced (default 20)"
+        "--eval-prompts", type=argtypes.integer(1), default=10, help="held-out prompts, class-balanced (default 10)"
     )
-    p.add_argument("--seeds", type=argtypes.integer(1), default=2, help="image seeds per prompt (default 2)")
+    p.add_argument("--seeds", type=argtypes.integer(1), default=1, help="image seeds per prompt (default 1)")
     p.add_argument(
         "--guidance", type=argtypes.guidance, default=DEFAULT_GUIDANCE, help=f"guidance (default {DEFAULT_GUIDANCE:g})"
     )

@@ -162,3 +162,9 @@ def test_calibrate_inspect_and_refusals(tmp_path, capsys, caplog):
     sampler = schedulers.swap(zoo.build_pipeline("tiny").scheduler, "euler")
     sampler.set_timesteps(2)
     assert recipe.slots == [float(t) for t in sampler.timesteps]
+    # Its export saves that sampler, so the runtime's default is the calibrated setting.
+    folder = tmp_path / "euler_export"
+    export = ["export", "--model", "tiny", "--recipe", str(euler), "--target", "faithful"]
+    assert main([*export, "--out", str(folder)]) == 0
+    saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "EulerDiscreteScheduler"
