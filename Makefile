@@ -3,6 +3,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dgq-installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core by default. Whole files go to one process (loadfile), so
+# a file's module-scoped fixtures (calibrations, exports) are built once. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= auto
 
 .PHONY: setup quickstart test lint format
 
@@ -17,7 +20,7 @@ quickstart: $(STAMP)
 
 # Lint and format check first (configuration in pyproject.toml), then the suite.
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
