@@ -83,7 +83,12 @@ def swap(scheduler: Any, name_or_class: str | type) -> Any:
             f"{cls.__name__} is not compatible with this model's {type(scheduler).__name__}; "
             f"compatible: {', '.join(sorted(compatible))}"
         )
-    return cls.from_config(scheduler.config)
+    # Every value of the model's config counts as set: diffusers' from_config would otherwise give the
+    # new class its own defaults for keys an in-memory scheduler marks as defaulted (e.g. Euler's
+    # "linspace" spacing instead of the model's "leading"), where the same model loaded from a saved
+    # folder (an export's scheduler/) keeps them. One rule for both paths.
+    config = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    return cls.from_config(config)
 
 
 def use(pipe: Any, name: str | None) -> Any:

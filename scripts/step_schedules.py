@@ -58,13 +58,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="calibration prompts of every recipe, the one and the recalibrated ones (default 16)",
     )
     p.add_argument(
-        "--eval-prompts", type=argtypes.integer(1), default=10, help="held-out prompts, class-balanced (default 10)"
+        "--eval-prompts", type=argtypes.integer(1), default=8, help="held-out prompts, class-balanced (default 8)"
     )
     p.add_argument("--seeds", type=argtypes.integer(1), default=1, help="image seeds per prompt (default 1)")
     p.add_argument(
         "--guidance", type=argtypes.guidance, default=DEFAULT_GUIDANCE, help=f"guidance (default {DEFAULT_GUIDANCE:g})"
     )
-    p.add_argument("--no-rules", action="store_true", help="measure only the nearest rule and recalibration")
+    p.add_argument(
+        "--rules-at",
+        nargs="*",
+        type=argtypes.steps,
+        default=[10, 20],
+        help="step counts at which the lower and upper rules are measured too (default 10 20; none: only "
+        "the nearest rule and recalibration)",
+    )
     p.add_argument("--threads", type=argtypes.integer(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
 
@@ -181,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                 "far": sum(table.is_far(t) for t in timesteps),
             },
         }
-        for rule in ("nearest",) if args.no_rules else RULES:
+        for rule in RULES if steps in args.rules_at else ("nearest",):
             with slot_rule(rule):
                 row[rule] = _measure(pipe, simulate(pipe, recipe), eval_prompts, steps, args)
         again, seconds = recipe_for(pipe, steps)
