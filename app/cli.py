@@ -57,17 +57,10 @@ def _add_size_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_scheduler_arg(p: argparse.ArgumentParser, default: str) -> None:
-    from dgq.schedulers import ALIASES, argtype
+def _add_scheduler_arg(p: argparse.ArgumentParser, what: str, default: str = "the model's own") -> None:
+    from dgq.schedulers import add_argument
 
-    p.add_argument(
-        "--scheduler",
-        type=argtype,
-        default=None,
-        metavar="NAME",
-        help=f"sampler: {', '.join(ALIASES)} or a diffusers scheduler class name; built from the model's "
-        f"scheduler config, so its betas and prediction type are kept (default: {default})",
-    )
+    add_argument(p, what, default)
 
 
 # ---- dgq zoo ---------------------------------------------------------------------------------
@@ -206,7 +199,7 @@ def _add_generate(sub) -> None:
         "the steps it was calibrated with). A quantized export runs any count: a timestep it was not calibrated "
         "at uses the parameters of the nearest calibrated one",
     )
-    _add_scheduler_arg(p, "the model's own (with --onnx: the export's)")
+    _add_scheduler_arg(p, "to generate with", "the model's own; with --onnx, the export's")
     p.add_argument(
         "--guidance",
         type=argtypes.guidance,
@@ -425,7 +418,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument(
         "--steps", type=argtypes.steps, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})"
     )
-    _add_scheduler_arg(p, "the model's own")
+    _add_scheduler_arg(p, "to calibrate with")
     p.add_argument(
         "--guidance",
         type=argtypes.guidance,

@@ -72,6 +72,20 @@ def argtype(text: str) -> str:
     return text
 
 
+def add_argument(parser: argparse.ArgumentParser, what: str, default: str = "the model's own") -> None:
+    """The ``--scheduler NAME`` option of every command; ``what`` says what it samples or is saved for."""
+    parser.add_argument(
+        "--scheduler",
+        type=argtype,
+        default=None,
+        metavar="NAME",
+        help=f"sampler {what}: {', '.join(ALIASES)} or a diffusers scheduler class name, built from the model's "
+        f"scheduler config (its betas, prediction type and spacing kept); a quantized model runs any sampler "
+        f"and step count, a timestep it was not calibrated at taking the nearest calibrated one's parameters "
+        f"(default: {default})",
+    )
+
+
 def swap(scheduler: Any, name_or_class: str | type) -> Any:
     """A new scheduler of the named class with ``scheduler``'s config. Raises ValueError when diffusers
     does not list that class as compatible with ``scheduler``'s (e.g. a flow-matching sampler for an
@@ -98,4 +112,4 @@ def use(pipe: Any, name: str | None) -> Any:
     return pipe
 
 
-__all__ = ["ALIASES", "argtype", "scheduler_class", "swap", "use"]
+__all__ = ["ALIASES", "add_argument", "argtype", "scheduler_class", "swap", "use"]

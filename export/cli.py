@@ -89,14 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=64,
         help="calibration prompts (default 64)",
     )
-    p.add_argument(
-        "--scheduler",
-        type=_scheduler_name,
-        default=None,
-        metavar="NAME",
-        help="sampler to calibrate with and to save with the export (the runtime's default): ddim, euler, "
-        "dpm++, ... or a diffusers scheduler class name (default: the recipe's, else the model's)",
-    )
+    from dgq import schedulers
+
+    schedulers.add_argument(p, "to calibrate with and to save with the export", "the recipe's, else the model's")
     p.add_argument(
         "--steps",
         type=argtypes.steps,
@@ -134,12 +129,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from dgq.device import add_arguments as add_device_arguments
 
     add_device_arguments(p, "the calibration without --recipe (the graphs are traced on the CPU in float32)")
-
-
-def _scheduler_name(text: str) -> str:
-    from dgq.schedulers import argtype
-
-    return argtype(text)
 
 
 def run(args: argparse.Namespace) -> int:

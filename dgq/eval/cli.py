@@ -63,15 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=argtypes.steps, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})"
     )
-    p.add_argument(
-        "--scheduler",
-        type=schedulers.argtype,
-        default=None,
-        metavar="NAME",
-        help=f"sampler of both pipelines: {', '.join(schedulers.ALIASES)} or a diffusers scheduler class name "
-        "(default: the model's own); a recipe runs at any steps and sampler, uncalibrated timesteps taking "
-        "the nearest calibrated one's parameters",
-    )
+    schedulers.add_argument(p, "of both pipelines")
     p.add_argument(
         "--guidance",
         type=argtypes.guidance,
