@@ -164,6 +164,26 @@ def run(args: argparse.Namespace) -> int:
             "nearest": _measure(calibrated, simulate(calibrated, recipe), eval_prompts, args.calibrated_steps, args),
         }
     ]
+    doc = {
+        "model": args.model,
+        "preset": args.preset,
+        "calibrated": {"scheduler": args.calibrated_scheduler, "steps": args.calibrated_steps, "slots": recipe.slots},
+        "calibration_prompts": args.calibration_prompts,
+        "eval_prompts": args.eval_prompts,
+        "seeds": args.seeds,
+        "guidance": args.guidance,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+        "complete": False,
+    }
+
+    def save(doc: dict) -> None:
+        # After every setting: a long run stopped part way keeps what it measured ("complete": false).
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(args.out) as f:
+            f.write((json.dumps(doc, indent=2) + "\n").encode())
+
     table = SlotTable(recipe.slots)
     settings = [(s, n) for s in args.schedulers for n in args.steps]
     for i, (name, steps) in enumerate(settings):
@@ -195,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         row["recalibrated"] = _measure(pipe, simulate(pipe, again), eval_prompts, steps, args)
         row["recalibration_seconds"] = round(seconds, 1)
         rows.append(row)
+        save(doc)
         log.info(
             "[%d/%d] %s %d steps: nearest %.2f dB, recalibrated %.2f dB (%.0f s)",
             i + 1,
@@ -205,21 +226,8 @@ def run(args: argparse.Namespace) -> int:
             row["recalibrated"]["noise_sqnr_db"],
             time.perf_counter() - t0,
         )
-    doc = {
-        "model": args.model,
-        "preset": args.preset,
-        "calibrated": {"scheduler": args.calibrated_scheduler, "steps": args.calibrated_steps, "slots": recipe.slots},
-        "calibration_prompts": args.calibration_prompts,
-        "eval_prompts": args.eval_prompts,
-        "seeds": args.seeds,
-        "guidance": args.guidance,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.out) as f:
-        f.write((json.dumps(doc, indent=2) + "\n").encode())
+    doc["complete"] = True
+    save(doc)
     sys.stdout.write(format_table(doc) + f"\n{args.out}\n")
     return 0
 
