@@ -33,14 +33,10 @@ def generate_from_export(
     name (:mod:`dgq.schedulers`) to use instead of the export's."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-    swap = None
-    if scheduler is not None:
-        from dgq.schedulers import swap as swap_scheduler
+    from dgq.schedulers import swap
 
-        def swap(saved):
-            return swap_scheduler(saved, scheduler)
-
-    pipe = Text2ImagePipeline.from_export(folder, backend=backend, scheduler=swap)
+    sampler = None if scheduler is None else (lambda saved: swap(saved, scheduler))
+    pipe = Text2ImagePipeline.from_export(folder, backend=backend, scheduler=sampler)
     chunk = pipe.max_images_per_call
     images, calls = [], []
     with pipe:

@@ -63,6 +63,18 @@ def psnr_u8(a, b) -> float:
     )
 
 
+def simulated_image(qpipe, prompt: str, seed: int, steps: int) -> np.ndarray:
+    """The simulated pipeline's image in uint8 levels (float64), as the runtime's are rounded."""
+    out = qpipe(
+        [prompt],
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    )
+    return np.round(out.images[0] * 255)
+
+
 @pytest.mark.parametrize("name", ["faithful", "tensorrt", "onnxruntime"])
 def test_runtime_image_matches_simulator(fashion, fashion_exports, name):
     from dgq.simulate import simulate
@@ -71,14 +83,8 @@ def test_runtime_image_matches_simulator(fashion, fashion_exports, name):
     folder, recipe, _ = fashion_exports[name]
     rt = Text2ImagePipeline.from_export(folder, backend="onnxruntime")
     got = rt(["a photo of a sneaker"], seed=7, steps=STEPS, guidance=GUIDANCE).images[0]
-    sim = simulate(fashion, recipe)(
-        ["a photo of a sneaker"],
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        generator=torch.Generator().manual_seed(7),
-        output_type="np",
-    ).images[0]
-    assert psnr_u8(got, np.round(sim * 255)) > RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
+    sim = simulated_image(simulate(fashion, recipe), "a photo of a sneaker", 7, STEPS)
+    assert psnr_u8(got, sim) > RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
 
 
 # The onnxruntime target is left out on purpose: its graph quantizes conv outputs too, and one image at
@@ -100,16 +106,10 @@ def test_runtime_matches_simulator_at_uncalibrated_steps(fashion, fashion_export
     got = rt(["a photo of a bag"], seed=3, steps=steps, guidance=GUIDANCE).images[0]
     qpipe = simulate(fashion, recipe)
     qpipe.scheduler = swap(fashion.scheduler, sampler)
-    sim = qpipe(
-        ["a photo of a bag"],
-        num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
-        generator=torch.Generator().manual_seed(3),
-        output_type="np",
-    ).images[0]
+    sim = simulated_image(qpipe, "a photo of a bag", 3, steps)
     rt.scheduler.set_timesteps(steps)
     assert not all(t in recipe.slots for t in rt.scheduler.timesteps.tolist())
-    assert psnr_u8(got, np.round(sim * 255)) > RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
+    assert psnr_u8(got, sim) > RUNTIME_QUANT_IMAGE_MIN_PSNR_DB
 
 
 def test_onnxruntime_target_runs_integer_kernels(fashion_exports):
