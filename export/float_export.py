@@ -20,6 +20,7 @@ there to float32 PyTorch within a float16 tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -284,14 +285,55 @@ def _fp32_nodes(model: onnx.ModelProto) -> list[str]:
 
 def _to_fp16(model: onnx.ModelProto, spec: NetworkSpec) -> onnx.ModelProto:
     """Float16 copy of a shape-inferred float32 graph; IO stays float32 where ``spec`` says so."""
+    from onnxruntime.transformers import float16 as converter
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     keep_float32 = [t.name for t in spec.inputs + spec.outputs if t.dtype == "float32"]
-    model = convert_float_to_float16(
-        model, keep_io_types=keep_float32, node_block_list=_fp32_nodes(model), disable_shape_infer=True
-    )
+    # The converter reads each converted weight whole just to learn its shape, which fails on a graph
+    # loaded without its external weights (_load_external_as_fp16); the dims say the same.
+    with _swapped(converter, "make_value_info_from_tensor", _value_info_from_dims):
+        model = convert_float_to_float16(
+            model, keep_io_types=keep_float32, node_block_list=_fp32_nodes(model), disable_shape_infer=True
+        )
     _drop_fp16_round_trips(model.graph)
     return model
+
+
+def _value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, name: str, value: Any):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
+def _load_external_as_fp16(model: onnx.ModelProto, base: Path) -> None:
+    """Read the external tensors of a graph whose converter pass ran without them (loaded with
+    ``load_external_data=False``): each tensor the converter marked float16 is converted as its
+    bytes are read, with the converter's own clamping, so the float32 weights are never all held.
+    Every tensor ends up inline (``raw_data``); the save decides what goes to a data file."""
+    import numpy as np
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        with open(base / info.location, "rb") as f:
+            f.seek(info.offset or 0)
+            data = f.read(info.length) if info.length else f.read()
+        if tensor.data_type == onnx.TensorProto.FLOAT16:  # the converter marked it; its bytes are float32
+            data = convert_np_to_float16(np.frombuffer(data, dtype=np.float32)).tobytes()
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = data
 
 
 def _drop_fp16_round_trips(graph: onnx.GraphProto) -> None:
@@ -386,17 +428,23 @@ def export_component(
                 do_constant_folding=True,
                 dynamo=False,
             )
-        if trace_spec != spec:
+        if trace_spec == spec:
+            # Loads external tensors too when the exporter spilled a >2 GB model into per-tensor files.
+            model = onnx.load(str(raw))
+            _check_io(model, trace_spec, path)
+        else:
             # The fp16 converter needs every intermediate tensor's type. In-memory shape inference
             # cannot serialize a >2 GB model (SD UNets); the file-based one can.
             inferred = Path(tmp) / "inferred.onnx"
             onnx.shape_inference.infer_shapes_path(str(raw), str(inferred))
-            raw = inferred
-        # Loads external tensors too when the exporter spilled a >2 GB model into per-tensor files.
-        model = onnx.load(str(raw))
-    _check_io(model, trace_spec, path)
-    if trace_spec != spec:
-        model = _to_fp16(model, spec)
+            # The converter rewrites the graph and marks which tensors become float16; the weights a
+            # >2 GB export spilled to files are then read and converted one at a time (the float32
+            # graph, its float16 copy and the torch module together do not fit a 24 GiB machine for
+            # SDXL's UNet: measured, killed at 24.3 GiB).
+            model = onnx.load(str(inferred), load_external_data=False)
+            _check_io(model, trace_spec, path)
+            model = _to_fp16(model, spec)
+            _load_external_as_fp16(model, Path(tmp))
     _check_io(model, spec, path)
     model.doc_string = doc or f"dgq float export of {spec.name} (IO contract: iospec.json)"
     if postprocess is not None:

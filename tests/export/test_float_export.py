@@ -175,6 +175,31 @@ def test_fp16_graphs(tiny_pipe, exported, tmp_path):
     assert out["unet"].stat().st_size < FP16_MAX_FILE_SIZE_RATIO * exported["unet"].stat().st_size
 
 
+def test_fp16_conversion_of_external_weights_reads_them_one_at_a_time(tiny_pipe, exported, tmp_path):
+    """The path a >2 GB export takes (its tracer spills the weights to files): the converter runs
+    on the graph alone and each weight is converted as it is read. Same graph and bytes as
+    converting the graph with its weights in memory."""
+    from export.float_export import _load_external_as_fp16, _to_fp16, pipeline_specs
+
+    spec = pipeline_specs(tiny_pipe, ["unet"], fp16=True)["unet"]
+    spilled = tmp_path / "spilled.onnx"
+    onnx.save_model(
+        onnx.load(str(exported["unet"])), str(spilled), save_as_external_data=True, location="w.bin", size_threshold=0
+    )
+    inferred = tmp_path / "inferred.onnx"
+    onnx.shape_inference.infer_shapes_path(str(spilled), str(inferred))
+    assert any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(str(inferred), load_external_data=False).graph.initializer
+    )
+    reference = _to_fp16(onnx.load(str(inferred)), spec)
+    lean = _to_fp16(onnx.load(str(inferred), load_external_data=False), spec)
+    _load_external_as_fp16(lean, tmp_path)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in lean.graph.initializer)
+    assert lean.SerializeToString() == reference.SerializeToString()
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in lean.graph.initializer)
+
+
 def test_missing_component_is_refused_without_output(tmp_path):
     pipe = zoo.build_pipeline("tiny", components=("unet",))
     with pytest.raises(ExportError, match=r"has no 'text_encoder'.*leave 'text_encoder' out of components"):
