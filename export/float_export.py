@@ -12,7 +12,9 @@ and the sinusoidal timestep (and SDXL ``time_ids``) projections, which stay floa
 diffusers' own fp16 pipelines (sin/cos of t * freq with t near 1000 loses its phase in float16).
 Converting the graph rather than tracing a float16 module matters on CPU: the legacy tracer
 mistypes the float16 CLIP text encoder (measured: a float32 Cast before a float16 LayerNorm, which
-ONNX Runtime refuses to load). The fp16 graphs are meant for TensorRT and GPU ONNX Runtime. They
+ONNX Runtime refuses to load). A graph past 2 GB (its weights spilled to files by the tracer) is
+converted without holding its float32 weights: the converter rewrites the graph alone, and each
+weight is converted as it is read. The fp16 graphs are meant for TensorRT and GPU ONNX Runtime. They
 also run on ONNX Runtime's CPU provider, which wraps the ops it has no float16 kernel for in casts
 to float32 (so CPU timings of fp16 graphs say nothing about GPU speed); the tests compare them
 there to float32 PyTorch within a float16 tolerance.
