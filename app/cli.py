@@ -299,7 +299,7 @@ def _calibrate_into(args: argparse.Namespace, device) -> int:
 
     from dgq import distributed, zoo
     from dgq.calibrate import calibrate
-    from dgq.config import preset
+    from dgq.config import ORT_MIN_INTENSITY, preset
     from dgq.device import place, resolve_dtype
     from dgq.prompts import calibration_prompts
     from dgq.summary import recipe_summary
@@ -326,6 +326,10 @@ def _calibrate_into(args: argparse.Namespace, device) -> int:
         overrides["fold_groups"] = False
     if args.keep_float is not None:
         overrides["keep_float"] = tuple(args.keep_float)
+    if args.min_intensity is not None:
+        overrides["min_intensity"] = args.min_intensity
+    elif args.profile == "onnxruntime":
+        overrides["min_intensity"] = ORT_MIN_INTENSITY
     config = preset(args.preset, **overrides)
     if args.no_fold_groups and config.profile != "tensorrt":
         raise ValueError("--no-fold-groups applies to --profile tensorrt (the profile with channel-group branches)")
@@ -357,7 +361,15 @@ def _calibrate_into(args: argparse.Namespace, device) -> int:
 
 
 def _add_calibrate(sub) -> None:
-    from dgq.config import ACT_AXES, ATTN_PROBS, ATTN_SCALES, PRESETS, WEIGHT_GRANULARITIES, WEIGHT_INITS
+    from dgq.config import (
+        ACT_AXES,
+        ATTN_PROBS,
+        ATTN_SCALES,
+        ORT_MIN_INTENSITY,
+        PRESETS,
+        WEIGHT_GRANULARITIES,
+        WEIGHT_INITS,
+    )
 
     p = sub.add_parser(
         "calibrate",
@@ -408,6 +420,13 @@ def _add_calibrate(sub) -> None:
         "outlier group) folded into the weights (the graph before folding; more layers, ablation)",
     )
     p.add_argument("--keep-float", nargs="*", help="module-name patterns kept in float (default: conv_in conv_out)")
+    p.add_argument(
+        "--min-intensity",
+        type=argtypes.real(0.0),
+        help="keep float every Conv/Linear with fewer multiply-adds per element read or written than this "
+        f"(too small for integer kernels to gain; default {ORT_MIN_INTENSITY:g} with --profile onnxruntime, "
+        "measured on ONNX Runtime CPU; 0 elsewhere; 0 quantizes every layer)",
+    )
     p.add_argument("--prompts", type=Path, help="prompt file, one per line (default: built-in list)")
     p.add_argument(
         "--num-prompts",

@@ -30,6 +30,16 @@ ATTN_SCALES = ("prompt", "batch", "static")
 FOLD_STRENGTH_8BIT = 1.0
 FOLD_STRENGTH_LOWBIT = 0.5
 
+# The onnxruntime target's speed rule (``QuantConfig.min_intensity``): a Conv2d/Linear whose
+# multiply-adds per element it reads or writes (dgq.sites.intensity) fall below this stays float.
+# Measured with ONNX Runtime 1.32 CPU, 1 thread (``scripts/ort_branch_kernels.py --sweep``,
+# results/ort_layer_sweep.json): the target's folded unit (Q/DQ with per-step tables, QLinearConv /
+# MatMulIntegerToFloat, the fold's elementwise ops) never gained on Linears of intensity 64 or less
+# (0.37-0.96x), was about even on 3x3 convs of 32 channels (144: 0.65-1.18x) and gained on every
+# Linear of intensity 160 (320 features: 1.06-1.54x): the elementwise work around an integer kernel
+# grows with the elements, the saving with the multiply-adds (docs/export-targets.md).
+ORT_MIN_INTENSITY = 150.0
+
 # Layers the paper keeps in float (docs/method.md, section 1).
 PAPER_KEEP_FLOAT = ("conv_in", "conv_out")
 # The TensorRT SD demo's float layers: time embedding MLPs, resnet shortcuts, output norm/projection.
@@ -106,6 +116,9 @@ class QuantConfig:
     bos_fp: bool = True  # cross-attention: BOS column (and BOS key row) kept in full precision
     # which layers stay float: fnmatch patterns over diffusers module names
     keep_float: tuple[str, ...] = PAPER_KEEP_FLOAT
+    # and those whose multiply-adds per element read or written are below this (dgq.sites.intensity;
+    # 0 = none): too small for integer kernels to gain (ORT_MIN_INTENSITY, the onnxruntime target's)
+    min_intensity: float = 0.0
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -145,6 +158,10 @@ class QuantConfig:
             f"fold_groups must be None, True or False, got {self.fold_groups!r}",
         )
         check(isinstance(self.keep_float, tuple), "keep_float must be a tuple of patterns")
+        check(
+            type(self.min_intensity) in (int, float) and 0.0 <= self.min_intensity < float("inf"),
+            f"min_intensity must be a finite number >= 0, got {self.min_intensity!r}",
+        )
         check(
             self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),
             "the onnxruntime profile is asymmetric (uint8 activations) and has no outlier_bits",
@@ -234,6 +251,7 @@ class QuantConfig:
             d["fold_strength"] = 1.0  # folds written before the field stretched every group fully
         for name in LEGACY_OFF:
             d.setdefault(name, False)
+        d.setdefault("min_intensity", 0.0)  # every layer was quantized before the rule
         if "keep_float" in d:
             d["keep_float"] = tuple(d["keep_float"])
         return cls(**d)

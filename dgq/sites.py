@@ -36,16 +36,33 @@ class AttentionSite:
         return f"{self.name}.{role}"
 
 
+def intensity(module: torch.nn.Conv2d | torch.nn.Linear) -> float:
+    """Multiply-adds per element a Conv2d or Linear reads or writes (input plus output elements),
+    independent of batch, tokens and image size: ``in * out / (in + out)`` for a Linear,
+    ``(in / groups) * out * kh * kw / (in * sh * sw + out)`` for a conv (per output pixel, whose
+    input is ``sh * sw`` pixels). The work an integer kernel saves grows with the multiply-adds; the
+    quantizers and scale ops around it grow with the elements."""
+    if type(module) is torch.nn.Linear:
+        i, o = module.in_features, module.out_features
+        return i * o / (i + o)
+    if type(module) is torch.nn.Conv2d:
+        i, o = module.in_channels, module.out_channels
+        kh, kw = module.kernel_size
+        sh, sw = module.stride
+        return (i // module.groups) * o * kh * kw / (i * sh * sw + o)
+    raise TypeError(f"intensity is defined for Conv2d and Linear, not {type(module).__name__}")
+
+
 def layer_sites(unet: torch.nn.Module, config: QuantConfig) -> list[LayerSite]:
-    """Every Conv2d/Linear of ``unet`` not matched by ``config.keep_float``, in module order."""
+    """Every Conv2d/Linear of ``unet`` not matched by ``config.keep_float`` and of
+    :func:`intensity` at least ``config.min_intensity``, in module order."""
     sites = []
     for name, module in unet.named_modules():
-        if config.keeps_float(name):
+        if type(module) not in (torch.nn.Conv2d, torch.nn.Linear) or config.keeps_float(name):
             continue
-        if type(module) is torch.nn.Conv2d:
-            sites.append(LayerSite(name, CONV))
-        elif type(module) is torch.nn.Linear:
-            sites.append(LayerSite(name, LINEAR))
+        if intensity(module) < config.min_intensity:
+            continue
+        sites.append(LayerSite(name, CONV if type(module) is torch.nn.Conv2d else LINEAR))
     return sites
 
 

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from common.constants import BRANCH_GROUPS, FAITHFUL_GROUPS, QUANT_TARGETS
 from common.fsutil import atomic_dir, scratch_dir
-from dgq.config import QuantConfig, preset
+from dgq.config import ORT_MIN_INTENSITY, QuantConfig, preset
 from dgq.fingerprint import model_identity
 from dgq.quant import PIXEL
 from dgq.recipe import Recipe
@@ -68,7 +68,8 @@ def target_config(
         k = BRANCH_GROUPS if groups is None else groups
         return preset("dgq", wbits=wbits, abits=abits, groups=k, profile="tensorrt", outlier_bits=outlier_bits)
     if target == "onnxruntime":
-        return preset("dgq", wbits=wbits, abits=abits, groups=BRANCH_GROUPS if groups is None else groups, **ORT_PRESET)
+        k = BRANCH_GROUPS if groups is None else groups
+        return preset("dgq", wbits=wbits, abits=abits, groups=k, min_intensity=ORT_MIN_INTENSITY, **ORT_PRESET)
     if target == "faithful":
         return preset("dgq", wbits=wbits, abits=abits, groups=FAITHFUL_GROUPS if groups is None else groups)
     raise ExportError(f"target {target!r} has no DGQ config; quantized targets: {list(QUANT_TARGETS)}")

@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also an onnxruntime row per K > 1 with a QLinearConv branch per conv input group "
         "(fold_conv=False) instead of the groups folded into the weights",
     )
+    p.add_argument(
+        "--every-layer",
+        action="store_true",
+        help="also an onnxruntime row per K with every Conv/Linear quantized (min_intensity 0), besides the "
+        "target's default speed rule (small layers float, dgq.config.ORT_MIN_INTENSITY)",
+    )
     p.add_argument("--wbits", type=int, default=8, choices=(8, 4))
     p.add_argument("--groups", type=int, default=4, help="DGQ's K for both targets (default 4)")
     p.add_argument("--cal-prompts", type=int, default=4, help="calibration prompts (default 4)")
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dgq import zoo
     from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics
-    from dgq.config import preset
+    from dgq.config import ORT_MIN_INTENSITY, preset
     from dgq.prompts import calibration_prompts
     from export.ort_session import session_options
     from export.qdq_export import ORT_INTEGER_OPS, ORT_PRESET, export_onnx
@@ -162,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     targets = {t: t for t in args.targets if t != "onnxruntime"}  # row name -> export target
     if "onnxruntime" in args.targets:
-        variants = [(k, None) for k in args.ort_groups or [args.groups]]  # the default: folded at W8A8
+        # (K, fold_conv, min_intensity); the default: folded at W8A8, small layers float
+        variants = [(k, None, ORT_MIN_INTENSITY) for k in args.ort_groups or [args.groups]]
         if args.conv_branches:
-            variants += [(k, False) for k, _ in variants if k > 1]
-        for k, fold in variants:
-            config = preset("dgq", wbits=args.wbits, groups=k, **ORT_PRESET, fold_conv=fold)
+            variants += [(k, False, ORT_MIN_INTENSITY) for k, _, _ in variants if k > 1]
+        if args.every_layer:
+            variants += [(k, fold, 0.0) for k, fold, _ in variants]
+        for k, fold, least in variants:
+            config = preset("dgq", wbits=args.wbits, groups=k, **ORT_PRESET, fold_conv=fold, min_intensity=least)
             row = f"onnxruntime K={k}" + ("" if config.folds_conv or k == 1 else ", conv branches")
+            row += "" if least else ", every layer"
             if row in targets:
                 continue  # branches are already the default at these bits
             recipe = build_recipe(stats, pipe.unet, config, progress=False)

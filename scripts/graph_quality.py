@@ -105,14 +105,16 @@ def quantize_peer(float_path: Path, out: Path, method: str, feeds: list[dict[str
     return out
 
 
-def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> dict[str, Path]:
-    """Every graph of the table: ``{row name: unet.onnx}``."""
+def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> tuple[dict[str, Path], dict[str, int]]:
+    """Every graph of the table, ``{row name: unet.onnx}``, and how many Conv/Linear layers each DGQ
+    graph quantizes."""
     from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics
     from dgq.prompts import calibration_prompts
     from export.float_export import export_float
     from export.qdq_export import export_onnx, target_config
 
     graphs = {"float32": export_float(pipe, work / "float", components=["unet"])["unet"]}
+    layers: dict[str, int] = {}
     prompts = calibration_prompts(model, args.cal_prompts)
     stats = collect_statistics(
         pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, progress=False
@@ -120,16 +122,22 @@ def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> dict[s
     for bits in args.bits:
         wbits, abits = int(bits[1]), int(bits[3])
         for target in args.targets:
-            name = f"DGQ {target} {bits}"
-            log.info("calibrate and export %s", name)
-            recipe = build_recipe(stats, pipe.unet, target_config(target, wbits, abits), progress=False)
-            if target == "onnxruntime":
-                recipe = calibrate_outputs(
-                    pipe, recipe, prompts, args.steps, guidance_scale=args.guidance, progress=False
-                )
-            folder = work / name.replace(" ", "_")
-            export_onnx(pipe, folder, recipe, target, components=["unet"], compare_float=False, inspect_ort=False)
-            graphs[name] = folder / "unet.onnx"
+            config = target_config(target, wbits, abits)
+            configs = {f"DGQ {target} {bits}": config}
+            if target == "onnxruntime" and args.every_layer:
+                # the target without its speed rule (dgq.config.ORT_MIN_INTENSITY): every layer quantized
+                configs[f"DGQ {target} {bits}, every layer"] = config.replace(min_intensity=0.0)
+            for name, config in configs.items():
+                log.info("calibrate and export %s", name)
+                recipe = build_recipe(stats, pipe.unet, config, progress=False)
+                if target == "onnxruntime":
+                    recipe = calibrate_outputs(
+                        pipe, recipe, prompts, args.steps, guidance_scale=args.guidance, progress=False
+                    )
+                folder = work / name.replace(" ", "_").replace(",", "")
+                export_onnx(pipe, folder, recipe, target, components=["unet"], compare_float=False, inspect_ort=False)
+                graphs[name] = folder / "unet.onnx"
+                layers[name] = len(recipe.weights)
     if args.peers:
         names = {"sample", "timestep", "encoder_hidden_states"}
         step = max(1, len(cal_calls) // args.peer_calls)
@@ -138,7 +146,7 @@ def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> dict[s
             name = f"ORT quantize_static {method} W8A8"
             log.info("%s on %d calibration calls", name, len(feeds))
             graphs[name] = quantize_peer(graphs["float32"], work / f"peer_{method}.onnx", method, feeds)
-    return graphs
+    return graphs, layers
 
 
 def measure(graphs: dict[str, Path], held: list, args) -> dict[str, dict]:
@@ -195,18 +203,21 @@ def measure(graphs: dict[str, Path], held: list, args) -> dict[str, dict]:
 
 
 def render(result: dict) -> str:
+    total = result.get("conv_linear_layers")
     lines = [
         f"Model `{result['model']}`, {result['held_calls']} held-out UNet calls, ONNX Runtime "
         f"{result['onnxruntime']} CPU, {result['threads']} thread(s):",
         "",
-        "| graph | noise SQNR vs float graph | median per call | per UNet call | vs float | file vs float |",
-        "|---|---|---|---|---|---|",
+        "| graph | quantized Conv/Linear | noise SQNR vs float graph | median per call | per UNet call | vs float "
+        "| file vs float |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in result["rows"].items():
         sq = "-" if name == "float32" else f"{r['noise_sqnr_db']:.2f} dB"
         med = "-" if name == "float32" else f"{r['median_call_sqnr_db']:.2f} dB"
+        n = "-" if "quantized_layers" not in r else f"{r['quantized_layers']} of {total}"
         lines.append(
-            f"| {name} | {sq} | {med} | {r['median_ms']:.1f} ms | {r['speed_vs_float']:.2f}x | "
+            f"| {name} | {n} | {sq} | {med} | {r['median_ms']:.1f} ms | {r['speed_vs_float']:.2f}x | "
             f"{r['bytes_vs_float']:.3f}x |"
         )
     return "\n".join(lines)
@@ -223,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="sampler steps, calibration and held-out (default 25)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the project's)")
     p.add_argument("--peer-calls", type=int, default=100, help="calibration calls fed to quantize_static")
+    p.add_argument(
+        "--no-every-layer",
+        dest="every_layer",
+        action="store_false",
+        help="leave out the onnxruntime rows without the target's speed rule (every Conv/Linear quantized)",
+    )
     p.add_argument("--runs", type=int, default=10, help="timed runs per graph (default 10)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
@@ -241,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     from common.constants import DEFAULT_GUIDANCE
     from common.fsutil import emit_json
     from dgq import zoo
+    from dgq.config import QuantConfig
     from dgq.eval.data import default_prompts
     from dgq.prompts import calibration_prompts
+    from dgq.sites import layer_sites
 
     torch.set_num_threads(args.threads)
     args.guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
@@ -253,13 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.peers:
         cal_calls = record_calls(pipe, calibration_prompts(args.model, args.cal_prompts), args.steps, args.guidance, 0)
     with tempfile.TemporaryDirectory() as tmp:
-        graphs = export_graphs(pipe, args.model, args, Path(tmp), cal_calls)
+        graphs, layers = export_graphs(pipe, args.model, args, Path(tmp), cal_calls)
         rows = measure(graphs, held, args)
+    every = {s.name for s in layer_sites(pipe.unet, QuantConfig(keep_float=()))}
+    for name, n in layers.items():
+        rows[name]["quantized_layers"] = n
+    result_layers = len(every)
     result = {
         "model": args.model,
         "onnxruntime": ort.__version__,
         "threads": args.threads,
         "held_calls": len(held),
+        "conv_linear_layers": result_layers,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "render")},
         "rows": rows,
     }

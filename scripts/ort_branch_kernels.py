@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
 
 STEPS = 25
 
@@ -50,7 +51,9 @@ def _qdq(x: str, tag: str, nodes: list, inits: list, scale: float) -> str:
 
 
 def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], seed: int = 0) -> onnx.ModelProto:
-    """``kind`` "conv" or "matmul"; ``k`` branches, or None for the float32 graph."""
+    """``kind`` "conv" or "matmul"; ``k`` branches, 0 for one folded unit (the input normalized by a
+    per-channel Mul, and for a MatMul a Sub of the centre, in front of a single branch; a conv's
+    output multiplied by its per-channel gamma), or None for the float32 graph."""
     rng = np.random.default_rng(seed)
     conv = kind == "conv"
     w_shape = (o, c, 3, 3) if conv else (c, o)
@@ -73,10 +76,19 @@ def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], se
         nodes += [op, helper.make_node("Add", ["y", bias], ["out"])]
     else:
         inputs.append(helper.make_tensor_value_info("step", TensorProto.INT64, []))
-        groups = np.array_split(rng.permutation(c), k)
+        groups = np.array_split(rng.permutation(c), max(k, 1))
         outs = []
         for g, idx in enumerate(groups):
             x = "x"
+            if k == 0:  # folded: normalize the input per channel instead of gathering groups
+                view = (1, c, 1, 1) if conv else (c,)
+                if not conv:
+                    centre = _const("centre", rng.standard_normal(view).astype(np.float32), inits)
+                    nodes.append(helper.make_node("Sub", [x, centre], ["centred"]))
+                    x = "centred"
+                inverse = _const("inverse", (rng.random(view) + 0.5).astype(np.float32), inits)
+                nodes.append(helper.make_node("Mul", [x, inverse], ["normalized"]))
+                x = "normalized"
             if k > 1:
                 nodes.append(
                     helper.make_node(
@@ -99,6 +111,10 @@ def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], se
             else:
                 nodes.append(helper.make_node("MatMul", [xdq, f"b{g}_wdq"], [f"b{g}_y"]))
                 outs.append(f"b{g}_y")
+        if k == 0 and conv:
+            gamma = _const("gamma", (rng.random((1, o, 1, 1)) + 0.5).astype(np.float32), inits)
+            nodes.append(helper.make_node("Mul", [outs[0], gamma], ["restored"]))
+            outs = ["restored"]
         nodes += [helper.make_node("Sum", outs, ["sum"]), helper.make_node("Add", ["sum", bias], ["out"])]
     graph = helper.make_graph(
         nodes, kind, inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)], inits
@@ -118,45 +134,100 @@ def session(model: onnx.ModelProto, threads: int, tmp: Path, name: str) -> tuple
     return s, {op: ops[op] for op in ("QLinearConv", "MatMulIntegerToFloat", "Conv", "MatMul", "Gemm") if ops.get(op)}
 
 
+def time_graphs(graphs: dict[str, onnx.ModelProto], shape: list[int], runs: int, threads: int, tmp: Path) -> dict:
+    """Median time of each graph (interleaved runs, one process), its speed-up over ``graphs["float"]``
+    and the integer/float kernels ONNX Runtime's optimizer left."""
+    feeds = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    sessions, fused = {}, {}
+    for name, model in graphs.items():
+        sessions[name], fused[name] = session(model, threads, tmp, name.replace("=", ""))
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    step = {"step": np.array(3, np.int64)}
+    for name, s in sessions.items():  # warm-up
+        s.run(None, feeds if name == "float" else feeds | step)
+    for _ in range(runs):
+        for name, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds if name == "float" else feeds | step)
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["float"])
+    return {
+        name: {
+            "median_ms": 1000 * statistics.median(t),
+            "speedup_vs_float": base / statistics.median(t),
+            "ops_after_optimization": fused[name],
+        }
+        for name, t in times.items()
+    }
+
+
+# The size sweep: 3x3 convs (channels in = out, square maps) and token Linears (in = out), batch 2
+# (classifier-free guidance), up to SD v1.5's largest layers at 512 px.
+SWEEP_CONV = [(c, hw) for c in (32, 64, 128, 320, 640, 1280) for hw in (4, 8, 16, 32, 64)]
+SWEEP_LINEAR = [(c, n) for c in (32, 64, 128, 320, 640, 1280) for n in (16, 64, 256, 1024, 4096)]
+SWEEP_MAX_MACS = 4e9  # per call; larger ones take seconds and are far past break-even
+
+
+def sweep_layers() -> dict[str, tuple[str, int, int, list[int]]]:
+    """label -> (kind, in, out, input shape)."""
+    layers = {}
+    for c, hw in SWEEP_CONV:
+        if 2 * hw * hw * c * c * 9 <= SWEEP_MAX_MACS:
+            layers[f"conv 3x3 {c}->{c}, 2x{c}x{hw}x{hw}"] = ("conv", c, c, [2, c, hw, hw])
+    for c, n in SWEEP_LINEAR:
+        if 2 * n * c * c <= SWEEP_MAX_MACS:
+            layers[f"linear {c}->{c}, 2x{n}x{c}"] = ("matmul", c, c, [2, n, c])
+    return layers
+
+
+def by_intensity(rows: list[dict]) -> dict[str, dict]:
+    """The folded unit's speed-up over float per layer kind and intensity (``dgq.sites.intensity``:
+    multiply-adds per element read or written), slowest and fastest over the sizes swept."""
+    out: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: (r["kind"], r["intensity"])):
+        key = f"{r['kind']} {r['intensity']:g}"
+        cell = out.setdefault(key, {"layers": 0, "slowest": float("inf"), "fastest": 0.0})
+        cell["layers"] += 1
+        cell["slowest"] = min(cell["slowest"], r["speedup_vs_float"])
+        cell["fastest"] = max(cell["fastest"], r["speedup_vs_float"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--branches", nargs="+", type=int, default=[1, 2, 4], help="K values (default 1 2 4)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per graph (default 20)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead: time the folded unit (K groups folded into the weights) against float over a range "
+        "of conv and Linear sizes, and report where it starts to pay",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = p.parse_args(argv)
-    layers = {
-        "conv 3x3 320->320, 2x320x32x32": ("conv", 320, 320, [2, 320, 32, 32]),
-        "linear 640->640, 2x1024x640": ("matmul", 640, 640, [2, 1024, 640]),
-    }
-    rng = np.random.default_rng(1)
     result: dict = {"onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs, "layers": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, (kind, c, o, shape) in layers.items():
-            graphs = {"float": layer_graph(kind, None, c, o, shape)}
-            graphs |= {f"K={k}": layer_graph(kind, k, c, o, shape) for k in args.branches}
-            feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
-            sessions, fused = {}, {}
-            for name, model in graphs.items():
-                sessions[name], fused[name] = session(model, args.threads, Path(tmp), f"{kind}_{name}")
-            times: dict[str, list[float]] = {name: [] for name in sessions}
-            step = {"step": np.array(3, np.int64)}
-            for name, s in sessions.items():  # warm-up
-                s.run(None, feeds if name == "float" else feeds | step)
-            for _ in range(args.runs):
-                for name, s in sessions.items():
-                    t = time.perf_counter()
-                    s.run(None, feeds if name == "float" else feeds | step)
-                    times[name].append(time.perf_counter() - t)
-            base = statistics.median(times["float"])
-            result["layers"][label] = {
-                name: {
-                    "median_ms": 1000 * statistics.median(t),
-                    "speedup_vs_float": base / statistics.median(t),
-                    "ops_after_optimization": fused[name],
-                }
-                for name, t in times.items()
+        if args.sweep:
+            rows = []
+            for label, (kind, c, o, shape) in tqdm(sweep_layers().items(), desc="sizes", unit="layer"):
+                graphs = {"float": layer_graph(kind, None, c, o, shape), "folded": layer_graph(kind, 0, c, o, shape)}
+                timed = time_graphs(graphs, shape, args.runs, args.threads, Path(tmp))
+                result["layers"][label] = timed
+                # in = out channels and stride 1: in * out * taps / (in + out) (dgq.sites.intensity)
+                taps = 9 if kind == "conv" else 1
+                speedup = timed["folded"]["speedup_vs_float"]
+                rows.append({"kind": kind, "intensity": c * o * taps / (c + o), "speedup_vs_float": speedup})
+            result["by_intensity"] = by_intensity(rows)
+        else:
+            layers = {
+                "conv 3x3 320->320, 2x320x32x32": ("conv", 320, 320, [2, 320, 32, 32]),
+                "linear 640->640, 2x1024x640": ("matmul", 640, 640, [2, 1024, 640]),
             }
+            for label, (kind, c, o, shape) in layers.items():
+                graphs = {"float": layer_graph(kind, None, c, o, shape)}
+                graphs |= {f"K={k}": layer_graph(kind, k, c, o, shape) for k in args.branches}
+                result["layers"][label] = time_graphs(graphs, shape, args.runs, args.threads, Path(tmp))
     from common.fsutil import emit_json
 
     sys.stdout.write(emit_json(result, args.out))

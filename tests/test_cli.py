@@ -65,6 +65,7 @@ def test_quickstart_runs_the_main_job(tmp_path, capsys):
     assert summary["parity"]["float-export"]["psnr_db_vs_float"] > 40
     for target in ("onnxruntime", "tensorrt"):
         assert 20 < summary["parity"][target]["psnr_db_vs_float"] < float("inf")
+    _onnxruntime_export_keeps_small_layers_float(out)
     from PIL import Image
 
     from app.quickstart import CELL, HEADER, LABEL
@@ -72,6 +73,27 @@ def test_quickstart_runs_the_main_job(tmp_path, capsys):
     assert Image.open(out / "grid.png").size == (LABEL + 3 * CELL, HEADER + 2 * CELL)  # 3 columns x 2 prompts
     assert Image.open(out / "images" / "tensorrt_001.png").size == (32, 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qs"]
+
+
+def _onnxruntime_export_keeps_small_layers_float(out):
+    """The onnxruntime target's default calibration applies its speed rule, and the graph follows the
+    recipe: a quantized weight exactly where the recipe has a layer, a float weight everywhere else."""
+    import onnx
+
+    from dgq.config import ORT_MIN_INTENSITY
+    from dgq.recipe import load
+
+    recipe = load(out / "recipes" / "onnxruntime.safetensors")
+    assert recipe.config.min_intensity == ORT_MIN_INTENSITY
+    graph = onnx.load(str(out / "exports" / "onnxruntime" / "unet.onnx")).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    layers = {"conv": ("Conv",), "linear": ("MatMul", "Gemm")}
+    weights = {k: [n.input[1] for n in graph.node if n.op_type in ops] for k, ops in layers.items()}
+    initial = {t.name for t in graph.initializer}
+    quantized = {k: sum(producer.get(w) == "DequantizeLinear" for w in ws) for k, ws in weights.items()}
+    float_weights = {k: sum(w in initial for w in ws) for k, ws in weights.items()}
+    assert quantized["conv"] == len(recipe.weights) > 0 and float_weights["conv"] > 0
+    assert quantized["linear"] == 0 < float_weights["linear"]  # the tiny model's Linears are all below the rule
 
 
 def test_generate_is_seeded_per_image(tmp_path):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -119,3 +121,41 @@ def test_statistics_footprint_of_sdxl_needs_no_weights():
     everything = QuantConfig(keep_float=())
     assert small["sites"] == len(layer_sites(unet, everything)) + 3 * len(attention_sites(unet, everything))
     assert small["sites"] == large["sites"] and small["bytes_per_slot"] < large["bytes_per_slot"]
+
+
+def test_intensity_is_multiply_adds_per_element_read_or_written():
+    from dgq.sites import intensity
+
+    assert intensity(torch.nn.Linear(320, 320)) == 160.0
+    assert intensity(torch.nn.Linear(384, 128)) == 384 * 128 / 512
+    assert intensity(torch.nn.Conv2d(32, 32, 3, padding=1)) == 32 * 32 * 9 / 64
+    # a stride-2 conv reads four input pixels per output pixel
+    assert intensity(torch.nn.Conv2d(64, 64, 3, stride=2, padding=1)) == 64 * 64 * 9 / (64 * 4 + 64)
+    assert intensity(torch.nn.Conv2d(64, 64, 3, groups=4)) == 16 * 64 * 9 / 128
+    with pytest.raises(TypeError):
+        intensity(torch.nn.GroupNorm(2, 4))
+
+
+def test_min_intensity_keeps_small_layers_float_everywhere(tiny_pipe, tiny_stats):
+    """The rule picks the sites, so calibration, the recipe and the simulator agree on them."""
+    from dgq.calibrate import build_recipe
+    from dgq.config import ORT_MIN_INTENSITY, preset
+    from dgq.simulate import apply_recipe
+    from dgq.sites import intensity
+
+    unet = tiny_pipe.unet
+    config = preset("dgq", groups=4, profile="onnxruntime", weight_init="minmax", min_intensity=ORT_MIN_INTENSITY)
+    every = {s.name for s in layer_sites(unet, config.replace(min_intensity=0.0))}
+    kept = {s.name for s in layer_sites(unet, config)}
+    modules = dict(unet.named_modules())
+    assert kept and kept < every
+    assert all(intensity(modules[n]) >= ORT_MIN_INTENSITY for n in kept)
+    assert all(intensity(modules[n]) < ORT_MIN_INTENSITY for n in every - kept)
+    recipe = build_recipe(tiny_stats, unet, config, progress=False)
+    assert set(recipe.weights) == kept
+    assert {k.removesuffix(".input") for k in recipe.acts if k.endswith(".input")} == kept
+    quantized = copy.deepcopy(unet)
+    apply_recipe(quantized, recipe, observe_outputs=lambda name, groups: lambda group, y, slot: None)
+    types = {name: type(m) for name, m in quantized.named_modules()}
+    assert all(types[n] in (torch.nn.Conv2d, torch.nn.Linear) for n in every - kept)
+    assert not any(types[n] in (torch.nn.Conv2d, torch.nn.Linear) for n in kept)

@@ -142,3 +142,14 @@ def test_tensorrt_folds_channel_groups_with_8bit_weights_unless_told():
     for bad in ("yes", 1):
         with pytest.raises(ValueError, match="fold_groups"):
             QuantConfig(profile="tensorrt", fold_groups=bad)
+
+
+def test_min_intensity_is_a_finite_number_and_off_in_stored_configs():
+    assert QuantConfig().min_intensity == 0.0  # every layer, unless asked
+    for bad in (-1.0, float("inf"), float("nan"), "150", None):
+        with pytest.raises(ValueError, match="min_intensity"):
+            QuantConfig(min_intensity=bad)
+    stored = QuantConfig(profile="onnxruntime", min_intensity=150.0).to_dict()
+    assert QuantConfig.from_dict(json.loads(json.dumps(stored))).min_intensity == 150.0
+    del stored["min_intensity"]  # a recipe written before the rule quantized every layer
+    assert QuantConfig.from_dict(stored).min_intensity == 0.0
