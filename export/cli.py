@@ -84,6 +84,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tensorrt target when calibrating: bits of the outlier group (default 16 = float branch)",
     )
     p.add_argument(
+        "--min-intensity",
+        type=argtypes.real(0.0),
+        default=None,
+        help="when calibrating: keep float every Conv/Linear with fewer multiply-adds per element read or "
+        "written than this (default 150 for the onnxruntime target, measured on ONNX Runtime CPU: smaller "
+        "layers run no faster quantized; 0 for the others, and 0 quantizes every layer)",
+    )
+    p.add_argument(
         "--num-prompts",
         type=argtypes.integer(1, why="calibration needs a prompt"),
         default=64,
@@ -154,6 +162,12 @@ def _export(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"recipe {args.recipe} does not exist (run dgq calibrate, or leave --recipe out to calibrate now)"
         )
+    if args.min_intensity is not None and (args.recipe is not None or args.target == "float"):
+        raise ValueError(
+            "--min-intensity chooses the layers a calibration quantizes; "
+            + ("a float export quantizes none" if args.target == "float" else "the recipe already fixes them")
+            + " (leave it out, or calibrate again with it)"
+        )
     recipe = None
     if args.target != "float" and args.recipe is not None:
         from dgq.recipe import load
@@ -214,6 +228,8 @@ def _calibrate(pipe, model: str, args: argparse.Namespace):
     from export.qdq_export import target_config
 
     config = target_config(args.target, args.wbits, args.abits, args.groups, args.outlier_bits)
+    if args.min_intensity is not None:
+        config = config.replace(min_intensity=args.min_intensity)
     log.info(
         "no --recipe: calibrating %s with %s (%d prompts, %d steps)",
         model,

@@ -190,3 +190,26 @@ def test_calibrate_inspect_and_refusals(tmp_path, capsys, caplog):
     assert main([*export, "--out", str(folder)]) == 0
     saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert saved["_class_name"] == "EulerDiscreteScheduler"
+
+
+def test_min_intensity_on_calibrate_and_export(tmp_path, capsys, caplog):
+    """dgq calibrate --profile onnxruntime applies the target's speed rule unless told otherwise;
+    dgq export refuses the option where no calibration runs. Nothing written on a refusal."""
+    from dgq.config import ORT_MIN_INTENSITY
+    from dgq.recipe import load
+
+    base = ["calibrate", "--model", "tiny", "--steps", "2", "--num-prompts", "1", "--weight-init", "minmax"]
+    ort, every = tmp_path / "ort.safetensors", tmp_path / "every.safetensors"
+    assert main([*base, "--profile", "onnxruntime", "--out", str(ort)]) == 0
+    assert f"layers under {ORT_MIN_INTENSITY:g} multiply-adds per element" in capsys.readouterr().out
+    assert main([*base, "--profile", "onnxruntime", "--min-intensity", "0", "--out", str(every)]) == 0
+    ruled, all_layers = load(ort), load(every)
+    assert ruled.config.min_intensity == ORT_MIN_INTENSITY and all_layers.config.min_intensity == 0
+    assert set(ruled.weights) < set(all_layers.weights)
+    with pytest.raises(SystemExit) as stop:
+        main([*base, "--min-intensity", "-1", "--out", str(tmp_path / "bad.safetensors")])
+    assert stop.value.code == 2
+    export = ["export", "--model", "tiny", "--target", "onnxruntime", "--min-intensity", "10"]
+    assert main([*export, "--recipe", str(ort), "--out", str(tmp_path / "x")]) == 2
+    assert "the recipe already fixes them" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["every.safetensors", "ort.safetensors"]
