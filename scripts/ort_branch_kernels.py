@@ -50,13 +50,16 @@ def _qdq(x: str, tag: str, nodes: list, inits: list, scale: float) -> str:
     return f"{tag}_dq"
 
 
-def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], seed: int = 0) -> onnx.ModelProto:
+def layer_graph(
+    kind: str, k: int | None, c: int, o: int, x_shape: list[int], seed: int = 0, kernel: int = 3
+) -> onnx.ModelProto:
     """``kind`` "conv" or "matmul"; ``k`` branches, 0 for one folded unit (the input normalized by a
     per-channel Mul, and for a MatMul a Sub of the centre, in front of a single branch; a conv's
     output multiplied by its per-channel gamma), or None for the float32 graph."""
     rng = np.random.default_rng(seed)
     conv = kind == "conv"
-    w_shape = (o, c, 3, 3) if conv else (c, o)
+    w_shape = (o, c, kernel, kernel) if conv else (c, o)
+    pads = [kernel // 2] * 4
     out_shape = [x_shape[0], o, *x_shape[2:]] if conv else [*x_shape[:-1], o]
     nodes: list = []
     inits: list = []
@@ -69,7 +72,7 @@ def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], se
         view = w_scale[:, None, None, None] if conv else w_scale[None, :]
         w = _const("w", w_int.astype(np.float32) * view, inits)
         op = (
-            helper.make_node("Conv", ["x", w], ["y"], pads=[1, 1, 1, 1])
+            helper.make_node("Conv", ["x", w], ["y"], pads=pads)
             if conv
             else helper.make_node("MatMul", ["x", w], ["y"])
         )
@@ -106,7 +109,7 @@ def layer_graph(kind: str, k: int | None, c: int, o: int, x_shape: list[int], se
             wz = _const(f"b{g}_wz", np.zeros(o, np.int8), inits)
             nodes.append(helper.make_node("DequantizeLinear", [wq, ws, wz], [f"b{g}_wdq"], axis=0 if conv else 1))
             if conv:
-                nodes.append(helper.make_node("Conv", [xdq, f"b{g}_wdq"], [f"b{g}_y"], pads=[1, 1, 1, 1]))
+                nodes.append(helper.make_node("Conv", [xdq, f"b{g}_wdq"], [f"b{g}_y"], pads=pads))
                 outs.append(_qdq(f"b{g}_y", f"b{g}_out", nodes, inits, 0.05))
             else:
                 nodes.append(helper.make_node("MatMul", [xdq, f"b{g}_wdq"], [f"b{g}_y"]))
@@ -164,19 +167,21 @@ def time_graphs(graphs: dict[str, onnx.ModelProto], shape: list[int], runs: int,
 # The size sweep: 3x3 convs (channels in = out, square maps) and token Linears (in = out), batch 2
 # (classifier-free guidance), up to SD v1.5's largest layers at 512 px.
 SWEEP_CONV = [(c, hw) for c in (32, 64, 128, 320, 640, 1280) for hw in (4, 8, 16, 32, 64)]
+SWEEP_CONV_1X1 = [(c, hw) for c in (64, 128, 256, 320, 512, 640, 1280) for hw in (8, 16, 32, 64)]
 SWEEP_LINEAR = [(c, n) for c in (32, 64, 128, 320, 640, 1280) for n in (16, 64, 256, 1024, 4096)]
 SWEEP_MAX_MACS = 4e9  # per call; larger ones take seconds and are far past break-even
 
 
-def sweep_layers() -> dict[str, tuple[str, int, int, list[int]]]:
-    """label -> (kind, in, out, input shape)."""
+def sweep_layers(kernel: int = 3) -> dict[str, tuple[str, int, int, list[int]]]:
+    """label -> (kind, in, out, input shape): ``kernel`` x ``kernel`` convs, and with 3 the Linears."""
     layers = {}
-    for c, hw in SWEEP_CONV:
-        if 2 * hw * hw * c * c * 9 <= SWEEP_MAX_MACS:
-            layers[f"conv 3x3 {c}->{c}, 2x{c}x{hw}x{hw}"] = ("conv", c, c, [2, c, hw, hw])
-    for c, n in SWEEP_LINEAR:
-        if 2 * n * c * c <= SWEEP_MAX_MACS:
-            layers[f"linear {c}->{c}, 2x{n}x{c}"] = ("matmul", c, c, [2, n, c])
+    for c, hw in SWEEP_CONV if kernel == 3 else SWEEP_CONV_1X1:
+        if 2 * hw * hw * c * c * kernel * kernel <= SWEEP_MAX_MACS:
+            layers[f"conv {kernel}x{kernel} {c}->{c}, 2x{c}x{hw}x{hw}"] = ("conv", c, c, [2, c, hw, hw])
+    if kernel == 3:
+        for c, n in SWEEP_LINEAR:
+            if 2 * n * c * c <= SWEEP_MAX_MACS:
+                layers[f"linear {c}->{c}, 2x{n}x{c}"] = ("matmul", c, c, [2, n, c])
     return layers
 
 
@@ -204,18 +209,29 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: time the folded unit (K groups folded into the weights) against float over a range "
         "of conv and Linear sizes, and report where it starts to pay",
     )
+    p.add_argument(
+        "--sweep-kernel",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="--sweep: 3 (3x3 convs and Linears, default) or 1 (1x1 convs, e.g. projections and shortcuts)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = p.parse_args(argv)
     result: dict = {"onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs, "layers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.sweep:
             rows = []
-            for label, (kind, c, o, shape) in tqdm(sweep_layers().items(), desc="sizes", unit="layer"):
-                graphs = {"float": layer_graph(kind, None, c, o, shape), "folded": layer_graph(kind, 0, c, o, shape)}
+            kernel = args.sweep_kernel
+            for label, (kind, c, o, shape) in tqdm(sweep_layers(kernel).items(), desc="sizes", unit="layer"):
+                graphs = {
+                    "float": layer_graph(kind, None, c, o, shape, kernel=kernel),
+                    "folded": layer_graph(kind, 0, c, o, shape, kernel=kernel),
+                }
                 timed = time_graphs(graphs, shape, args.runs, args.threads, Path(tmp))
                 result["layers"][label] = timed
                 # in = out channels and stride 1: in * out * taps / (in + out) (dgq.sites.intensity)
-                taps = 9 if kind == "conv" else 1
+                taps = kernel * kernel if kind == "conv" else 1
                 speedup = timed["folded"]["speedup_vs_float"]
                 rows.append({"kind": kind, "intensity": c * o * taps / (c + o), "speedup_vs_float": speedup})
             result["by_intensity"] = by_intensity(rows)
