@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -315,17 +316,26 @@ def test_sigkill_mid_export_then_a_rerun_leaves_nothing_behind(tmp_path):
 
 
 def test_ctrl_c_mid_export_exits_130_and_leaves_nothing(tmp_path):
+    """Under a loaded machine the 3-second export can finish before the signal lands (seen once in a
+    parallel suite run); such an attempt proves nothing and is repeated, up to three times."""
     parent = tmp_path / "exports"
     parent.mkdir()
-    proc = _dgq("export", "--model", "tiny", "--target", "float", "--out", str(parent / "out"))
-    _wait_for_temporary(parent, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(
-        "interrupted; nothing half-written was left behind"
-    )
-    assert _names(parent) == []
+    for attempt in range(3):
+        out = parent / f"out{attempt}"
+        proc = _dgq("export", "--model", "tiny", "--target", "float", "--out", str(out))
+        _wait_for_temporary(parent, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == 0 and out.is_dir():  # finished first: a complete export, not this test's case
+            shutil.rmtree(out)
+            continue
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(
+            "interrupted; nothing half-written was left behind"
+        )
+        assert _names(parent) == []
+        return
+    pytest.fail("the export finished before SIGINT in every attempt")
 
 
 def test_no_unsafe_pickle_loading_in_the_sources():
