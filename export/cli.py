@@ -17,6 +17,7 @@ from common.constants import (
     QUANT_TARGETS,
     SUPPORTED_OPSETS,
 )
+from dgq.config import ORT_MIN_INTENSITY
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=argtypes.real(0.0),
         default=None,
         help="when calibrating: keep float every Conv/Linear with fewer multiply-adds per element read or "
-        "written than this (default 150 for the onnxruntime target, measured on ONNX Runtime CPU: smaller "
-        "layers run no faster quantized; 0 for the others, and 0 quantizes every layer)",
+        f"written than this (default {ORT_MIN_INTENSITY:g} for the onnxruntime target, measured on ONNX Runtime "
+        "CPU: smaller layers run no faster quantized; 0 for the others, and 0 quantizes every layer)",
     )
     p.add_argument(
         "--num-prompts",
