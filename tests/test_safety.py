@@ -315,9 +315,10 @@ def test_sigkill_mid_export_then_a_rerun_leaves_nothing_behind(tmp_path):
 
 
 def _default_sigint() -> None:
-    """In the child before exec: SIGINT as a terminal delivers it. A process that inherits SIGINT
-    ignored (some test runners' workers end up so) starts Python without its KeyboardInterrupt
-    handler, and Ctrl-C would be a no-op there whatever the app does (seen: a parallel suite run)."""
+    """In the child before exec: SIGINT as a terminal delivers it. A suite started as a background job
+    of a non-interactive shell (``make test &``) has SIGINT ignored, which every child inherits across
+    exec; Python then installs no KeyboardInterrupt handler and Ctrl-C would be a no-op whatever the
+    app does (seen: the export ran to completion, exit 0)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

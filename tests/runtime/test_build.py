@@ -301,8 +301,9 @@ def test_ctrl_c_stops_a_tensorrt_build_exits_130_and_leaves_nothing(tmp_path):
             stdout=subprocess.DEVNULL,
             cwd=root,
             env={**os.environ, "PYTHONPATH": str(root)},
-            # SIGINT as a terminal delivers it, whatever this test process inherited (an ignored
-            # SIGINT stays ignored across exec, and Python then installs no KeyboardInterrupt handler)
+            # SIGINT as a terminal delivers it, whatever this test process inherited (a background job
+            # of a non-interactive shell has it ignored, which stays so across exec, and Python then
+            # installs no KeyboardInterrupt handler)
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         while "building ['unet']" not in log.read_text() and proc.poll() is None:
