@@ -274,16 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         graphs, layers = export_graphs(pipe, args.model, args, Path(tmp), cal_calls)
         rows = measure(graphs, held, args)
-    every = {s.name for s in layer_sites(pipe.unet, QuantConfig(keep_float=()))}
     for name, n in layers.items():
         rows[name]["quantized_layers"] = n
-    result_layers = len(every)
     result = {
         "model": args.model,
         "onnxruntime": ort.__version__,
         "threads": args.threads,
         "held_calls": len(held),
-        "conv_linear_layers": result_layers,
+        "conv_linear_layers": len(layer_sites(pipe.unet, QuantConfig(keep_float=()))),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "render")},
         "rows": rows,
     }

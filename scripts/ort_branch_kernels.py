@@ -11,6 +11,14 @@ the conv a uint8 Q/DQ of the output; branches summed, float bias added. ONNX Run
 fuses each conv branch into QLinearConv and each MatMul branch into MatMulIntegerToFloat (the
 fused op counts are reported). Median of interleaved runs in one process. Random weights and
 ranges: only the speed is measured.
+
+    python scripts/ort_branch_kernels.py --sweep --out results/ort_layer_sweep.json
+    python scripts/ort_branch_kernels.py --sweep --sweep-kernel 1 --out results/ort_layer_sweep_1x1.json
+
+``--sweep`` times the folded unit (K groups folded into the weights: one branch behind a per-channel
+Mul, and a Sub for a Linear; a conv's output times its per-channel gamma) against float over a range
+of 3x3 conv and Linear sizes (or 1x1 convs), and groups the speed-ups by ``dgq.sites.intensity``,
+the measure of the ``onnxruntime`` target's speed rule (``dgq.config.ORT_MIN_INTENSITY``).
 """
 
 from __future__ import annotations
@@ -221,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs, "layers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.sweep:
+            import torch
+
+            from dgq.sites import intensity
+
             rows = []
             kernel = args.sweep_kernel
             for label, (kind, c, o, shape) in tqdm(sweep_layers(kernel).items(), desc="sizes", unit="layer"):
@@ -230,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 timed = time_graphs(graphs, shape, args.runs, args.threads, Path(tmp))
                 result["layers"][label] = timed
-                # in = out channels and stride 1: in * out * taps / (in + out) (dgq.sites.intensity)
-                taps = kernel * kernel if kind == "conv" else 1
+                meta = {"device": "meta"}
+                layer = torch.nn.Conv2d(c, o, kernel, **meta) if kind == "conv" else torch.nn.Linear(c, o, **meta)
                 speedup = timed["folded"]["speedup_vs_float"]
-                rows.append({"kind": kind, "intensity": c * o * taps / (c + o), "speedup_vs_float": speedup})
+                rows.append({"kind": kind, "intensity": intensity(layer), "speedup_vs_float": speedup})
             result["by_intensity"] = by_intensity(rows)
         else:
             layers = {

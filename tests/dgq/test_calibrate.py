@@ -159,3 +159,17 @@ def test_min_intensity_keeps_small_layers_float_everywhere(tiny_pipe, tiny_stats
     types = {name: type(m) for name, m in quantized.named_modules()}
     assert all(types[n] in (torch.nn.Conv2d, torch.nn.Linear) for n in every - kept)
     assert not any(types[n] in (torch.nn.Conv2d, torch.nn.Linear) for n in kept)
+
+
+def test_every_layer_of_sd15_and_sdxl_passes_the_onnxruntime_speed_rule():
+    """What the README says of the rule on real architectures (meta device: no weights allocated)."""
+    from diffusers import UNet2DConditionModel
+
+    from dgq.config import ORT_MIN_INTENSITY, QuantConfig
+    from dgq.zoo import configs
+
+    for config in (configs.SD15_UNET, configs.SDXL_UNET):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
+        every = layer_sites(unet, QuantConfig())
+        assert len(every) > 200 and layer_sites(unet, QuantConfig(min_intensity=ORT_MIN_INTENSITY)) == every
