@@ -4,6 +4,10 @@ Installed with ``Attention.set_processor`` (a sanctioned seam: no UNet code is f
 what diffusers' ``AttnProcessor`` computes, with four hooks: ``q``, ``k``, ``v`` (``(B*heads, N, d)``
 tensors) and ``probs`` (softmax output ``(B*heads, N, M)``, computed in float32). A hook is
 ``fn(tensor, slot) -> tensor``: an observer during calibration, a fake quantizer in simulation.
+
+The head reshapes, the scores GEMM and the BOS split are methods (``split_heads``, ``merge_heads``,
+``scores``, ``bos_split``) so that an exporter can trace them as fewer graph nodes while computing
+the same numbers; nothing here reads a tensor's shape where the head count will do.
 """
 
 from __future__ import annotations
@@ -28,10 +32,16 @@ class StepContext:
         return self.slot
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32; no Cast node in a trace when it already is."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 class DGQAttnProcessor:
     """diffusers ``AttnProcessor`` semantics with quantization hooks on q, k, v and probabilities.
 
-    ``probs`` hooks also receive ``batch_size`` so a per-prompt scale can be taken per batch item.
+    ``probs`` hooks also receive the head count so a per-prompt scale can be taken per batch item
+    (rows ``b * heads ... (b + 1) * heads - 1`` of the ``(B*heads, N, M)`` probabilities are prompt ``b``).
     In cross-attention with ``keep_bos``, the BOS key row bypasses the ``k`` hook and the BOS
     probability column bypasses the ``probs`` hook (docs/method.md, section 6).
     """
@@ -46,6 +56,23 @@ class DGQAttnProcessor:
         keep_bos: bool = False,
     ) -> None:
         self.ctx, self.q, self.k, self.v, self.probs, self.keep_bos = ctx, q, k, v, probs, keep_bos
+
+    def split_heads(self, attn: Attention, x: torch.Tensor, width: int) -> torch.Tensor:
+        """``(B, N, width) -> (B * heads, N, width // heads)``, diffusers' ``head_to_batch_dim``."""
+        return attn.head_to_batch_dim(x)
+
+    def merge_heads(self, attn: Attention, x: torch.Tensor, width: int) -> torch.Tensor:
+        """``(B * heads, N, width // heads) -> (B, N, width)``, diffusers' ``batch_to_head_dim``."""
+        return attn.batch_to_head_dim(x)
+
+    def scores(self, attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``scale * q @ k^T`` in float32, as diffusers' ``get_attention_scores`` computes it (baddbmm)."""
+        empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
+        return torch.baddbmm(empty, _f32(q), _f32(k).transpose(-1, -2), beta=0, alpha=attn.scale)
+
+    def bos_split(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(the BOS token's slice, the rest)`` of ``x`` along its text-token axis ``dim``."""
+        return x.narrow(dim, 0, 1), x.narrow(dim, 1, x.shape[dim] - 1)
 
     def __call__(
         self,
@@ -79,38 +106,41 @@ class DGQAttnProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
+        query = self.split_heads(attn, query, attn.inner_dim)
+        key = self.split_heads(attn, key, attn.inner_kv_dim)
+        value = self.split_heads(attn, value, attn.inner_kv_dim)
         bos = is_cross and self.keep_bos
         if self.q is not None:
             query = self.q(query, slot)
         if self.k is not None:
-            key = torch.cat([key[:, :1], self.k(key[:, 1:], slot)], 1) if bos else self.k(key, slot)
+            if bos:
+                first, rest = self.bos_split(key, 1)
+                key = torch.cat([first, self.k(rest, slot)], 1)
+            else:
+                key = self.k(key, slot)
         if self.v is not None:
             value = self.v(value, slot)
 
-        scores = torch.baddbmm(
-            torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=torch.float32, device=query.device),
-            query.float(),
-            key.float().transpose(-1, -2),
-            beta=0,
-            alpha=attn.scale,
-        )
+        scores = self.scores(attn, query, key)
         if attention_mask is not None:
-            scores = scores + attention_mask.float()
+            scores = scores + _f32(attention_mask)
         probs = scores.softmax(dim=-1)
         if self.probs is not None:
             if bos:
-                probs = torch.cat([probs[..., :1], self.probs(probs[..., 1:], slot, batch_size)], -1)
+                first, rest = self.bos_split(probs, probs.ndim - 1)
+                probs = torch.cat([first, self.probs(rest, slot, attn.heads)], -1)
             else:
-                probs = self.probs(probs, slot, batch_size)
-        hidden_states = torch.bmm(probs.to(value.dtype), value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
+                probs = self.probs(probs, slot, attn.heads)
+        if probs.dtype != value.dtype:
+            probs = probs.to(value.dtype)
+        hidden_states = torch.bmm(probs, value)
+        hidden_states = self.merge_heads(attn, hidden_states, attn.inner_kv_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # x / 1.0 is x: no Div node in a trace
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states

@@ -273,7 +273,7 @@ class ProbsMaxObserver:
         self.max_all: dict[int, float] = {}
         self.max_no_bos: dict[int, float] = {}
 
-    def __call__(self, p: torch.Tensor, slot: int, batch_size: int) -> torch.Tensor:
+    def __call__(self, p: torch.Tensor, slot: int, heads: int) -> torch.Tensor:
         self.max_all[slot] = max(self.max_all.get(slot, 0.0), float(p.amax()))
         body = p[..., 1:] if self.is_cross else p
         self.max_no_bos[slot] = max(self.max_no_bos.get(slot, 0.0), float(body.amax()))

@@ -87,23 +87,23 @@ class ActFakeQuant:
 
 class ProbsFakeQuant:
     """Attention probabilities: log2 (or uniform) with a real-time max per prompt or per batch, or a
-    static calibrated max; ``__call__(probs, slot, batch_size)`` on ``(B*heads, N, M)``."""
+    static calibrated max; ``__call__(probs, slot, heads)`` on ``(B*heads, N, M)``."""
 
     def __init__(self, plan: ProbsPlan) -> None:
         self.kind, self.mode, self.bits = plan.kind, plan.mode, plan.bits
         self.static_max = plan.static_max
 
-    def scale(self, p: torch.Tensor, slot: int, batch_size: int) -> torch.Tensor:
+    def scale(self, p: torch.Tensor, slot: int, heads: int) -> torch.Tensor:
         if self.mode == "static":
             s = self.static_max[slot if self.static_max.numel() > 1 else 0]
         elif self.mode == "batch":
             s = p.amax()
-        else:  # per prompt: one max per batch item over its heads
-            s = p.reshape(batch_size, -1).amax(1).repeat_interleave(p.shape[0] // batch_size).view(-1, 1, 1)
+        else:  # per prompt: one max per batch item over its heads (rows b*heads .. b*heads + heads - 1)
+            s = p.amax((1, 2)).view(-1, heads).amax(1, keepdim=True).repeat(1, heads).view(-1, 1, 1)
         return torch.clamp_min(s, torch.finfo(torch.float32).tiny)
 
-    def __call__(self, p: torch.Tensor, slot: int, batch_size: int) -> torch.Tensor:
-        s = self.scale(p, slot, batch_size)
+    def __call__(self, p: torch.Tensor, slot: int, heads: int) -> torch.Tensor:
+        s = self.scale(p, slot, heads)
         if self.kind == "log2":
             return fake_log2_quantize(p, s, self.bits)
         qmax = 2**self.bits - 1

@@ -309,8 +309,10 @@ def export_onnx(
         raise ExportError(f"opset {opset} is too old: {why} (opset >= {INT4_OPSET})")
     static = _latent_size(pipe, recipe) if _has_pixel_groups(recipe) else None
     specs = pipeline_specs(pipe, components, static_size=static, batch=batch)
+    text_tokens = specs["unet"].input("encoder_hidden_states").shape[1]
+    tokens = text_tokens if isinstance(text_tokens, int) else None  # static: the BOS split as Gathers
     try:
-        lowered: Lowered = lower(pipe.unet, recipe, target)
+        lowered: Lowered = lower(pipe.unet, recipe, target, tokens=tokens)
     except LoweringError as err:
         raise ExportError(str(err)) from err
     unet_spec = specs["unet"]

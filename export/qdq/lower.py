@@ -2,7 +2,8 @@
 
 A registry maps (target, layer kind) to the lowering classes that may take a layer, in order; the
 first whose ``accepts(plan)`` is true lowers it. Attention operands get the target's activation
-quantizer module inside :class:`~dgq.attention.DGQAttnProcessor` (the simulator's processor, traced).
+quantizer module inside :class:`~export.qdq.attention.ExportAttnProcessor` (the simulator's processor,
+its data movement traced as compact ONNX).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import torch
 from torch import nn
 
 from common.constants import QUANT_TARGETS
-from dgq.attention import DGQAttnProcessor, StepContext
+from dgq.attention import StepContext
 from dgq.plan import ActPlan, LayerPlan, build_plan
 from dgq.recipe import Recipe, RecipeError
 from dgq.simulate import ProbsFakeQuant
 from dgq.sites import CONV, LINEAR, set_module
+from export.qdq.attention import ExportAttnProcessor
 from export.qdq.faithful import FaithfulActQuant, FaithfulLayer
 from export.qdq.onnxruntime import OrtConvLayer, OrtLinearLayer
 from export.qdq.ops import LoweredLayer, LoweringError, SiteSummary, Slotted
@@ -120,8 +122,11 @@ def _check_target(target: str, profile: str) -> None:
         )
 
 
-def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
-    """A copy of ``unet`` with every quantized site replaced by its lowering for ``target``."""
+def lower(unet: nn.Module, recipe: Recipe, target: str, tokens: int | None = None) -> Lowered:
+    """A copy of ``unet`` with every quantized site replaced by its lowering for ``target``.
+
+    ``tokens``: the export's (static) text-token count, which lets the BOS split be two Gathers
+    (``ExportAttnProcessor``); None keeps it two Slices."""
     config = recipe.config
     _check_target(target, config.profile)
     recipe.check_model(unet)
@@ -179,13 +184,14 @@ def lower(unet: nn.Module, recipe: Recipe, target: str) -> Lowered:
 
         if ap.probs is not None:
             sites.append(SiteSummary(f"{name}.probs", "probs", {"kind": ap.probs.kind, "scale": ap.probs.mode}))
-        processors[f"{name}.processor"] = DGQAttnProcessor(
+        processors[f"{name}.processor"] = ExportAttnProcessor(
             ctx,
             q=act(ap.q),
             k=act(ap.k),
             v=act(ap.v),
             probs=None if ap.probs is None else ProbsFakeQuant(ap.probs),
             keep_bos=ap.keep_bos,
+            tokens=tokens,
         )
     unet.set_attn_processor(processors)
     unet.dgq_act_quant = holders  # registered so their buffers move and trace with the UNet

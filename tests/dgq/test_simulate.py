@@ -90,7 +90,7 @@ def test_cross_attention_keeps_bos_out_of_the_probability_quantizer(tiny_pipe):
     ctx = StepContext()
     ctx.slot = 0
 
-    def probs_hook(p, slot, batch_size):
+    def probs_hook(p, slot, heads):
         seen.append(p.shape[-1])
         return p
 

@@ -1,0 +1,123 @@
+"""The attention processor the exporter traces: DGQ's own, with its data movement written as the few
+ONNX nodes it is.
+
+Traced as written, diffusers' head reshapes read the tensor's shape and rebuild it (Shape, Gather,
+Div, Cast, Unsqueeze, Concat before every Reshape), the scores' ``baddbmm`` adds a zero tensor built
+from the shapes, and the BOS split is a pair of Slices, which TensorRT's parser expands into shape
+arithmetic of its own when the batch is dynamic. Here each is an ``autograd.Function`` whose
+``forward`` computes what :class:`~dgq.attention.DGQAttnProcessor` computes (so the lowered UNet
+still equals the simulator exactly) and whose ``symbolic`` writes:
+
+- heads to batch: ``Transpose -> Reshape [-1, d, 0] -> Transpose`` (0 keeps the token count);
+- batch to heads: ``Transpose -> Reshape [-1, width, 0] -> Transpose``;
+- scores: ``MatMul(q, Transpose(k)) -> Mul(scale)``;
+- the BOS split: two Gathers with constant int32 indices along the text-token axis, which is
+  static in every export (``iospec``: the tokenizer's length).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from dgq.attention import DGQAttnProcessor, Hook, StepContext
+from export.qdq.ops import LoweringError, f32
+
+
+def _const(g, values, dtype: torch.dtype):
+    return g.op("Constant", value_t=torch.tensor(values, dtype=dtype))
+
+
+class SplitHeads(torch.autograd.Function):
+    """``(B, N, heads * d) -> (B * heads, N, d)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, heads: int, d: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.reshape(b, n, heads, d).permute(0, 2, 1, 3).reshape(b * heads, n, d)
+
+    @staticmethod
+    def symbolic(g, x, heads: int, d: int):
+        t = g.op("Transpose", x, perm_i=[0, 2, 1])  # (B, heads * d, N)
+        t = g.op("Reshape", t, _const(g, [-1, d, 0], torch.int64))  # (B * heads, d, N)
+        return g.op("Transpose", t, perm_i=[0, 2, 1])
+
+
+class MergeHeads(torch.autograd.Function):
+    """``(B * heads, N, d) -> (B, N, heads * d)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+        bh, n, d = x.shape
+        return x.reshape(bh // heads, heads, n, d).permute(0, 2, 1, 3).reshape(bh // heads, n, width)
+
+    @staticmethod
+    def symbolic(g, x, heads: int, width: int):
+        t = g.op("Transpose", x, perm_i=[0, 2, 1])  # (B * heads, d, N)
+        t = g.op("Reshape", t, _const(g, [-1, width, 0], torch.int64))  # (B, heads * d, N)
+        return g.op("Transpose", t, perm_i=[0, 2, 1])
+
+
+class Scores(torch.autograd.Function):
+    """``scale * q @ k^T`` (float32 q, k), computed as the base processor computes it."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
+        return torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=scale)
+
+    @staticmethod
+    def symbolic(g, q, k, scale: float):
+        s = g.op("MatMul", q, g.op("Transpose", k, perm_i=[0, 2, 1]))
+        return g.op("Mul", s, _const(g, scale, torch.float32))
+
+
+class Columns(torch.autograd.Function):
+    """``x`` at positions ``start .. stop - 1`` of axis ``dim``, whose length must be ``size``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, start: int, stop: int, size: int) -> torch.Tensor:
+        if x.shape[dim] != size:
+            raise LoweringError(
+                f"cross-attention over {x.shape[dim]} text tokens, but the export was lowered for {size}"
+            )
+        return x.narrow(dim, start, stop - start)
+
+    @staticmethod
+    def symbolic(g, x, dim: int, start: int, stop: int, size: int):
+        return g.op("Gather", x, _const(g, list(range(start, stop)), torch.int32), axis_i=dim)
+
+
+class ExportAttnProcessor(DGQAttnProcessor):
+    """:class:`~dgq.attention.DGQAttnProcessor` with compact traced data movement (module docstring).
+
+    ``tokens`` is the text-token count of the export; without it the BOS split stays two Slices.
+    """
+
+    def __init__(
+        self,
+        ctx: StepContext,
+        q: Hook | None = None,
+        k: Hook | None = None,
+        v: Hook | None = None,
+        probs=None,
+        keep_bos: bool = False,
+        tokens: int | None = None,
+    ) -> None:
+        super().__init__(ctx, q, k, v, probs, keep_bos)
+        self.tokens = tokens
+
+    def split_heads(self, attn: Attention, x: torch.Tensor, width: int) -> torch.Tensor:
+        return SplitHeads.apply(x, attn.heads, width // attn.heads)
+
+    def merge_heads(self, attn: Attention, x: torch.Tensor, width: int) -> torch.Tensor:
+        return MergeHeads.apply(x, attn.heads, width)
+
+    def scores(self, attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return Scores.apply(f32(q), f32(k), float(attn.scale))
+
+    def bos_split(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokens is None:
+            return super().bos_split(x, dim)
+        n = self.tokens
+        return Columns.apply(x, dim, 0, 1, n), Columns.apply(x, dim, 1, n, n)
