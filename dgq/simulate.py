@@ -99,7 +99,9 @@ class ProbsFakeQuant:
         elif self.mode == "batch":
             s = p.amax()
         else:  # per prompt: one max per batch item over its heads (rows b*heads .. b*heads + heads - 1)
-            s = p.amax((1, 2)).view(-1, heads).amax(1, keepdim=True).repeat(1, heads).view(-1, 1, 1)
+            s = p.amax((1, 2)).view(-1, heads).amax(1, keepdim=True)
+            # each prompt's max on its heads' rows; "+ zeros" broadcasts exactly and traces as one Add
+            s = (s + torch.zeros(1, heads, dtype=s.dtype, device=s.device)).view(-1, 1, 1)
         return torch.clamp_min(s, torch.finfo(torch.float32).tiny)
 
     def __call__(self, p: torch.Tensor, slot: int, heads: int) -> torch.Tensor:

@@ -193,6 +193,69 @@ def own_weight_initializers(model: onnx.ModelProto) -> int:
     return len(copies)
 
 
+def bypass_identities(model: onnx.ModelProto) -> int:
+    """Read every Identity node's input directly and drop the node (one the graph outputs stays).
+
+    The exporter reads a deduplicated initializer (a per-step table equal in two quantizers) through
+    Identity nodes; each is a layer of its own in TensorRT's network. Returns the number removed.
+    """
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity" and n.output[0] not in outputs}
+
+    def source(name: str) -> str:
+        while name in alias:
+            name = alias[name]
+        return name
+
+    keep = [n for n in g.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = source(name)
+    del g.node[:]
+    g.node.extend(keep)
+    return len(alias)
+
+
+def drop_zero_points(model: onnx.ModelProto) -> int:
+    """Drop the zero-point input of every DequantizeLinear whose zero point is all zeros.
+
+    The input is optional in ONNX (absent, it is 0 of the quantized input's type), and TensorRT only
+    takes zero points of 0; its ONNX parser adds a constant layer for each one a graph spells out.
+    QuantizeLinear keeps its zero point: below opset 21 its type sets the output's (int8, not uint8).
+    Returns the number dropped.
+    """
+    g = model.graph
+    init = {t.name: t for t in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+
+    def all_zero(name: str) -> bool:
+        if name in init:
+            t = init[name]
+            if t.data_location == TensorProto.EXTERNAL:
+                return False
+        elif name in consts and consts[name].attribute and consts[name].attribute[0].name == "value":
+            t = consts[name].attribute[0].t
+        else:
+            return False
+        return not numpy_helper.to_array(t).any()
+
+    dropped = 0
+    for n in g.node:
+        if n.op_type == "DequantizeLinear" and len(n.input) == 3 and n.input[2] and all_zero(n.input[2]):
+            del n.input[2]
+            dropped += 1
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    nodes = [n for n in g.node if n.op_type != "Constant" or n.output[0] in read]
+    del g.node[:]
+    g.node.extend(nodes)
+    keep = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return dropped
+
+
 def pack_int4_weights(model: onnx.ModelProto, gemm_only: bool = False) -> int:
     """Store the integer weights of every DequantizeLinear as INT4/UINT4 (with their zero points).
 
@@ -331,10 +394,12 @@ def export_onnx(
 
     def post(model: onnx.ModelProto) -> None:
         own_weight_initializers(model)
+        bypass_identities(model)
         if four_bit:
             n = pack_int4_weights(model, gemm_only=target == "tensorrt")
             log.info("packed %d weights as INT4", n)
         if target == "tensorrt":
+            drop_zero_points(model)
             warnings_found.extend(str(v) for v in check_tensorrt(model))
 
     out_dir = Path(out_dir)

@@ -71,7 +71,11 @@ def _float_input(x: Tensor, name: str = "x") -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
     _check_finite(x, name)
-    return x.to(torch.float32)
+    return x if x.dtype == torch.float32 else x.to(torch.float32)  # no no-op Cast in a trace
+
+
+def _as_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 def _check_scale(scale: Tensor) -> None:
@@ -275,13 +279,17 @@ def fake_quantize_affine(
 ) -> Tensor:
     """``dequantize_affine(quantize_affine(x, ...), ...)``: a Q/DQ pair, returned in ``x``'s dtype.
 
-    Equal to ONNX Runtime's QuantizeLinear -> DequantizeLinear output for float32 ``x``.
+    Equal to ONNX Runtime's QuantizeLinear -> DequantizeLinear output for float32 ``x``. A zero
+    point given as the number 0 is not added and subtracted (the same values, but for the sign of a
+    zero: ``-0.0`` stays ``-0.0``), so a traced graph has no ``+ 0`` / ``- 0`` nodes.
     """
     _check_qrange(qmin, qmax)
     x32 = _float_input(x)
     s, z = _broadcast_params(x32.shape, scale, zero_point, axis, group_index, block_size)
     s, z = s.to(x.device), z.to(x.device)
-    return _dequantize(_quantize(x32, s, z, qmin, qmax), s, z).to(x.dtype)
+    if not isinstance(zero_point, Tensor) and zero_point == 0:
+        return _as_dtype(torch.clamp(torch.round(x32 / s), qmin, qmax) * s, x.dtype)
+    return _as_dtype(_dequantize(_quantize(x32, s, z, qmin, qmax), s, z), x.dtype)
 
 
 def affine_params_from_range(
@@ -370,7 +378,7 @@ def log2_dequantize(q: Tensor, scale: Tensor | Number) -> Tensor:
 def fake_log2_quantize(x: Tensor, scale: Tensor | Number, bits: int) -> Tensor:
     """``log2_dequantize(log2_quantize(x, scale, bits), scale)`` returned in ``x``'s dtype."""
     x32, s = _check_log2_args(x, scale, bits)
-    return _log2_dequantize(_log2_quantize(x32, s, bits), s).to(x.dtype)
+    return _as_dtype(_log2_dequantize(_log2_quantize(x32, s, bits), s), x.dtype)
 
 
 # --------------------------------------------------------------------------- range searches

@@ -11,6 +11,7 @@ and per-row scales), so the Q/DQ scales stay constants.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dgq.attention import StepContext
@@ -211,18 +212,42 @@ class BranchedLayer(LoweredLayer):
         )
 
 
+def weights_in_out(layer: FaithfulLayer) -> None:
+    """Store a lowered Linear's weight ``(in, out)`` (its DQ along the matching axis), so the DQ
+    feeds the MatMul with no Transpose between them (one TensorRT layer fewer; ONNX Runtime then
+    fuses the pair into MatMulIntegerToFloat). The layer multiplies with ``_op_t``."""
+    if layer.is_conv:
+        return
+    if layer.wbits is None:
+        layer.w_float = layer.w_float.t().contiguous()
+        return
+    layer.w_q = layer.w_q.t().contiguous()
+    if layer.w_axis is not None:  # per output row (axis 0) -> axis 1; blocks along the input (1) -> 0
+        layer.w_axis = 1 - layer.w_axis
+        if layer.w_scale.ndim == 2:  # block-wise: (out, blocks) -> (blocks, out)
+            layer.w_scale = layer.w_scale.t().contiguous()
+            layer.w_zp = layer.w_zp.t().contiguous()
+
+
 class UnitLayer(FaithfulLayer):
     """``tensorrt`` Conv2d/Linear whose input is pixel/token-grouped or layer-wise (``UnitScaleActQuant``):
-    the faithful layer's DQ'd weight, with ``* s`` moved past the conv/GEMM where it commutes."""
+    the faithful layer's DQ'd weight (a Linear's stored ``(in, out)``, ``weights_in_out``), with
+    ``* s`` moved past the conv/GEMM where it commutes."""
 
     act_quantizer = UnitScaleActQuant
 
+    def __init__(self, plan: LayerPlan, inner: nn.Module, ctx: StepContext, act: nn.Module | None = None):
+        super().__init__(plan, inner, ctx, act)
+        weights_in_out(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is None or not self.act.commutes_with(self.is_conv):
-            return super().forward(x)
+            if self.act is not None:
+                x = self.act(x, self.ctx.current())
+            return self._add_bias(self._op_t(f32(x), self.weight()))
         # x / s -> unit Q/DQ -> conv/GEMM -> * s -> + bias: the Q/DQ feeds the layer directly.
         u, s = self.act.unit_domain(x, self.ctx.current())
-        return self._add_bias(self._op(u, self.weight(), None) * s)
+        return self._add_bias(self._op_t(u, self.weight()) * s)
 
 
 class FoldedActQuant(Slotted):
@@ -324,6 +349,7 @@ class FoldedLayer(FaithfulLayer):
                 q_o = self.w_q[:, idx]
                 self.register_buffer("w_outlier_q", q_o if self.is_conv else q_o.t().contiguous())
                 self.w_outlier_axis = None if self.w_axis is None else (0 if self.is_conv else 1)
+        weights_in_out(self)
 
     def _outlier_weight(self) -> torch.Tensor:
         if self.outlier_float:
@@ -334,9 +360,11 @@ class FoldedLayer(FaithfulLayer):
         slot = self.ctx.current()
         x = f32(x)
         u, s = self.act.unit_domain(x, slot)
-        y = self._op(u, self.weight(), None) * s
+        y = self._op_t(u, self.weight()) * s
         xo, so = self.act.outliers(x, slot)
-        if xo is not None:
-            yo = self._op_t(xo, self._outlier_weight())
-            y = y + (yo if so is None else yo * so)
-        return self._add_bias(y)
+        if xo is None:
+            return self._add_bias(y)
+        if so is None and self.is_conv:  # a float outlier conv carries the bias: no Add of its own
+            return y + F.conv2d(xo, self._outlier_weight(), self.bias, *self.conv_args)
+        yo = self._op_t(xo, self._outlier_weight())
+        return self._add_bias(y + (yo if so is None else yo * so))
