@@ -103,6 +103,24 @@ def test_cross_attention_keeps_bos_out_of_the_probability_quantizer(tiny_pipe):
     assert all(n in (76, 256, 64, 16) for n in seen)  # self-attention sees every pixel
 
 
+def test_per_prompt_probability_scale_is_each_prompts_max_over_its_heads():
+    """Rows ``b*heads .. b*heads + heads - 1`` of ``(B*heads, N, M)`` probabilities are prompt ``b``:
+    each row is quantized on its prompt's max, and the uniform grid is ``max / (2^bits - 1)``."""
+    from dgq.plan import ProbsPlan
+    from dgq.simulate import ProbsFakeQuant
+
+    heads, batch = 3, 4
+    p = torch.rand(batch * heads, 5, 7, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    p[7, 2, 3] = 0.9  # prompt 2's max, in its second head
+    q = ProbsFakeQuant(ProbsPlan("uniform", "prompt", 8, None))
+    s = q.scale(p, 0, heads)
+    expected = torch.stack([p[b * heads : (b + 1) * heads].amax() for b in range(batch)]).repeat_interleave(heads)
+    assert s.shape == (batch * heads, 1, 1) and torch.equal(s.flatten(), expected)
+    got = q(p, 0, heads)
+    levels = got / s * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and float(got[7, 2, 3]) == pytest.approx(0.9)
+
+
 def _outlier_input(seed=0):
     """Linear input (B, N, C) whose channels 3 and 17 are ~100x larger than the rest."""
     g = torch.Generator().manual_seed(seed)

@@ -244,6 +244,63 @@ def test_every_weight_owns_its_zero_point_so_the_exact_path_accepts_the_graph():
     np.testing.assert_allclose(got, create_session(fixed, optimize=False).run(None, {"x": x})[0], rtol=1e-5)
 
 
+def test_dequantizers_without_zero_points_run_as_with_them():
+    """The tensorrt target drops all-zero DequantizeLinear zero points (optional in ONNX): ONNX Runtime,
+    fused, unfused and on its exact integer path, computes what it computed with them."""
+    import onnx
+
+    from export.qdq_export import drop_zero_points, own_weight_initializers
+
+    m = onnx.load_from_string(_shared_zero_point_graph())
+    own_weight_initializers(m)
+    with_zp = m.SerializeToString()
+    assert drop_zero_points(m) == 4
+    assert all(len(n.input) == 2 for n in m.graph.node if n.op_type == "DequantizeLinear")
+    assert all(len(n.input) == 3 for n in m.graph.node if n.op_type == "QuantizeLinear")  # int8 output type
+    assert {t.name for t in m.graph.initializer} == {"z", "s", "w1", "w2", "ws"}  # the copies went unread
+    without = m.SerializeToString()
+    x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+    ref = create_session(with_zp, optimize=False).run(None, {"x": x})[0]
+    for got in (
+        create_session(without, optimize=False).run(None, {"x": x})[0],
+        create_session(without, optimize=True).run(None, {"x": x})[0],
+        _exact_path_session(without).run(None, {"x": x})[0],
+    ):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_identity_reads_are_bypassed():
+    import onnx
+
+    from export.qdq_export import bypass_identities
+
+    inits = [numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "t")]
+    nodes = [
+        helper.make_node("Identity", ["t"], ["t1"]),
+        helper.make_node("Identity", ["t1"], ["t2"]),
+        helper.make_node("Add", ["x", "t2"], ["y"]),
+        helper.make_node("Identity", ["y"], ["out"]),  # a graph output: stays
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ids",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    before = model.SerializeToString()
+    assert bypass_identities(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["Add", "Identity"]
+    assert list(model.graph.node[0].input) == ["x", "t"]
+    onnx.checker.check_model(model)
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_array_equal(
+        create_session(model.SerializeToString(), optimize=False).run(None, {"x": x})[0],
+        create_session(before, optimize=False).run(None, {"x": x})[0],
+    )
+
+
 def test_only_the_exact_paths_refusal_falls_back_to_unfused_qdq(monkeypatch):
     import onnxruntime as ort
 

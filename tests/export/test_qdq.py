@@ -521,6 +521,27 @@ def test_cli_export_onnxruntime_target_calibrates_both_passes(tmp_path, capsys):
     assert "QLinearConv" in capsys.readouterr().out
 
 
+def test_tensorrt_graph_attention_has_no_shape_arithmetic_and_dequantizers_no_zero_points(exports):
+    """The attention processor's data movement is traced as Transpose/Reshape/Gather with constant
+    shapes and indices (ExportAttnProcessor): no Shape, Slice, Cast or ConstantOfShape nodes, and the
+    BOS split is a pair of constant-index Gathers; Identity reads of shared initializers are bypassed
+    and no DequantizeLinear spells out a zero point (TensorRT's parser makes a layer of each)."""
+    folder, _ = exports["tensorrt"]
+    model = onnx.load(str(folder / "unet.onnx"))
+    attention = [
+        n
+        for n in model.graph.node
+        if "/attn" in n.name and not any(p in n.name for p in ("to_q", "to_k", "to_v", "to_out"))
+    ]
+    ops = {n.op_type for n in attention}
+    assert ops and not ops & {"Shape", "Slice", "Cast", "ConstantOfShape", "Expand", "Tile", "OneHot"}, ops
+    assert "Softmax" in ops
+    bos = [n for n in attention if "attn2" in n.name and n.op_type == "Gather" and "__" not in n.name]
+    assert len(bos) >= 4  # key and probability columns: the BOS one and the rest, per cross-attention
+    assert not [n for n in model.graph.node if n.op_type == "Identity"]
+    assert all(len(n.input) == 2 for n in model.graph.node if n.op_type == "DequantizeLinear")
+
+
 # ---------------------------------------------------------------------------- TensorRT builds (CPU, AOT)
 
 
