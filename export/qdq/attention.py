@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention
 
-from dgq.attention import DGQAttnProcessor, Hook, StepContext
+from dgq.attention import DGQAttnProcessor, StepContext
 from export.qdq.ops import LoweringError, f32
 
 
@@ -94,17 +94,8 @@ class ExportAttnProcessor(DGQAttnProcessor):
     ``tokens`` is the text-token count of the export; without it the BOS split stays two Slices.
     """
 
-    def __init__(
-        self,
-        ctx: StepContext,
-        q: Hook | None = None,
-        k: Hook | None = None,
-        v: Hook | None = None,
-        probs=None,
-        keep_bos: bool = False,
-        tokens: int | None = None,
-    ) -> None:
-        super().__init__(ctx, q, k, v, probs, keep_bos)
+    def __init__(self, ctx: StepContext, *hooks, tokens: int | None = None, **options) -> None:
+        super().__init__(ctx, *hooks, **options)
         self.tokens = tokens
 
     def split_heads(self, attn: Attention, x: torch.Tensor, width: int) -> torch.Tensor:
