@@ -214,8 +214,8 @@ class BranchedLayer(LoweredLayer):
 
 def weights_in_out(layer: FaithfulLayer) -> None:
     """Store a lowered Linear's weight ``(in, out)`` (its DQ along the matching axis), so the DQ
-    feeds the MatMul with no Transpose between them (one TensorRT layer fewer; ONNX Runtime then
-    fuses the pair into MatMulIntegerToFloat). The layer multiplies with ``_op_t``."""
+    feeds the MatMul with no Transpose between them (one TensorRT layer fewer). The layer multiplies
+    with ``_op_t``."""
     if layer.is_conv:
         return
     if layer.wbits is None:
