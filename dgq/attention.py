@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from diffusers.models.attention_processor import Attention
 
+from dgq.quant import as_dtype
+
 Hook = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -32,9 +34,11 @@ class StepContext:
         return self.slot
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as float32; no Cast node in a trace when it already is."""
-    return x if x.dtype == torch.float32 else x.float()
+def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * q @ k^T`` of float32 ``(B*heads, N, d)`` q and ``(B*heads, M, d)`` k, as diffusers'
+    ``get_attention_scores`` computes it (baddbmm)."""
+    empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
+    return torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=scale)
 
 
 class DGQAttnProcessor:
@@ -66,9 +70,8 @@ class DGQAttnProcessor:
         return attn.batch_to_head_dim(x)
 
     def scores(self, attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """``scale * q @ k^T`` in float32, as diffusers' ``get_attention_scores`` computes it (baddbmm)."""
-        empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
-        return torch.baddbmm(empty, _f32(q), _f32(k).transpose(-1, -2), beta=0, alpha=attn.scale)
+        """``scaled_scores`` of q and k in float32."""
+        return scaled_scores(as_dtype(q, torch.float32), as_dtype(k, torch.float32), attn.scale)
 
     def bos_split(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(the BOS token's slice, the rest)`` of ``x`` along its text-token axis ``dim``."""
@@ -123,7 +126,7 @@ class DGQAttnProcessor:
 
         scores = self.scores(attn, query, key)
         if attention_mask is not None:
-            scores = scores + _f32(attention_mask)
+            scores = scores + as_dtype(attention_mask, torch.float32)
         probs = scores.softmax(dim=-1)
         if self.probs is not None:
             if bos:

@@ -139,6 +139,13 @@ def int4_tensor(name: str, values: np.ndarray, signed: bool) -> onnx.TensorProto
     )
 
 
+def _drop_unread_initializers(g: onnx.GraphProto) -> None:
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
 def own_weight_initializers(model: onnx.ModelProto) -> int:
     """Give every weight DequantizeLinear its own integer weight and zero-point initializers.
 
@@ -187,9 +194,7 @@ def own_weight_initializers(model: onnx.ModelProto) -> int:
         for n in dead:
             g.node.remove(n)
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _drop_unread_initializers(g)
     return len(copies)
 
 
@@ -250,9 +255,7 @@ def drop_zero_points(model: onnx.ModelProto) -> int:
     nodes = [n for n in g.node if n.op_type != "Constant" or n.output[0] in read]
     del g.node[:]
     g.node.extend(nodes)
-    keep = [t for t in g.initializer if t.name in read]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _drop_unread_initializers(g)
     return dropped
 
 

@@ -74,7 +74,8 @@ def _float_input(x: Tensor, name: str = "x") -> Tensor:
     return x if x.dtype == torch.float32 else x.to(torch.float32)  # no no-op Cast in a trace
 
 
-def _as_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
+def as_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``y`` in ``dtype``; no Cast node in a trace when it already is."""
     return y if y.dtype == dtype else y.to(dtype)
 
 
@@ -288,8 +289,8 @@ def fake_quantize_affine(
     s, z = _broadcast_params(x32.shape, scale, zero_point, axis, group_index, block_size)
     s, z = s.to(x.device), z.to(x.device)
     if not isinstance(zero_point, Tensor) and zero_point == 0:
-        return _as_dtype(torch.clamp(torch.round(x32 / s), qmin, qmax) * s, x.dtype)
-    return _as_dtype(_dequantize(_quantize(x32, s, z, qmin, qmax), s, z), x.dtype)
+        return as_dtype(torch.clamp(torch.round(x32 / s), qmin, qmax) * s, x.dtype)
+    return as_dtype(_dequantize(_quantize(x32, s, z, qmin, qmax), s, z), x.dtype)
 
 
 def affine_params_from_range(
@@ -378,7 +379,7 @@ def log2_dequantize(q: Tensor, scale: Tensor | Number) -> Tensor:
 def fake_log2_quantize(x: Tensor, scale: Tensor | Number, bits: int) -> Tensor:
     """``log2_dequantize(log2_quantize(x, scale, bits), scale)`` returned in ``x``'s dtype."""
     x32, s = _check_log2_args(x, scale, bits)
-    return _as_dtype(_log2_dequantize(_log2_quantize(x32, s, bits), s), x.dtype)
+    return as_dtype(_log2_dequantize(_log2_quantize(x32, s, bits), s), x.dtype)
 
 
 # --------------------------------------------------------------------------- range searches

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention
 
-from dgq.attention import DGQAttnProcessor, StepContext
+from dgq.attention import DGQAttnProcessor, StepContext, scaled_scores
 from export.qdq.ops import LoweringError, f32
 
 
@@ -29,7 +29,8 @@ def _const(g, values, dtype: torch.dtype):
 
 
 class SplitHeads(torch.autograd.Function):
-    """``(B, N, heads * d) -> (B * heads, N, d)``."""
+    """``(B, N, heads * d) -> (B * heads, N, d)``, diffusers' ``head_to_batch_dim`` (the module is not
+    an argument: a traced Function takes tensors and plain values)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, heads: int, d: int) -> torch.Tensor:
@@ -44,7 +45,7 @@ class SplitHeads(torch.autograd.Function):
 
 
 class MergeHeads(torch.autograd.Function):
-    """``(B * heads, N, d) -> (B, N, heads * d)``."""
+    """``(B * heads, N, d) -> (B, N, heads * d)``, diffusers' ``batch_to_head_dim``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
@@ -63,8 +64,7 @@ class Scores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
-        return torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=scale)
+        return scaled_scores(q, k, scale)
 
     @staticmethod
     def symbolic(g, q, k, scale: float):

@@ -17,7 +17,7 @@ from torch import nn
 from common.errors import DGQError
 from dgq.attention import StepContext
 from dgq.plan import INT8_GRID, WeightPlan
-from dgq.quant import along, integer_range
+from dgq.quant import along, as_dtype, integer_range
 
 STEP_INPUT = "step_index"
 ONE = torch.ones(())
@@ -71,11 +71,7 @@ class WeightDQ(torch.autograd.Function):
 def f32(x: torch.Tensor) -> torch.Tensor:
     """``x`` as float32 without a no-op Cast node in the trace (a Cast between a DQ and its
     MatMul/Conv is one more node the runtimes' Q/DQ fusions must look through)."""
-    return x if x.dtype == torch.float32 else x.float()
-
-
-def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x if x.dtype == dtype else x.to(dtype)
+    return as_dtype(x, torch.float32)
 
 
 def zp_dtype(signed: bool) -> torch.dtype:
