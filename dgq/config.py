@@ -16,7 +16,7 @@ from common.constants import QUANT_TARGETS
 
 CONFIG_VERSION = 1
 # Fields added after version 1 whose absence in a stored config means "off".
-LEGACY_OFF = ("fold_linear", "norm_outputs", "fold_conv", "fold_groups")
+LEGACY_OFF = ("fold_linear", "norm_outputs", "fold_conv", "fold_groups", "branch_rule")
 
 WEIGHT_INITS = ("mse", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "block", "tensor")
@@ -39,6 +39,14 @@ FOLD_STRENGTH_LOWBIT = 0.5
 # Linear of intensity 160 (320 features: 1.06-1.54x): the elementwise work around an integer kernel
 # grows with the elements, the saving with the multiply-adds (docs/export-targets.md).
 ORT_MIN_INTENSITY = 150.0
+# A conv run as K gathered QLinearConv branches (the onnxruntime target below W8A8) does K units'
+# elementwise work (K input and K output quantizers, the branch sum) for one conv's multiply-adds. It
+# broke even at about K / 2 times the folded unit's intensity (``scripts/ort_branch_kernels.py
+# --sweep --sweep-branches K``, results/ort_layer_sweep_branches*.json, K = 2, 4, 8; 3x3 and 1x1
+# convs): at K=4, 3x3 convs of intensity 288 ran at 0.50-1.06x float and of 576 at 0.91-1.84x, 1x1
+# convs of 160 at 0.84-1.38x and of 256 at 1.17-1.44x. Hence a branched conv's threshold is
+# ``min_intensity * K * BRANCH_RULE_FACTOR`` (never below ``min_intensity``; QuantConfig.branch_rule).
+BRANCH_RULE_FACTOR = 0.5
 
 # Layers the paper keeps in float (docs/method.md, section 1).
 PAPER_KEEP_FLOAT = ("conv_in", "conv_out")
@@ -119,6 +127,9 @@ class QuantConfig:
     # and those whose multiply-adds per element read or written are below this (dgq.sites.intensity;
     # 0 = none): too small for integer kernels to gain (ORT_MIN_INTENSITY, the onnxruntime target's)
     min_intensity: float = 0.0
+    # onnxruntime profile, convs as K branches (not ``folds_conv``): the rule's threshold for them is
+    # min_intensity * K * BRANCH_RULE_FACTOR (``conv_min_intensity``); False: min_intensity
+    branch_rule: bool = True
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -162,6 +173,7 @@ class QuantConfig:
             type(self.min_intensity) in (int, float) and 0.0 <= self.min_intensity < float("inf"),
             f"min_intensity must be a finite number >= 0, got {self.min_intensity!r}",
         )
+        check(type(self.branch_rule) is bool, f"branch_rule must be True or False, got {self.branch_rule!r}")
         check(
             self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),
             "the onnxruntime profile is asymmetric (uint8 activations) and has no outlier_bits",
@@ -209,6 +221,16 @@ class QuantConfig:
         if self.fold_conv is None:
             return self.wbits >= 8 and self.abits >= 8
         return self.fold_conv
+
+    @property
+    def conv_min_intensity(self) -> float:
+        """The speed rule's threshold for a Conv2d: ``min_intensity``, or where the convs run as K
+        QLinearConv branches (``onnxruntime`` profile, not ``folds_conv``; ``branch_rule``) that times
+        ``K * BRANCH_RULE_FACTOR``, never less (dgq.sites.layer_sites)."""
+        k = self.effective_groups
+        if self.branch_rule and self.profile == "onnxruntime" and not self.folds_conv and k > 1:
+            return self.min_intensity * max(1.0, k * BRANCH_RULE_FACTOR)
+        return self.min_intensity
 
     @property
     def fold_exponent(self) -> float:

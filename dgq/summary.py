@@ -26,7 +26,12 @@ def recipe_summary(recipe: Recipe, top: int = 10) -> str:
         f"({c.attn_scale} scale), "
         f"BOS in float: {c.bos_fp}",
         f"keep float: {', '.join(c.keep_float)}"
-        + (f"; layers under {c.min_intensity:g} multiply-adds per element" if c.min_intensity else ""),
+        + (f"; layers under {c.min_intensity:g} multiply-adds per element" if c.min_intensity else "")
+        + (
+            f" (convs as branches: under {c.conv_min_intensity:g})"
+            if c.min_intensity and c.conv_min_intensity != c.min_intensity
+            else ""
+        ),
         f"timestep slots ({len(recipe.slots)}): {', '.join(f'{s:g}' for s in recipe.slots)}",
         f"calibration: {recipe.meta.get('prompts', '?')} prompts, {recipe.meta.get('num_inference_steps', '?')} steps, "
         f"guidance {recipe.meta.get('guidance_scale', '?')}, {recipe.meta.get('scheduler', '?')}, "

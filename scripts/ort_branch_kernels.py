@@ -19,6 +19,12 @@ ranges: only the speed is measured.
 Mul, and a Sub for a Linear; a conv's output times its per-channel gamma) against float over a range
 of 3x3 conv and Linear sizes (or 1x1 convs), and groups the speed-ups by ``dgq.sites.intensity``,
 the measure of the ``onnxruntime`` target's speed rule (``dgq.config.ORT_MIN_INTENSITY``).
+
+    python scripts/ort_branch_kernels.py --sweep --sweep-branches 4 --out results/ort_layer_sweep_branches.json
+
+``--sweep-branches K`` times the conv as the target writes it below W8A8 instead: K gathered
+QLinearConv branches, summed, times the per-channel gamma, plus the bias (Linears are always folded,
+so only convs are swept), for the rule's measure of branched convs (``dgq.sites.rule_intensity``).
 """
 
 from __future__ import annotations
@@ -59,11 +65,19 @@ def _qdq(x: str, tag: str, nodes: list, inits: list, scale: float) -> str:
 
 
 def layer_graph(
-    kind: str, k: int | None, c: int, o: int, x_shape: list[int], seed: int = 0, kernel: int = 3
+    kind: str,
+    k: int | None,
+    c: int,
+    o: int,
+    x_shape: list[int],
+    seed: int = 0,
+    kernel: int = 3,
+    gamma: bool = False,
 ) -> onnx.ModelProto:
     """``kind`` "conv" or "matmul"; ``k`` branches, 0 for one folded unit (the input normalized by a
     per-channel Mul, and for a MatMul a Sub of the centre, in front of a single branch; a conv's
-    output multiplied by its per-channel gamma), or None for the float32 graph."""
+    output multiplied by its per-channel gamma), or None for the float32 graph. ``gamma``: a conv's
+    branch sum is multiplied by a per-channel gamma too (the export's ``norm_outputs``)."""
     rng = np.random.default_rng(seed)
     conv = kind == "conv"
     w_shape = (o, c, kernel, kernel) if conv else (c, o)
@@ -123,10 +137,16 @@ def layer_graph(
                 nodes.append(helper.make_node("MatMul", [xdq, f"b{g}_wdq"], [f"b{g}_y"]))
                 outs.append(f"b{g}_y")
         if k == 0 and conv:
-            gamma = _const("gamma", (rng.random((1, o, 1, 1)) + 0.5).astype(np.float32), inits)
-            nodes.append(helper.make_node("Mul", [outs[0], gamma], ["restored"]))
+            gamma_c = _const("gamma", (rng.random((1, o, 1, 1)) + 0.5).astype(np.float32), inits)
+            nodes.append(helper.make_node("Mul", [outs[0], gamma_c], ["restored"]))
             outs = ["restored"]
-        nodes += [helper.make_node("Sum", outs, ["sum"]), helper.make_node("Add", ["sum", bias], ["out"])]
+        nodes.append(helper.make_node("Sum", outs, ["sum"]))
+        total = "sum"
+        if gamma and conv and k != 0:
+            gamma_c = _const("gamma", (rng.random((1, o, 1, 1)) + 0.5).astype(np.float32), inits)
+            nodes.append(helper.make_node("Mul", ["sum", gamma_c], ["restored"]))
+            total = "restored"
+        nodes.append(helper.make_node("Add", [total, bias], ["out"]))
     graph = helper.make_graph(
         nodes, kind, inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)], inits
     )
@@ -180,13 +200,14 @@ SWEEP_LINEAR = [(c, n) for c in (32, 64, 128, 320, 640, 1280) for n in (16, 64, 
 SWEEP_MAX_MACS = 4e9  # per call; larger ones take seconds and are far past break-even
 
 
-def sweep_layers(kernel: int = 3) -> dict[str, tuple[str, int, int, list[int]]]:
-    """label -> (kind, in, out, input shape): ``kernel`` x ``kernel`` convs, and with 3 the Linears."""
+def sweep_layers(kernel: int = 3, linears: bool = True) -> dict[str, tuple[str, int, int, list[int]]]:
+    """label -> (kind, in, out, input shape): ``kernel`` x ``kernel`` convs, and with 3 (and
+    ``linears``) the Linears."""
     layers = {}
     for c, hw in SWEEP_CONV if kernel == 3 else SWEEP_CONV_1X1:
         if 2 * hw * hw * c * c * kernel * kernel <= SWEEP_MAX_MACS:
             layers[f"conv {kernel}x{kernel} {c}->{c}, 2x{c}x{hw}x{hw}"] = ("conv", c, c, [2, c, hw, hw])
-    if kernel == 3:
+    if kernel == 3 and linears:
         for c, n in SWEEP_LINEAR:
             if 2 * n * c * c <= SWEEP_MAX_MACS:
                 layers[f"linear {c}->{c}, 2x{n}x{c}"] = ("matmul", c, c, [2, n, c])
@@ -194,7 +215,7 @@ def sweep_layers(kernel: int = 3) -> dict[str, tuple[str, int, int, list[int]]]:
 
 
 def by_intensity(rows: list[dict]) -> dict[str, dict]:
-    """The folded unit's speed-up over float per layer kind and intensity (``dgq.sites.intensity``:
+    """The swept unit's speed-up over float per layer kind and intensity (``dgq.sites.intensity``:
     multiply-adds per element read or written), slowest and fastest over the sizes swept."""
     out: dict[str, dict] = {}
     for r in sorted(rows, key=lambda r: (r["kind"], r["intensity"])):
@@ -224,8 +245,18 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="--sweep: 3 (3x3 convs and Linears, default) or 1 (1x1 convs, e.g. projections and shortcuts)",
     )
+    p.add_argument(
+        "--sweep-branches",
+        type=int,
+        default=None,
+        metavar="K",
+        help="--sweep: time convs as K gathered QLinearConv branches (the target below W8A8) instead of the "
+        "folded unit; Linears, always folded, are left out",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = p.parse_args(argv)
+    if args.sweep_branches is not None and (not args.sweep or args.sweep_branches < 2):
+        p.error("--sweep-branches takes K >= 2 and goes with --sweep")
     result: dict = {"onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs, "layers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.sweep:
@@ -234,17 +265,20 @@ def main(argv: list[str] | None = None) -> int:
             from dgq.sites import intensity
 
             rows = []
-            kernel = args.sweep_kernel
-            for label, (kind, c, o, shape) in tqdm(sweep_layers(kernel).items(), desc="sizes", unit="layer"):
+            kernel, k = args.sweep_kernel, args.sweep_branches
+            unit = "folded" if k is None else f"K={k}"
+            result["unit"] = unit
+            layers = sweep_layers(kernel, linears=k is None)
+            for label, (kind, c, o, shape) in tqdm(layers.items(), desc="sizes", unit="layer"):
                 graphs = {
                     "float": layer_graph(kind, None, c, o, shape, kernel=kernel),
-                    "folded": layer_graph(kind, 0, c, o, shape, kernel=kernel),
+                    unit: layer_graph(kind, k or 0, c, o, shape, kernel=kernel, gamma=True),
                 }
                 timed = time_graphs(graphs, shape, args.runs, args.threads, Path(tmp))
                 result["layers"][label] = timed
                 meta = {"device": "meta"}
                 layer = torch.nn.Conv2d(c, o, kernel, **meta) if kind == "conv" else torch.nn.Linear(c, o, **meta)
-                speedup = timed["folded"]["speedup_vs_float"]
+                speedup = timed[unit]["speedup_vs_float"]
                 rows.append({"kind": kind, "intensity": intensity(layer), "speedup_vs_float": speedup})
             result["by_intensity"] = by_intensity(rows)
         else:

@@ -161,8 +161,30 @@ def test_min_intensity_keeps_small_layers_float_everywhere(tiny_pipe, tiny_stats
     assert not any(types[n] in (torch.nn.Conv2d, torch.nn.Linear) for n in kept)
 
 
+def test_branched_convs_take_the_branch_threshold(tiny_pipe):
+    """Below W8A8 the onnxruntime target's convs are K branches: a conv is quantized from
+    conv_min_intensity on, a Linear (always folded) still from min_intensity."""
+    from dgq.config import preset
+    from dgq.sites import CONV, intensity
+
+    unet = tiny_pipe.unet
+    modules = dict(unet.named_modules())
+    config = preset("dgq", groups=4, abits=6, profile="onnxruntime", min_intensity=30.0)
+    least = config.conv_min_intensity
+    assert least == 60.0
+    every = layer_sites(unet, config.replace(min_intensity=0.0))
+    kept = {s.name for s in layer_sites(unet, config)}
+    for site in every:
+        bound = least if site.kind == CONV else 30.0
+        assert (site.name in kept) == (intensity(modules[site.name]) >= bound), site.name
+    convs = [intensity(modules[s.name]) for s in every if s.kind == CONV]
+    assert any(30.0 <= i < 60.0 for i in convs), "the tiny UNet has no conv between the two thresholds"
+    assert kept != {s.name for s in layer_sites(unet, config.replace(branch_rule=False))}
+
+
 def test_every_layer_of_sd15_and_sdxl_passes_the_onnxruntime_speed_rule():
-    """What the README says of the rule on real architectures (meta device: no weights allocated)."""
+    """What the README says of the rule on real architectures (meta device: no weights allocated):
+    every layer passes at W8A8; below it, where convs are K=4 branches, only 1x1 convs are left out."""
     from diffusers import UNet2DConditionModel
 
     from dgq.config import ORT_MIN_INTENSITY, QuantConfig
@@ -173,3 +195,7 @@ def test_every_layer_of_sd15_and_sdxl_passes_the_onnxruntime_speed_rule():
             unet = UNet2DConditionModel(**config)
         every = layer_sites(unet, QuantConfig())
         assert len(every) > 200 and layer_sites(unet, QuantConfig(min_intensity=ORT_MIN_INTENSITY)) == every
+        branched = QuantConfig(profile="onnxruntime", abits=6, groups=4, min_intensity=ORT_MIN_INTENSITY)
+        kept = {s.name for s in layer_sites(unet, branched)}
+        left = [s.name for s in every if s.name not in kept]
+        assert left and all(unet.get_submodule(n).kernel_size == (1, 1) for n in left)

@@ -153,3 +153,27 @@ def test_min_intensity_is_a_finite_number_and_off_in_stored_configs():
     assert QuantConfig.from_dict(json.loads(json.dumps(stored))).min_intensity == 150.0
     del stored["min_intensity"]  # a recipe written before the rule quantized every layer
     assert QuantConfig.from_dict(stored).min_intensity == 0.0
+
+
+def test_branched_convs_have_the_higher_threshold_and_stored_configs_keep_theirs():
+    from dgq.config import BRANCH_RULE_FACTOR
+
+    ort = QuantConfig(profile="onnxruntime", groups=4, min_intensity=150.0)
+    assert ort.folds_conv and ort.conv_min_intensity == 150.0  # W8A8: one folded QLinearConv per conv
+    low = ort.replace(abits=6)
+    assert not low.folds_conv and low.conv_min_intensity == 150.0 * 4 * BRANCH_RULE_FACTOR
+    assert ort.replace(fold_conv=False).conv_min_intensity == low.conv_min_intensity
+    assert low.replace(groups=1).conv_min_intensity == 150.0  # one branch: no gathers, one unit
+    assert low.replace(groups=2).conv_min_intensity == 150.0  # never below the folded unit's
+    assert low.replace(act_axis="layer").conv_min_intensity == 150.0
+    assert low.replace(branch_rule=False).conv_min_intensity == 150.0
+    assert low.replace(min_intensity=0.0).conv_min_intensity == 0.0  # every layer
+    for profile in ("faithful", "tensorrt"):  # no QLinearConv branches
+        assert QuantConfig(profile=profile, abits=6, groups=4, min_intensity=150.0).conv_min_intensity == 150.0
+    stored = low.to_dict()
+    assert QuantConfig.from_dict(json.loads(json.dumps(stored))).conv_min_intensity == 300.0
+    del stored["branch_rule"]  # a recipe written before this rule picked its convs at min_intensity
+    assert QuantConfig.from_dict(stored).conv_min_intensity == 150.0
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="branch_rule"):
+            QuantConfig(branch_rule=bad)
