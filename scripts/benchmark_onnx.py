@@ -54,6 +54,35 @@ def sd_shaped_pipeline(seed: int = 0):
 
 
 OPENVINO_ROW = "float32 (OpenVINO)"
+PROFILE_RUNS = 3
+
+
+def profile_ops(path: Path, feeds: dict, threads: int, runs: int = PROFILE_RUNS) -> dict[str, float]:
+    """ONNX Runtime's own profile of ``runs`` calls of the graph at ``path`` (after one warm-up call,
+    left out): kernel milliseconds per call by op type, after its optimizer (QLinearConv,
+    MatMulIntegerToFloat, ...), largest first."""
+    import onnxruntime as ort
+
+    from export.ort_session import session_options
+
+    with tempfile.TemporaryDirectory(prefix="dgq-profile-") as tmp:
+        so = session_options(optimize=True, threads=threads)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    calls = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    if len(calls) != runs + 1:
+        raise RuntimeError(f"ONNX Runtime's profile holds {len(calls)} calls, not {runs + 1}")
+    warm_end = calls[0]["ts"] + calls[0]["dur"]
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= warm_end:
+            op = e["args"]["op_name"]
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1000 / runs
+    return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
 
 
 def openvino_float(path: Path, threads: int):
@@ -128,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     p.add_argument("--keep", type=Path, default=None, help="keep the export folders here")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help=f"also ONNX Runtime's profile of each graph ({PROFILE_RUNS} calls after the timed runs): kernel "
+        "milliseconds per call by op type, in the results file",
+    )
     p.add_argument(
         "--render",
         type=Path,
@@ -243,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             ov_request.infer(feeds["float"])
             times[OPENVINO_ROW].append(time.perf_counter() - t1)
+    profiles = {}
+    if args.profile:
+        profiles = {k: profile_ops(folder / "unet.onnx", feeds[k], args.threads) for k, folder in folders.items()}
     import onnx
 
     rows = {}
@@ -260,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             "integer_kernels_after_optimization": fused,
             "nodes": sum(ops.values()),
         }
+        if k in profiles:
+            rows[k]["profile_ms_per_call_by_op"] = profiles[k]
     if ov_request is not None:
         import openvino
 

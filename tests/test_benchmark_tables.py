@@ -66,3 +66,30 @@ def test_openvino_runs_a_float_graph_in_float32(tmp_path):
     request = openvino_float(tmp_path / "unet.onnx", threads=1)
     y = request.infer({"x": x})[0]
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)  # float32, not a bf16/f16 hint
+
+
+def test_profile_lists_the_graphs_op_types_largest_first(tmp_path):
+    """ONNX Runtime's profile, by op type: the graph's op types and nothing else, each with time."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from scripts.benchmark_onnx import profile_ops
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Softmax", ["h"], ["p"], axis=-1),
+            helper.make_node("MatMul", ["p", "w"], ["y"]),
+        ],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 64])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    x = np.random.default_rng(1).standard_normal((256, 64)).astype(np.float32)
+    by_op = profile_ops(tmp_path / "g.onnx", {"x": x}, threads=1, runs=2)
+    assert set(by_op) == {"MatMul", "Softmax"}
+    assert all(v > 0 for v in by_op.values()) and list(by_op.values()) == sorted(by_op.values(), reverse=True)
