@@ -45,23 +45,30 @@ def test_openvino_row_adds_the_best_float_column():
     assert lines[4].startswith("| faithful W8A8 |") and lines[4].endswith("| 1.60x |")
 
 
+def _save_graph(path, nodes, x_shape, y_shape, w):
+    """A float graph of ``nodes`` on input ``x`` with one weight ``w``, saved at ``path``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
 def test_openvino_runs_a_float_graph_in_float32(tmp_path):
     pytest.importorskip("openvino")
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     from scripts.benchmark_onnx import openvino_float
 
     w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "mm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "unet.onnx")
+    _save_graph(tmp_path / "unet.onnx", [helper.make_node("MatMul", ["x", "w"], ["y"])], [4, 16], [4, 8], w)
     x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
     request = openvino_float(tmp_path / "unet.onnx", threads=1)
     y = request.infer({"x": x})[0]
@@ -71,24 +78,17 @@ def test_openvino_runs_a_float_graph_in_float32(tmp_path):
 def test_profile_lists_the_graphs_op_types_largest_first(tmp_path):
     """ONNX Runtime's profile, by op type: the graph's op types and nothing else, each with time."""
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     from scripts.benchmark_onnx import profile_ops
 
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w"], ["h"]),
-            helper.make_node("Softmax", ["h"], ["p"], axis=-1),
-            helper.make_node("MatMul", ["p", "w"], ["y"]),
-        ],
-        "mm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 64])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Softmax", ["h"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "w"], ["y"]),
+    ]
+    _save_graph(tmp_path / "g.onnx", nodes, [256, 64], [256, 64], w)
     x = np.random.default_rng(1).standard_normal((256, 64)).astype(np.float32)
     by_op = profile_ops(tmp_path / "g.onnx", {"x": x}, threads=1, runs=2)
     assert set(by_op) == {"MatMul", "Softmax"}
