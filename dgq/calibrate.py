@@ -737,6 +737,15 @@ def with_bits(recipe: Recipe, unet: torch.nn.Module, wbits: int, abits: int, pro
             "use build_recipe + calibrate_outputs for other bits"
         )
     config = recipe.config.replace(wbits=wbits, abits=abits)
+    before = [s.name for s in layer_sites(unet, recipe.config)]
+    after = [s.name for s in layer_sites(unet, config)]
+    if before != after:
+        changed = sorted(set(before) ^ set(after))
+        raise ValueError(
+            f"at W{wbits}A{abits} the speed rule picks other layers than at W{recipe.config.wbits}"
+            f"A{recipe.config.abits} ({len(changed)} differ, e.g. {changed[0]}; convs run as branches have "
+            "a higher threshold): build the recipe from the statistics at these bits (build_recipe)"
+        )
     out = Recipe(
         config=config,
         model=recipe.model,

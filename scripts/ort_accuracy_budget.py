@@ -12,7 +12,8 @@ prediction against the float UNet's, signal and noise energies summed over the c
 - ``faithful`` (the paper's semantics, K=16) and ``faithful, Linears float``;
 - ``onnxruntime`` at its export defaults (K=4; conv groups folded at W8A8, branches below), then
   with its conv outputs left float (``conv outputs float``: what QLinearConv's quantized output
-  costs), with conv branches instead of the fold, both, and with its Linears float.
+  costs), with conv branches and with conv groups folded (each also with float outputs; one of the
+  two is the default), and with its Linears float.
 
 The simulator computes what the exported graph computes (the export tests hold the lowering to it
 exactly; ``scripts/graph_quality.py`` measures the graphs in ONNX Runtime), so the differences are
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     recipes: dict = {}
     for name, (config, float_outputs) in tqdm(variants.items(), desc="variants", unit="variant"):
-        key = repr(config)
+        key = repr(config.replace(fold_conv=config.folds_conv))  # the default and its explicit twin: one build
         if key not in recipes:
             recipe = build_recipe(stats, pipe.unet, config, progress=False)
             if config.profile == "onnxruntime":

@@ -24,7 +24,7 @@ the measure of the ``onnxruntime`` target's speed rule (``dgq.config.ORT_MIN_INT
 
 ``--sweep-branches K`` times the conv as the target writes it below W8A8 instead: K gathered
 QLinearConv branches, summed, times the per-channel gamma, plus the bias (Linears are always folded,
-so only convs are swept), for the rule's measure of branched convs (``dgq.sites.rule_intensity``).
+so only convs are swept), for the rule's threshold of branched convs (``QuantConfig.conv_min_intensity``).
 """
 
 from __future__ import annotations

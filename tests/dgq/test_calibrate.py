@@ -101,6 +101,21 @@ def test_with_bits_equals_a_fresh_build(tiny_pipe, tiny_stats, tiny_recipe, prof
         assert torch.equal(t, rebit.tensors()[k]), k
 
 
+def test_with_bits_refuses_bits_whose_speed_rule_picks_other_layers(tiny_pipe, tiny_stats):
+    """W8A8 folds the onnxruntime target's convs; below it they are branches with a higher threshold."""
+    from dgq.calibrate import build_recipe, with_bits
+    from dgq.config import preset
+
+    config = preset("dgq", groups=4, profile="onnxruntime", min_intensity=30.0)
+    recipe = build_recipe(tiny_stats, tiny_pipe.unet, config, progress=False)
+    with pytest.raises(ValueError, match="speed rule picks other layers"):
+        with_bits(recipe, tiny_pipe.unet, 8, 6)
+    low = build_recipe(tiny_stats, tiny_pipe.unet, config.replace(abits=6), progress=False)
+    with pytest.raises(ValueError, match="speed rule picks other layers"):
+        with_bits(low, tiny_pipe.unet, 8, 8)
+    assert set(with_bits(low, tiny_pipe.unet, 4, 6).weights) == set(low.weights)  # the same sites
+
+
 def test_statistics_footprint_is_what_calibration_keeps(tiny_pipe, tiny_stats):
     from dgq.calibrate import statistics_bytes, statistics_footprint
 
