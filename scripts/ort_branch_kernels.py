@@ -21,10 +21,13 @@ of 3x3 conv and Linear sizes (or 1x1 convs), and groups the speed-ups by ``dgq.s
 the measure of the ``onnxruntime`` target's speed rule (``dgq.config.ORT_MIN_INTENSITY``).
 
     python scripts/ort_branch_kernels.py --sweep --sweep-branches 4 --out results/ort_layer_sweep_branches.json
+    python scripts/ort_branch_kernels.py --sweep --sweep-nonsquare --out results/ort_layer_sweep_nonsquare.json
 
 ``--sweep-branches K`` times the conv as the target writes it below W8A8 instead: K gathered
 QLinearConv branches, summed, times the per-channel gamma, plus the bias (Linears are always folded,
 so only convs are swept), for the rule's threshold of branched convs (``QuantConfig.conv_min_intensity``).
+``--sweep-nonsquare`` sweeps the folded unit on Linears whose in and out features differ (SD's
+feed-forward and cross-attention shapes), which the square sweep does not cover.
 """
 
 from __future__ import annotations
@@ -197,12 +200,27 @@ def time_graphs(graphs: dict[str, onnx.ModelProto], shape: list[int], runs: int,
 SWEEP_CONV = [(c, hw) for c in (32, 64, 128, 320, 640, 1280) for hw in (4, 8, 16, 32, 64)]
 SWEEP_CONV_1X1 = [(c, hw) for c in (64, 128, 256, 320, 512, 640, 1280) for hw in (8, 16, 32, 64)]
 SWEEP_LINEAR = [(c, n) for c in (32, 64, 128, 320, 640, 1280) for n in (16, 64, 256, 1024, 4096)]
+# --sweep-nonsquare: Linears whose in and out differ, as SD's feed-forward (in -> 8 * in with GEGLU,
+# 4 * in -> in) and cross-attention (768 / 2048 -> in) layers are, on 256 to 4096 tokens.
+SWEEP_LINEAR_NONSQUARE = [
+    (i, o, n)
+    for i, o in ((128, 1024), (512, 128), (768, 128), (320, 2560), (1280, 320), (768, 320))
+    for n in (256, 1024, 4096)
+]
 SWEEP_MAX_MACS = 4e9  # per call; larger ones take seconds and are far past break-even
 
 
-def sweep_layers(kernel: int = 3, linears: bool = True) -> dict[str, tuple[str, int, int, list[int]]]:
+def sweep_layers(
+    kernel: int = 3, linears: bool = True, nonsquare: bool = False
+) -> dict[str, tuple[str, int, int, list[int]]]:
     """label -> (kind, in, out, input shape): ``kernel`` x ``kernel`` convs, and with 3 (and
-    ``linears``) the Linears."""
+    ``linears``) the Linears; ``nonsquare``: only the Linears whose in and out differ."""
+    if nonsquare:
+        return {
+            f"linear {i}->{o}, 2x{n}x{i}": ("matmul", i, o, [2, n, i])
+            for i, o, n in SWEEP_LINEAR_NONSQUARE
+            if 2 * n * i * o <= SWEEP_MAX_MACS
+        }
     layers = {}
     for c, hw in SWEEP_CONV if kernel == 3 else SWEEP_CONV_1X1:
         if 2 * hw * hw * c * c * kernel * kernel <= SWEEP_MAX_MACS:
@@ -253,8 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         help="--sweep: time convs as K gathered QLinearConv branches (the target below W8A8) instead of the "
         "folded unit; Linears, always folded, are left out",
     )
+    p.add_argument(
+        "--sweep-nonsquare",
+        action="store_true",
+        help="--sweep: only Linears whose in and out features differ (feed-forward and cross-attention shapes)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = p.parse_args(argv)
+    if args.sweep_nonsquare and (not args.sweep or args.sweep_branches is not None):
+        p.error("--sweep-nonsquare goes with --sweep (the folded unit; Linears are never branched)")
     if args.sweep_branches is not None and (not args.sweep or args.sweep_branches < 2):
         p.error("--sweep-branches takes K >= 2 and goes with --sweep")
     result: dict = {"onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs, "layers": {}}
@@ -268,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel, k = args.sweep_kernel, args.sweep_branches
             unit = "folded" if k is None else f"K={k}"
             result["unit"] = unit
-            layers = sweep_layers(kernel, linears=k is None)
+            layers = sweep_layers(kernel, linears=k is None, nonsquare=args.sweep_nonsquare)
             for label, (kind, c, o, shape) in tqdm(layers.items(), desc="sizes", unit="layer"):
                 graphs = {
                     "float": layer_graph(kind, None, c, o, shape, kernel=kernel),
