@@ -46,6 +46,8 @@ ORT_MIN_INTENSITY = 150.0
 # convs): at K=4, 3x3 convs of intensity 288 ran at 0.50-1.06x float and of 576 at 0.91-1.84x, 1x1
 # convs of 160 at 0.84-1.38x and of 256 at 1.17-1.44x. Hence a branched conv's threshold is
 # ``min_intensity * K * BRANCH_RULE_FACTOR`` (never below ``min_intensity``; QuantConfig.branch_rule).
+# One factor for 3x3 and 1x1 convs is a simplification: it keeps 1x1 convs of intensity 256 float
+# at K=4, which gained in the sweep.
 BRANCH_RULE_FACTOR = 0.5
 
 # Layers the paper keeps in float (docs/method.md, section 1).
