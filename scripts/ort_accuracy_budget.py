@@ -57,25 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     from common.fsutil import emit_json
     from dgq import zoo
     from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics
-    from dgq.eval.capture import record_unet_calls, replay
+    from dgq.eval.capture import replay
     from dgq.eval.data import default_prompts
+    from dgq.eval.metrics import energies, energy_ratio_db
     from dgq.prompts import calibration_prompts
     from dgq.simulate import apply_recipe
     from export.qdq_export import target_config
+    from scripts.graph_quality import record_calls
 
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = zoo.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    with record_unet_calls(pipe.unet) as held, torch.inference_mode():
-        for i, (prompt, _) in enumerate(default_prompts(args.held_prompts)):
-            pipe(
-                prompt,
-                num_inference_steps=args.steps,
-                guidance_scale=DEFAULT_GUIDANCE,
-                generator=torch.Generator().manual_seed(1000 + i),
-                output_type="latent",
-            )
+    # the held-out calls of scripts/graph_quality.py
+    held = record_calls(pipe, [q for q, _ in default_prompts(args.held_prompts)], args.steps, DEFAULT_GUIDANCE, 1000)
     ref = [replay(pipe.unet, c).double() for c in held]
     prompts = calibration_prompts(args.model, args.cal_prompts)
     stats = collect_statistics(pipe, prompts, num_inference_steps=args.steps, progress=False)
@@ -89,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             signal = noise = 0.0
             for r, c in zip(ref, held, strict=True):
-                y = replay(pipe.unet, c).double()
-                signal, noise = signal + float((r**2).sum()), noise + float(((r - y) ** 2).sum())
+                s, n = energies(r, replay(pipe.unet, c).double())
+                signal, noise = signal + float(s), noise + float(n)
         finally:
             handle.remove()
-        return 10 * float(torch.log10(torch.tensor(signal / noise)))
+        return energy_ratio_db(signal, noise)  # pooled over the calls
 
     faithful = target_config("faithful", wbits, abits)
     ort = target_config("onnxruntime", wbits, abits).replace(min_intensity=0.0)

@@ -71,7 +71,7 @@ def _float_input(x: Tensor, name: str = "x") -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
     _check_finite(x, name)
-    return x if x.dtype == torch.float32 else x.to(torch.float32)  # no no-op Cast in a trace
+    return as_dtype(x, torch.float32)
 
 
 def as_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
