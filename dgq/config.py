@@ -16,7 +16,7 @@ from common.constants import QUANT_TARGETS
 
 CONFIG_VERSION = 1
 # Fields added after version 1 whose absence in a stored config means "off".
-LEGACY_OFF = ("fold_linear", "norm_outputs", "fold_conv", "fold_groups", "branch_rule")
+LEGACY_OFF = ("fold_linear", "norm_outputs", "fold_conv", "fold_groups", "branch_rule", "linear_rule")
 
 WEIGHT_INITS = ("mse", "minmax")
 WEIGHT_GRANULARITIES = ("channel", "block", "tensor")
@@ -49,6 +49,15 @@ ORT_MIN_INTENSITY = 150.0
 # One factor for 3x3 and 1x1 convs is a simplification: it keeps 1x1 convs of intensity 256 float
 # at K=4, which gained in the sweep.
 BRANCH_RULE_FACTOR = 0.5
+# A folded Linear (MatMulIntegerToFloat: float output, no output quantizer, no gamma) does less
+# elementwise work per multiply-add than the folded conv unit the threshold was set on, so Linears
+# gain from a lower intensity. Swept on an AVX512-VNNI CPU (``scripts/ort_branch_kernels.py --sweep
+# --sweep-linears ...``, results/ort_layer_sweep_linear_gap.json, 16-4096 tokens): intensity 64 (128
+# features) ran at 1.00-1.67x float, 80 at 1.15-1.99x, 96 at 1.04-2.11x, 102-128 at 1.17-2.23x, the
+# slowest at 16 tokens; the older sweep behind ORT_MIN_INTENSITY, on another CPU, lost at 64
+# (0.72-0.96x) and gained at 160 (1.06-1.54x). A Linear's threshold is ``min_intensity *
+# LINEAR_RULE_FACTOR`` (90 by default: above both CPUs' break-even at 64; QuantConfig.linear_rule).
+LINEAR_RULE_FACTOR = 0.6
 
 # Layers the paper keeps in float (docs/method.md, section 1).
 PAPER_KEEP_FLOAT = ("conv_in", "conv_out")
@@ -132,6 +141,9 @@ class QuantConfig:
     # onnxruntime profile, convs as K branches (not ``folds_conv``): the rule's threshold for them is
     # min_intensity * K * BRANCH_RULE_FACTOR (``conv_min_intensity``); False: min_intensity
     branch_rule: bool = True
+    # onnxruntime profile, folded Linears (``folds_linear``): the rule's threshold for them is
+    # min_intensity * LINEAR_RULE_FACTOR (``linear_min_intensity``); False: min_intensity
+    linear_rule: bool = True
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -176,6 +188,7 @@ class QuantConfig:
             f"min_intensity must be a finite number >= 0, got {self.min_intensity!r}",
         )
         check(type(self.branch_rule) is bool, f"branch_rule must be True or False, got {self.branch_rule!r}")
+        check(type(self.linear_rule) is bool, f"linear_rule must be True or False, got {self.linear_rule!r}")
         check(
             self.profile != "onnxruntime" or (self.outlier_bits is None and not self.symmetric),
             "the onnxruntime profile is asymmetric (uint8 activations) and has no outlier_bits",
@@ -232,6 +245,15 @@ class QuantConfig:
         k = self.effective_groups
         if self.branch_rule and self.profile == "onnxruntime" and not self.folds_conv and k > 1:
             return self.min_intensity * max(1.0, k * BRANCH_RULE_FACTOR)
+        return self.min_intensity
+
+    @property
+    def linear_min_intensity(self) -> float:
+        """The speed rule's threshold for a Linear: ``min_intensity``, or where Linears run as the
+        folded unit (``onnxruntime`` profile, ``folds_linear``; ``linear_rule``) that times
+        ``LINEAR_RULE_FACTOR`` (dgq.sites.layer_sites)."""
+        if self.linear_rule and self.profile == "onnxruntime" and self.folds_linear:
+            return self.min_intensity * LINEAR_RULE_FACTOR
         return self.min_intensity
 
     @property

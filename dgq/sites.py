@@ -55,13 +55,14 @@ def intensity(module: torch.nn.Conv2d | torch.nn.Linear) -> float:
 
 def layer_sites(unet: torch.nn.Module, config: QuantConfig) -> list[LayerSite]:
     """Every Conv2d/Linear of ``unet`` not matched by ``config.keep_float`` and of
-    :func:`intensity` at least ``config.min_intensity`` (a conv: ``config.conv_min_intensity``, higher
-    where convs run as branches), in module order."""
+    :func:`intensity` at least the speed rule's threshold (``config.conv_min_intensity`` for a conv,
+    higher where convs run as branches; ``config.linear_min_intensity`` for a Linear, lower where
+    Linears run folded), in module order."""
     sites = []
     for name, module in unet.named_modules():
         if type(module) not in (torch.nn.Conv2d, torch.nn.Linear) or config.keeps_float(name):
             continue
-        least = config.conv_min_intensity if type(module) is torch.nn.Conv2d else config.min_intensity
+        least = config.conv_min_intensity if type(module) is torch.nn.Conv2d else config.linear_min_intensity
         if intensity(module) < least:
             continue
         sites.append(LayerSite(name, CONV if type(module) is torch.nn.Conv2d else LINEAR))

@@ -31,6 +31,11 @@ def recipe_summary(recipe: Recipe, top: int = 10) -> str:
             f" (convs as branches: under {c.conv_min_intensity:g})"
             if c.min_intensity and c.conv_min_intensity != c.min_intensity
             else ""
+        )
+        + (
+            f" (folded Linears: under {c.linear_min_intensity:g})"
+            if c.min_intensity and c.linear_min_intensity != c.min_intensity
+            else ""
         ),
         f"timestep slots ({len(recipe.slots)}): {', '.join(f'{s:g}' for s in recipe.slots)}",
         f"calibration: {recipe.meta.get('prompts', '?')} prompts, {recipe.meta.get('num_inference_steps', '?')} steps, "

@@ -27,7 +27,9 @@ the measure of the ``onnxruntime`` target's speed rule (``dgq.config.ORT_MIN_INT
 QLinearConv branches, summed, times the per-channel gamma, plus the bias (Linears are always folded,
 so only convs are swept), for the rule's threshold of branched convs (``QuantConfig.conv_min_intensity``).
 ``--sweep-nonsquare`` sweeps the folded unit on Linears whose in and out features differ (SD's
-feed-forward and cross-attention shapes), which the square sweep does not cover.
+feed-forward and cross-attention shapes), which the square sweep does not cover;
+``--sweep-linears IN:OUT ...`` on Linears of the shapes given (the Linear threshold's gap:
+``--sweep-linears 160:160 192:192 224:224 256:256 384:128 128:512``).
 """
 
 from __future__ import annotations
@@ -207,14 +209,26 @@ SWEEP_LINEAR_NONSQUARE = [
     for i, o in ((128, 1024), (512, 128), (768, 128), (320, 2560), (1280, 320), (768, 320))
     for n in (256, 1024, 4096)
 ]
+SWEEP_TOKENS = (16, 64, 256, 1024, 4096)  # --sweep-linears: token counts per shape
 SWEEP_MAX_MACS = 4e9  # per call; larger ones take seconds and are far past break-even
 
 
 def sweep_layers(
-    kernel: int = 3, linears: bool = True, nonsquare: bool = False
+    kernel: int = 3,
+    linears: bool = True,
+    nonsquare: bool = False,
+    linear_shapes: list[tuple[int, int]] | None = None,
 ) -> dict[str, tuple[str, int, int, list[int]]]:
     """label -> (kind, in, out, input shape): ``kernel`` x ``kernel`` convs, and with 3 (and
-    ``linears``) the Linears; ``nonsquare``: only the Linears whose in and out differ."""
+    ``linears``) the Linears; ``nonsquare``: only the Linears whose in and out differ;
+    ``linear_shapes``: only Linears of these (in, out) features, on ``SWEEP_TOKENS`` tokens."""
+    if linear_shapes:
+        return {
+            f"linear {i}->{o}, 2x{n}x{i}": ("matmul", i, o, [2, n, i])
+            for i, o in linear_shapes
+            for n in SWEEP_TOKENS
+            if 2 * n * i * o <= SWEEP_MAX_MACS
+        }
     if nonsquare:
         return {
             f"linear {i}->{o}, 2x{n}x{i}": ("matmul", i, o, [2, n, i])
@@ -243,6 +257,17 @@ def by_intensity(rows: list[dict]) -> dict[str, dict]:
         cell["slowest"] = min(cell["slowest"], r["speedup_vs_float"])
         cell["fastest"] = max(cell["fastest"], r["speedup_vs_float"])
     return out
+
+
+def linear_shape(text: str) -> tuple[int, int]:
+    """``IN:OUT`` -> (in, out) features, both positive."""
+    try:
+        i, o = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected IN:OUT features, e.g. 192:192, got {text!r}") from None
+    if i < 1 or o < 1:
+        raise argparse.ArgumentTypeError(f"features must be positive, got {text!r}")
+    return i, o
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,13 +301,32 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="--sweep: only Linears whose in and out features differ (feed-forward and cross-attention shapes)",
     )
+    p.add_argument(
+        "--sweep-linears",
+        nargs="+",
+        type=linear_shape,
+        default=None,
+        metavar="IN:OUT",
+        help="--sweep: only Linears of these in:out features (e.g. 192:192 384:128), each on "
+        f"{', '.join(map(str, SWEEP_TOKENS))} tokens",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = p.parse_args(argv)
+    if args.sweep_linears and (not args.sweep or args.sweep_branches is not None or args.sweep_nonsquare):
+        p.error("--sweep-linears goes with --sweep, without --sweep-branches or --sweep-nonsquare")
     if args.sweep_nonsquare and (not args.sweep or args.sweep_branches is not None):
         p.error("--sweep-nonsquare goes with --sweep (the folded unit; Linears are never branched)")
     if args.sweep_branches is not None and (not args.sweep or args.sweep_branches < 2):
         p.error("--sweep-branches takes K >= 2 and goes with --sweep")
-    result: dict = {"onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs, "layers": {}}
+    from ort_kernel_paths import cpu_flags
+
+    result: dict = {
+        "onnxruntime": ort.__version__,
+        "cpu_flags": cpu_flags(),  # the integer kernels ONNX Runtime picks, and so the speed-ups, follow them
+        "threads": args.threads,
+        "runs": args.runs,
+        "layers": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         if args.sweep:
             import torch
@@ -293,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             kernel, k = args.sweep_kernel, args.sweep_branches
             unit = "folded" if k is None else f"K={k}"
             result["unit"] = unit
-            layers = sweep_layers(kernel, linears=k is None, nonsquare=args.sweep_nonsquare)
+            layers = sweep_layers(
+                kernel, linears=k is None, nonsquare=args.sweep_nonsquare, linear_shapes=args.sweep_linears
+            )
             for label, (kind, c, o, shape) in tqdm(layers.items(), desc="sizes", unit="layer"):
                 graphs = {
                     "float": layer_graph(kind, None, c, o, shape, kernel=kernel),

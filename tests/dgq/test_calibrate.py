@@ -164,8 +164,15 @@ def test_min_intensity_keeps_small_layers_float_everywhere(tiny_pipe, tiny_stats
     kept = {s.name for s in layer_sites(unet, config)}
     modules = dict(unet.named_modules())
     assert kept and kept < every
-    assert all(intensity(modules[n]) >= ORT_MIN_INTENSITY for n in kept)
-    assert all(intensity(modules[n]) < ORT_MIN_INTENSITY for n in every - kept)
+
+    def least(name: str) -> float:
+        conv = type(modules[name]) is torch.nn.Conv2d
+        return config.conv_min_intensity if conv else config.linear_min_intensity
+
+    assert config.conv_min_intensity == ORT_MIN_INTENSITY  # W8A8: folded convs
+    assert config.linear_min_intensity < ORT_MIN_INTENSITY  # folded Linears: the lower threshold
+    assert all(intensity(modules[n]) >= least(n) for n in kept)
+    assert all(intensity(modules[n]) < least(n) for n in every - kept)
     recipe = build_recipe(tiny_stats, unet, config, progress=False)
     assert set(recipe.weights) == kept
     assert {k.removesuffix(".input") for k in recipe.acts if k.endswith(".input")} == kept
@@ -176,25 +183,28 @@ def test_min_intensity_keeps_small_layers_float_everywhere(tiny_pipe, tiny_stats
     assert not any(types[n] in (torch.nn.Conv2d, torch.nn.Linear) for n in kept)
 
 
-def test_branched_convs_take_the_branch_threshold(tiny_pipe):
+def test_branched_convs_and_folded_linears_take_their_thresholds(tiny_pipe):
     """Below W8A8 the onnxruntime target's convs are K branches: a conv is quantized from
-    conv_min_intensity on, a Linear (always folded) still from min_intensity."""
-    from dgq.config import preset
+    conv_min_intensity on, a Linear (always folded) from the lower linear_min_intensity."""
+    from dgq.config import LINEAR_RULE_FACTOR, preset
     from dgq.sites import CONV, intensity
 
     unet = tiny_pipe.unet
     modules = dict(unet.named_modules())
     config = preset("dgq", groups=4, abits=6, profile="onnxruntime", min_intensity=30.0)
-    least = config.conv_min_intensity
-    assert least == 60.0
+    least, least_linear = config.conv_min_intensity, config.linear_min_intensity
+    assert least == 60.0 and least_linear == 30.0 * LINEAR_RULE_FACTOR
     every = layer_sites(unet, config.replace(min_intensity=0.0))
     kept = {s.name for s in layer_sites(unet, config)}
     for site in every:
-        bound = least if site.kind == CONV else 30.0
+        bound = least if site.kind == CONV else least_linear
         assert (site.name in kept) == (intensity(modules[site.name]) >= bound), site.name
     convs = [intensity(modules[s.name]) for s in every if s.kind == CONV]
     assert any(30.0 <= i < 60.0 for i in convs), "the tiny UNet has no conv between the two thresholds"
+    linears = [intensity(modules[s.name]) for s in every if s.kind != CONV]
+    assert any(least_linear <= i < 30.0 for i in linears), "the tiny UNet has no Linear between the thresholds"
     assert kept != {s.name for s in layer_sites(unet, config.replace(branch_rule=False))}
+    assert kept != {s.name for s in layer_sites(unet, config.replace(linear_rule=False))}
 
 
 def test_every_layer_of_sd15_and_sdxl_passes_the_onnxruntime_speed_rule():

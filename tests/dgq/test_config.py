@@ -177,3 +177,24 @@ def test_branched_convs_have_the_higher_threshold_and_stored_configs_keep_theirs
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match="branch_rule"):
             QuantConfig(branch_rule=bad)
+
+
+def test_folded_linears_have_the_lower_threshold_and_stored_configs_keep_theirs():
+    from dgq.config import LINEAR_RULE_FACTOR
+
+    assert 0.0 < LINEAR_RULE_FACTOR < 1.0
+    ort = QuantConfig(profile="onnxruntime", groups=4, min_intensity=150.0)
+    assert ort.folds_linear and ort.linear_min_intensity == 150.0 * LINEAR_RULE_FACTOR
+    assert ort.replace(abits=6, wbits=4).linear_min_intensity == ort.linear_min_intensity  # any bits
+    assert ort.replace(fold_linear=False).linear_min_intensity == 150.0  # K MatMul branches: not swept
+    assert ort.replace(linear_rule=False).linear_min_intensity == 150.0
+    assert ort.replace(min_intensity=0.0).linear_min_intensity == 0.0  # every layer
+    for profile in ("faithful", "tensorrt"):  # other Linear units
+        assert QuantConfig(profile=profile, groups=4, min_intensity=150.0).linear_min_intensity == 150.0
+    stored = ort.to_dict()
+    assert QuantConfig.from_dict(json.loads(json.dumps(stored))).linear_min_intensity == 90.0
+    del stored["linear_rule"]  # a recipe written before this rule picked its Linears at min_intensity
+    assert QuantConfig.from_dict(stored).linear_min_intensity == 150.0
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="linear_rule"):
+            QuantConfig(linear_rule=bad)
