@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also an onnxruntime row per K with every Conv/Linear quantized (min_intensity 0), besides the "
         "target's default speed rule (small layers float, dgq.config.ORT_MIN_INTENSITY)",
     )
+    p.add_argument(
+        "--linear-rule-off",
+        action="store_true",
+        help="also an onnxruntime row per K with the speed rule's Linear threshold at min_intensity "
+        "(QuantConfig.linear_rule off, the rule as recipes stored before it read), to time the lower Linear "
+        "threshold against it in one process",
+    )
     p.add_argument("--wbits", type=int, default=8, choices=(8, 4))
     p.add_argument("--groups", type=int, default=4, help="DGQ's K for both targets (default 4)")
     p.add_argument("--cal-prompts", type=int, default=4, help="calibration prompts (default 4)")
@@ -203,16 +210,28 @@ def main(argv: list[str] | None = None) -> int:
     }
     targets = {t: t for t in args.targets if t != "onnxruntime"}  # row name -> export target
     if "onnxruntime" in args.targets:
-        # (K, fold_conv, min_intensity); the default: folded at W8A8, small layers float
-        variants = [(k, None, ORT_MIN_INTENSITY) for k in args.ort_groups or [args.groups]]
+        # (K, fold_conv, min_intensity, linear_rule); the default: folded at W8A8, small layers float
+        variants = [(k, None, ORT_MIN_INTENSITY, True) for k in args.ort_groups or [args.groups]]
         if args.conv_branches:
-            variants += [(k, False, ORT_MIN_INTENSITY) for k, _, _ in variants if k > 1]
+            variants += [(k, False, least, True) for k, _, least, _ in variants if k > 1]
+        rule = list(variants)
         if args.every_layer:
-            variants += [(k, fold, 0.0) for k, fold, _ in variants]
-        for k, fold, least in variants:
-            config = preset("dgq", wbits=args.wbits, groups=k, **ORT_PRESET, fold_conv=fold, min_intensity=least)
+            variants += [(k, fold, 0.0, True) for k, fold, _, _ in rule]
+        if args.linear_rule_off:
+            variants += [(k, fold, least, False) for k, fold, least, _ in rule]
+        for k, fold, least, linear_rule in variants:
+            config = preset(
+                "dgq",
+                wbits=args.wbits,
+                groups=k,
+                **ORT_PRESET,
+                fold_conv=fold,
+                min_intensity=least,
+                linear_rule=linear_rule,
+            )
             row = f"onnxruntime K={k}" + ("" if config.folds_conv or k == 1 else ", conv branches")
             row += "" if least else ", every layer"
+            row += "" if linear_rule else f", Linears from {least:g}"
             if row in targets:
                 continue  # branches are already the default at these bits
             recipe = build_recipe(stats, pipe.unet, config, progress=False)

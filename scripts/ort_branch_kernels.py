@@ -167,13 +167,24 @@ def session(model: onnx.ModelProto, threads: int, tmp: Path, name: str) -> tuple
     so.optimized_model_filepath = str(tmp / f"{name}.onnx")
     s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-    return s, {op: ops[op] for op in ("QLinearConv", "MatMulIntegerToFloat", "Conv", "MatMul", "Gemm") if ops.get(op)}
+    kept = ("QLinearConv", "MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "Conv", "MatMul", "Gemm")
+    kept += ("MultiHeadAttention",)
+    return s, {op: ops[op] for op in kept if ops.get(op)}
 
 
-def time_graphs(graphs: dict[str, onnx.ModelProto], shape: list[int], runs: int, threads: int, tmp: Path) -> dict:
+def time_graphs(
+    graphs: dict[str, onnx.ModelProto],
+    shape: list[int] | None,
+    runs: int,
+    threads: int,
+    tmp: Path,
+    feeds: dict[str, np.ndarray] | None = None,
+) -> dict:
     """Median time of each graph (interleaved runs, one process), its speed-up over ``graphs["float"]``
-    and the integer/float kernels ONNX Runtime's optimizer left."""
-    feeds = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    and the integer/float kernels ONNX Runtime's optimizer left. Input ``x`` of ``shape`` (random), or
+    ``feeds``; every graph but "float" also takes the ``step`` input."""
+    if feeds is None:
+        feeds = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
     sessions, fused = {}, {}
     for name, model in graphs.items():
         sessions[name], fused[name] = session(model, threads, tmp, name.replace("=", ""))
@@ -318,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--sweep-nonsquare goes with --sweep (the folded unit; Linears are never branched)")
     if args.sweep_branches is not None and (not args.sweep or args.sweep_branches < 2):
         p.error("--sweep-branches takes K >= 2 and goes with --sweep")
-    from ort_kernel_paths import cpu_flags
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from scripts.ort_kernel_paths import cpu_flags
 
     result: dict = {
         "onnxruntime": ort.__version__,
