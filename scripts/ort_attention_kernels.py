@@ -104,7 +104,7 @@ def attention_graph(kind: str, batch: int, n: int, m: int, heads: int, d: int) -
             helper.make_node("Softmax", ["s"], [probs], axis=-1),
         ]
         if quantize:
-            probs = _qdq(probs, "p", nodes, inits, 1.0 / 255)
+            probs = _qdq(probs, "p", nodes, inits, 1.0 / 255, zero_point=0)  # [0, 1] on the uint8 grid
         merge = _const("merge", np.array([-1, width, 0], np.int64), inits)
         nodes += [
             helper.make_node("MatMul", [probs, v], ["o"]),

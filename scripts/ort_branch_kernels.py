@@ -56,10 +56,10 @@ def _const(name: str, value: np.ndarray, inits: list) -> str:
     return name
 
 
-def _qdq(x: str, tag: str, nodes: list, inits: list, scale: float) -> str:
+def _qdq(x: str, tag: str, nodes: list, inits: list, scale: float, zero_point: int = 128) -> str:
     """uint8 Q/DQ of ``x`` with per-step tables gathered by the ``step`` input."""
     s = _const(f"{tag}_s_table", np.full(STEPS, scale, np.float32), inits)
-    z = _const(f"{tag}_z_table", np.full(STEPS, 128, np.uint8), inits)
+    z = _const(f"{tag}_z_table", np.full(STEPS, zero_point, np.uint8), inits)
     nodes += [
         helper.make_node("Gather", [s, "step"], [f"{tag}_s"], axis=0),
         helper.make_node("Gather", [z, "step"], [f"{tag}_z"], axis=0),

@@ -93,3 +93,48 @@ def test_profile_lists_the_graphs_op_types_largest_first(tmp_path):
     by_op = profile_ops(tmp_path / "g.onnx", {"x": x}, threads=1, runs=2)
     assert set(by_op) == {"MatMul", "Softmax"}
     assert all(v > 0 for v in by_op.values()) and list(by_op.values()) == sorted(by_op.values(), reverse=True)
+
+
+def test_the_attention_forms_compute_the_exported_core(tmp_path):
+    """scripts/ort_attention_kernels.py times three forms of one attention core; they must compute
+    the same thing (the fused op to float rounding, the integer form to its quantizers' step) and the
+    integer form must reach ONNX Runtime's integer kernel, or the timings compare nothing."""
+    import numpy as np
+    import torch
+
+    from scripts.ort_attention_kernels import attention_graph
+    from scripts.ort_branch_kernels import session
+
+    b, n, m, heads, d = 2, 24, 7, 2, 8
+    rng = np.random.default_rng(0)
+    feeds = {x: rng.standard_normal((b, t, heads * d)).astype(np.float32) for x, t in (("q", n), ("k", m), ("v", m))}
+    q, k, v = (torch.from_numpy(feeds[x]).reshape(b, -1, heads, d).transpose(1, 2) for x in "qkv")
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * d).numpy()
+    step = {"step": np.array(3, np.int64)}
+    got, ops = {}, {}
+    for kind in ("float", "fused", "integer BMMs"):
+        s, ops[kind] = session(attention_graph(kind, b, n, m, heads, d), 1, tmp_path, kind.replace(" ", "_"))
+        got[kind] = s.run(None, feeds if kind == "float" else feeds | step)[0]
+    np.testing.assert_allclose(got["float"], want, atol=1e-5)
+    np.testing.assert_allclose(got["fused"], want, atol=1e-5)
+    assert ops["fused"] == {"MultiHeadAttention": 1}
+    assert ops["integer BMMs"] == {"MatMulIntegerToFloat": 2}
+    # q, k, v on a 0.05 grid (|x| < 6.4 stays inside uint8 around 128), probabilities on 1/255 from
+    # zero: rounding moves the output by a few hundredths; probabilities clipped at 0.5 (zero point
+    # 128) moved it by 0.42
+    assert np.abs(got["integer BMMs"] - want).max() < 0.1
+
+
+def test_the_linear_gap_sweep_takes_shapes():
+    from scripts.ort_branch_kernels import SWEEP_TOKENS, linear_shape, main, sweep_layers
+
+    layers = sweep_layers(linear_shapes=[(192, 192), (384, 128)])
+    assert len(layers) == 2 * len(SWEEP_TOKENS)
+    assert all(kind == "matmul" for kind, *_ in layers.values())
+    assert layers["linear 384->128, 2x16x384"] == ("matmul", 384, 128, [2, 16, 384])
+    assert linear_shape("160:160") == (160, 160)
+    for bad in ("160", "a:b", "0:5"):
+        with pytest.raises(Exception, match="features"):
+            linear_shape(bad)
+    with pytest.raises(SystemExit):
+        main(["--sweep-linears", "160:160"])  # goes with --sweep
