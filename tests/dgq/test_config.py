@@ -155,6 +155,18 @@ def test_min_intensity_is_a_finite_number_and_off_in_stored_configs():
     assert QuantConfig.from_dict(stored).min_intensity == 0.0
 
 
+def assert_rule_field_is_stored(config: QuantConfig, field: str, threshold: str, now: float, before: float):
+    """``config`` round-trips with its ``threshold`` at ``now``; stored without the bool ``field`` (a
+    recipe from before it) it reads the field as off, ``before``; anything but a bool is refused."""
+    stored = config.to_dict()
+    assert getattr(QuantConfig.from_dict(json.loads(json.dumps(stored))), threshold) == now
+    del stored[field]
+    assert getattr(QuantConfig.from_dict(stored), threshold) == before
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match=field):
+            QuantConfig(**{field: bad})
+
+
 def test_branched_convs_have_the_higher_threshold_and_stored_configs_keep_theirs():
     from dgq.config import BRANCH_RULE_FACTOR
 
@@ -170,13 +182,8 @@ def test_branched_convs_have_the_higher_threshold_and_stored_configs_keep_theirs
     assert low.replace(min_intensity=0.0).conv_min_intensity == 0.0  # every layer
     for profile in ("faithful", "tensorrt"):  # no QLinearConv branches
         assert QuantConfig(profile=profile, abits=6, groups=4, min_intensity=150.0).conv_min_intensity == 150.0
-    stored = low.to_dict()
-    assert QuantConfig.from_dict(json.loads(json.dumps(stored))).conv_min_intensity == 300.0
-    del stored["branch_rule"]  # a recipe written before this rule picked its convs at min_intensity
-    assert QuantConfig.from_dict(stored).conv_min_intensity == 150.0
-    for bad in ("yes", 1, None):
-        with pytest.raises(ValueError, match="branch_rule"):
-            QuantConfig(branch_rule=bad)
+    # a recipe written before this rule picked its convs at min_intensity
+    assert_rule_field_is_stored(low, "branch_rule", "conv_min_intensity", now=300.0, before=150.0)
 
 
 def test_folded_linears_have_the_lower_threshold_and_stored_configs_keep_theirs():
@@ -191,10 +198,5 @@ def test_folded_linears_have_the_lower_threshold_and_stored_configs_keep_theirs(
     assert ort.replace(min_intensity=0.0).linear_min_intensity == 0.0  # every layer
     for profile in ("faithful", "tensorrt"):  # other Linear units
         assert QuantConfig(profile=profile, groups=4, min_intensity=150.0).linear_min_intensity == 150.0
-    stored = ort.to_dict()
-    assert QuantConfig.from_dict(json.loads(json.dumps(stored))).linear_min_intensity == 90.0
-    del stored["linear_rule"]  # a recipe written before this rule picked its Linears at min_intensity
-    assert QuantConfig.from_dict(stored).linear_min_intensity == 150.0
-    for bad in ("yes", 1, None):
-        with pytest.raises(ValueError, match="linear_rule"):
-            QuantConfig(linear_rule=bad)
+    # a recipe written before this rule picked its Linears at min_intensity
+    assert_rule_field_is_stored(ort, "linear_rule", "linear_min_intensity", now=90.0, before=150.0)
