@@ -426,8 +426,8 @@ def _add_calibrate(sub) -> None:
         type=argtypes.real(0.0),
         help="keep float every Conv/Linear with fewer multiply-adds per element read or written than this "
         f"(too small for integer kernels to gain; default {ORT_MIN_INTENSITY:g} with --profile onnxruntime, "
-        "measured on ONNX Runtime CPU; a conv run as K branches, below W8A8, needs K/2 times it, a folded Linear "
-        f"{LINEAR_RULE_FACTOR:g} times it; 0 elsewhere; 0 "
+        "measured on ONNX Runtime CPU; a conv run as K branches, below W8A8, needs K/2 times it, a Linear of that "
+        f"profile {LINEAR_RULE_FACTOR:g} times it; 0 elsewhere; 0 "
         "quantizes every layer)",
     )
     p.add_argument("--prompts", type=Path, help="prompt file, one per line (default: built-in list)")

@@ -53,10 +53,11 @@ BRANCH_RULE_FACTOR = 0.5
 # elementwise work per multiply-add than the folded conv unit the threshold was set on, so Linears
 # gain from a lower intensity. Swept on an AVX512-VNNI CPU (``scripts/ort_branch_kernels.py --sweep
 # --sweep-linears ...``, results/ort_layer_sweep_linear_gap.json, 16-4096 tokens): intensity 64 (128
-# features) ran at 1.00-1.67x float, 80 at 1.15-1.99x, 96 at 1.04-2.11x, 102-128 at 1.17-2.23x, the
+# features) ran at 0.996-1.67x float, 80 at 1.15-1.99x, 96 at 1.04-2.11x, 102-128 at 1.17-2.23x, the
 # slowest at 16 tokens; the older sweep behind ORT_MIN_INTENSITY, on another CPU, lost at 64
-# (0.72-0.96x) and gained at 160 (1.06-1.54x). A Linear's threshold is ``min_intensity *
-# LINEAR_RULE_FACTOR`` (90 by default: above both CPUs' break-even at 64; QuantConfig.linear_rule).
+# (0.72-0.96x) and gained at 160 (1.06-1.54x), with nothing swept between. A Linear's threshold is
+# ``min_intensity * LINEAR_RULE_FACTOR`` (QuantConfig.linear_rule): 90 by default, a choice above this
+# CPU's break-even (64 or less) and the older CPU's loss at 64, not a measured break-even of its own.
 LINEAR_RULE_FACTOR = 0.6
 
 # Layers the paper keeps in float (docs/method.md, section 1).

@@ -6,6 +6,7 @@ from collections import Counter
 
 import torch
 
+from dgq.config import QuantConfig
 from dgq.recipe import Recipe
 
 
@@ -14,6 +15,18 @@ def outlier_ratio(ranges: torch.Tensor) -> float:
     widths = ranges[:, 1] - ranges[:, 0]
     med = float(widths.median())
     return float(widths.max()) / med if med > 0 else float("inf") if float(widths.max()) > 0 else 1.0
+
+
+def speed_rule_text(c: QuantConfig) -> str:
+    """The speed rule's thresholds for the summary's keep-float line ("" without the rule)."""
+    if not c.min_intensity:
+        return ""
+    text = f"; layers under {c.min_intensity:g} multiply-adds per element"
+    if c.conv_min_intensity != c.min_intensity:
+        text += f" (convs as branches: under {c.conv_min_intensity:g})"
+    if c.linear_min_intensity != c.min_intensity:
+        text += f" (folded Linears: under {c.linear_min_intensity:g})"
+    return text
 
 
 def recipe_summary(recipe: Recipe, top: int = 10) -> str:
@@ -25,18 +38,7 @@ def recipe_summary(recipe: Recipe, top: int = 10) -> str:
         f"{'time-aware' if c.time_aware else 'one set for all steps'}, attention probs {c.attn_probs} "
         f"({c.attn_scale} scale), "
         f"BOS in float: {c.bos_fp}",
-        f"keep float: {', '.join(c.keep_float)}"
-        + (f"; layers under {c.min_intensity:g} multiply-adds per element" if c.min_intensity else "")
-        + (
-            f" (convs as branches: under {c.conv_min_intensity:g})"
-            if c.min_intensity and c.conv_min_intensity != c.min_intensity
-            else ""
-        )
-        + (
-            f" (folded Linears: under {c.linear_min_intensity:g})"
-            if c.min_intensity and c.linear_min_intensity != c.min_intensity
-            else ""
-        ),
+        f"keep float: {', '.join(c.keep_float)}" + speed_rule_text(c),
         f"timestep slots ({len(recipe.slots)}): {', '.join(f'{s:g}' for s in recipe.slots)}",
         f"calibration: {recipe.meta.get('prompts', '?')} prompts, {recipe.meta.get('num_inference_steps', '?')} steps, "
         f"guidance {recipe.meta.get('guidance_scale', '?')}, {recipe.meta.get('scheduler', '?')}, "

@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="when calibrating: keep float every Conv/Linear with fewer multiply-adds per element read or "
         f"written than this (default {ORT_MIN_INTENSITY:g} for the onnxruntime target, measured on ONNX Runtime "
         "CPU: smaller layers run no faster quantized; a conv run as K branches, below W8A8, needs K/2 times it, "
-        f"a folded Linear {LINEAR_RULE_FACTOR:g} times it; 0 "
+        f"a Linear of the onnxruntime target {LINEAR_RULE_FACTOR:g} times it; 0 "
         "for the others, and 0 quantizes every layer)",
     )
     p.add_argument(

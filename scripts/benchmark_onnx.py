@@ -120,6 +120,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ort_variants(
+    groups: list[int], conv_branches: bool, every_layer: bool, linear_rule_off: bool
+) -> list[tuple[int, bool | None, float, bool]]:
+    """The onnxruntime rows' configs as (K, fold_conv, min_intensity, linear_rule): per K the target's
+    default (folded at W8A8, its speed rule), then with conv branches (K > 1), every layer, and the
+    rule with Linears at min_intensity, each of those for every default and conv-branch row."""
+    from dgq.config import ORT_MIN_INTENSITY
+
+    variants = [(k, None, ORT_MIN_INTENSITY, True) for k in groups]
+    if conv_branches:
+        variants += [(k, False, least, True) for k, _, least, _ in variants if k > 1]
+    rule = list(variants)
+    if every_layer:
+        variants += [(k, fold, 0.0, True) for k, fold, _, _ in rule]
+    if linear_rule_off:
+        variants += [(k, fold, least, False) for k, fold, least, _ in rule]
+    return variants
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="zoo name or pipeline folder (default: the SD-shaped UNet)")
@@ -184,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import onnxruntime as ort
 
+    from common.cpu import cpu_flags
     from dgq import zoo
     from dgq.calibrate import build_recipe, calibrate_outputs, collect_statistics
-    from dgq.config import ORT_MIN_INTENSITY, preset
+    from dgq.config import preset
     from dgq.prompts import calibration_prompts
     from export.ort_session import session_options
     from export.qdq_export import ORT_INTEGER_OPS, ORT_PRESET, export_onnx
@@ -210,15 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     targets = {t: t for t in args.targets if t != "onnxruntime"}  # row name -> export target
     if "onnxruntime" in args.targets:
-        # (K, fold_conv, min_intensity, linear_rule); the default: folded at W8A8, small layers float
-        variants = [(k, None, ORT_MIN_INTENSITY, True) for k in args.ort_groups or [args.groups]]
-        if args.conv_branches:
-            variants += [(k, False, least, True) for k, _, least, _ in variants if k > 1]
-        rule = list(variants)
-        if args.every_layer:
-            variants += [(k, fold, 0.0, True) for k, fold, _, _ in rule]
-        if args.linear_rule_off:
-            variants += [(k, fold, least, False) for k, fold, least, _ in rule]
+        variants = ort_variants(
+            args.ort_groups or [args.groups], args.conv_branches, args.every_layer, args.linear_rule_off
+        )
         for k, fold, least, linear_rule in variants:
             config = preset(
                 "dgq",
@@ -350,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "runs": args.runs,
         "onnxruntime": ort.__version__,
+        "cpu_flags": cpu_flags(),
         "results": rows,
     }
     from common.fsutil import emit_json

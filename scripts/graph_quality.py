@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from common.constants import DEFAULT_GUIDANCE
+    from common.cpu import cpu_flags
     from common.fsutil import emit_json
     from dgq import zoo
     from dgq.config import QuantConfig
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": args.model,
         "onnxruntime": ort.__version__,
+        "cpu_flags": cpu_flags(),
         "threads": args.threads,
         "held_calls": len(held),
         "conv_linear_layers": len(layer_sites(pipe.unet, QuantConfig(keep_float=()))),

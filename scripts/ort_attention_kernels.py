@@ -15,8 +15,10 @@ q, k, v ``(B, tokens, heads * d)`` to the merged output:
 - ``fused``: ONNX Runtime's contrib ``com.microsoft.MultiHeadAttention`` (one node, same numbers to
   float rounding; not an ONNX standard op, so not in a graph meant for TensorRT);
 - ``integer BMMs``: the float graph with uint8 Q/DQ (per-step scale tables, as the target writes
-  them) on q, the transposed k, the probabilities and v, for ONNX Runtime's optimizer to fuse the two
-  batched MatMuls into integer kernels (the fused op counts are reported).
+  its other quantizers) on q, the transposed k, the probabilities and v, for ONNX Runtime's optimizer
+  to fuse the two batched MatMuls into integer kernels (the fused op counts are reported). A best
+  case: DGQ's default probability scale is taken per prompt at run time (``attn_scale="prompt"``),
+  which ONNX Runtime does not fuse; static tables are what a fusable export would need.
 
 Median of interleaved runs in one process, 1 thread by default. Random inputs and ranges: only the
 speed is measured (the fused graph's largest difference from float is reported as a check).
@@ -37,8 +39,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.cpu import cpu_flags
 from scripts.ort_branch_kernels import _const, _qdq, session, time_graphs
-from scripts.ort_kernel_paths import cpu_flags
 
 TEXT_TOKENS = 77
 # (label, tokens, heads, head dim): the SD-shaped benchmark UNet at latent 32x32 (block widths 128,

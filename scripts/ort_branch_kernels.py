@@ -323,14 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     args = p.parse_args(argv)
-    if args.sweep_linears and (not args.sweep or args.sweep_branches is not None or args.sweep_nonsquare):
-        p.error("--sweep-linears goes with --sweep, without --sweep-branches or --sweep-nonsquare")
+    if args.sweep_linears and (
+        not args.sweep or args.sweep_branches is not None or args.sweep_nonsquare or args.sweep_kernel != 3
+    ):
+        p.error("--sweep-linears goes with --sweep, without --sweep-branches, --sweep-nonsquare or --sweep-kernel 1")
     if args.sweep_nonsquare and (not args.sweep or args.sweep_branches is not None):
         p.error("--sweep-nonsquare goes with --sweep (the folded unit; Linears are never branched)")
     if args.sweep_branches is not None and (not args.sweep or args.sweep_branches < 2):
         p.error("--sweep-branches takes K >= 2 and goes with --sweep")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from scripts.ort_kernel_paths import cpu_flags
+    from common.cpu import cpu_flags
 
     result: dict = {
         "onnxruntime": ort.__version__,

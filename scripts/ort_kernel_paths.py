@@ -130,15 +130,6 @@ def measure(folder: Path) -> dict:
     return out
 
 
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx512_vnni", "avx_vnni", "amx", "avx2", "avx512f")))
-
-
 def run_path(folder: Path, cpu: str | None) -> dict:
     """``measure`` in a child process, natively (``cpu`` None) or under ``qemu-x86_64 -cpu cpu``."""
     cmd = [sys.executable, __file__, "--worker", str(folder)]
@@ -194,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("emulating other CPUs needs an x86_64 machine with qemu-x86_64 (apt-get install qemu-user)")
     import onnxruntime as ort
 
+    from common.cpu import cpu_flags
     from common.fsutil import emit_json
 
     result: dict = {"onnxruntime": ort.__version__, "native_cpu_flags": cpu_flags(), "paths": {}}

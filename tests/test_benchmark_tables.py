@@ -125,7 +125,7 @@ def test_the_attention_forms_compute_the_exported_core(tmp_path):
     assert np.abs(got["integer BMMs"] - want).max() < 0.1
 
 
-def test_the_linear_gap_sweep_takes_shapes():
+def test_the_linear_gap_sweep_takes_shapes(capsys):
     from scripts.ort_branch_kernels import SWEEP_TOKENS, linear_shape, main, sweep_layers
 
     layers = sweep_layers(linear_shapes=[(192, 192), (384, 128)])
@@ -136,5 +136,30 @@ def test_the_linear_gap_sweep_takes_shapes():
     for bad in ("160", "a:b", "0:5"):
         with pytest.raises(Exception, match="features"):
             linear_shape(bad)
-    with pytest.raises(SystemExit):
-        main(["--sweep-linears", "160:160"])  # goes with --sweep
+    for argv in (["--sweep-linears", "160:160"], ["--sweep", "--sweep-kernel", "1", "--sweep-linears", "160:160"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "--sweep-linears goes with --sweep" in capsys.readouterr().err
+
+
+def test_the_onnxruntime_rows_cover_each_variant_once():
+    from dgq.config import ORT_MIN_INTENSITY
+    from scripts.benchmark_onnx import ort_variants
+
+    assert ort_variants([4], False, False, False) == [(4, None, ORT_MIN_INTENSITY, True)]
+    rows = ort_variants([1, 4], True, True, True)
+    assert len(rows) == len(set(rows)) == 3 * 3  # default K=1, K=4, conv branches K=4; x rule, every, off
+    assert (4, False, ORT_MIN_INTENSITY, True) in rows and (1, False, ORT_MIN_INTENSITY, True) not in rows
+    assert {(k, fold) for k, fold, least, _ in rows if least == 0.0} == {(1, None), (4, None), (4, False)}
+    assert {(k, fold, least) for k, fold, least, rule in rows if not rule} == {
+        (1, None, ORT_MIN_INTENSITY),
+        (4, None, ORT_MIN_INTENSITY),
+        (4, False, ORT_MIN_INTENSITY),
+    }
+
+
+def test_cpu_flags_are_the_kernel_choosing_ones():
+    from common.cpu import KERNEL_FLAGS, cpu_flags
+
+    flags = cpu_flags()
+    assert flags == sorted(flags) and all(f.startswith(KERNEL_FLAGS) for f in flags)

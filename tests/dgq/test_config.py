@@ -200,3 +200,16 @@ def test_folded_linears_have_the_lower_threshold_and_stored_configs_keep_theirs(
         assert QuantConfig(profile=profile, groups=4, min_intensity=150.0).linear_min_intensity == 150.0
     # a recipe written before this rule picked its Linears at min_intensity
     assert_rule_field_is_stored(ort, "linear_rule", "linear_min_intensity", now=90.0, before=150.0)
+
+
+def test_the_recipe_summary_states_each_threshold_the_rule_applies():
+    from dgq.summary import speed_rule_text
+
+    assert speed_rule_text(QuantConfig()) == ""  # no rule
+    ort = QuantConfig(profile="onnxruntime", groups=4, min_intensity=150.0)
+    assert speed_rule_text(ort) == "; layers under 150 multiply-adds per element (folded Linears: under 90)"
+    low = speed_rule_text(ort.replace(abits=6))
+    assert "(convs as branches: under 300)" in low and "(folded Linears: under 90)" in low
+    stored = speed_rule_text(ort.replace(abits=6, branch_rule=False, linear_rule=False))
+    assert stored == "; layers under 150 multiply-adds per element"
+    assert "Linears" not in speed_rule_text(QuantConfig(profile="tensorrt", min_intensity=150.0))
