@@ -167,8 +167,16 @@ def session(model: onnx.ModelProto, threads: int, tmp: Path, name: str) -> tuple
     so.optimized_model_filepath = str(tmp / f"{name}.onnx")
     s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-    kept = ("QLinearConv", "MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "Conv", "MatMul", "Gemm")
-    kept += ("MultiHeadAttention",)
+    kept = (
+        "QLinearConv",
+        "MatMulIntegerToFloat",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "Conv",
+        "MatMul",
+        "Gemm",
+        "MultiHeadAttention",
+    )
     return s, {op: ops[op] for op in kept if ops.get(op)}
 
 
@@ -233,17 +241,11 @@ def sweep_layers(
     """label -> (kind, in, out, input shape): ``kernel`` x ``kernel`` convs, and with 3 (and
     ``linears``) the Linears; ``nonsquare``: only the Linears whose in and out differ;
     ``linear_shapes``: only Linears of these (in, out) features, on ``SWEEP_TOKENS`` tokens."""
-    if linear_shapes:
+    if linear_shapes or nonsquare:
+        cases = [(i, o, n) for i, o in linear_shapes for n in SWEEP_TOKENS] if linear_shapes else SWEEP_LINEAR_NONSQUARE
         return {
             f"linear {i}->{o}, 2x{n}x{i}": ("matmul", i, o, [2, n, i])
-            for i, o in linear_shapes
-            for n in SWEEP_TOKENS
-            if 2 * n * i * o <= SWEEP_MAX_MACS
-        }
-    if nonsquare:
-        return {
-            f"linear {i}->{o}, 2x{n}x{i}": ("matmul", i, o, [2, n, i])
-            for i, o, n in SWEEP_LINEAR_NONSQUARE
+            for i, o, n in cases
             if 2 * n * i * o <= SWEEP_MAX_MACS
         }
     layers = {}
