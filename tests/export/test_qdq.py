@@ -892,14 +892,16 @@ def test_one_folded_onnxruntime_conv_is_exact_and_is_one_qlinearconv(tmp_path, a
     assert gain > 6.0, gain
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path, strength):
+@pytest.mark.parametrize("strength, rows", [(1.0, False), (0.5, False), (1.0, True)])
+def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path, strength, rows):
     """onnxruntime target, a token Linear whose input has 3 channel groups (one an outlier group, 40x
     wider) over 2 steps, folded: (x - centre) * (1 / scale) per channel, one per-tensor uint8 Q/DQ per step,
     the scale in the int8 weight's columns and the centre in the bias; at both fold strengths (the
     scale the groups' relative widths, or their square roots). The lowering equals the
     simulator bit for bit; ONNX Runtime (off, and on: one MatMulIntegerToFloat) equals it up to the
-    float32 sum order; and in float the fold is the identity (before rounding, W x + b is unchanged)."""
+    float32 sum order; and in float the fold is the identity (before rounding, W x + b is unchanged).
+    ``rows``: a 2-D input (batch, channels), as the time embedding's Linears read, fuses too (a 2-D
+    MatMul would become a float Gemm that dequantizes the weight at every call)."""
     from dgq.calibrate import weight_quant
     from dgq.plan import fold_of
     from export.qdq import OrtLinearLayer
@@ -919,7 +921,7 @@ def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path, 
     wq = weight_quant(lin.weight.detach() * fold.scale, "linear", config)
     lp = plan_layer("lin", "linear", wq, act, None, config)
     assert lp.input.fold is not None and all(sp.axis == "layer" for sp in lp.input.slots)
-    x = torch.randn(2, 5, 6) * torch.tensor([1.0, 1.0, 1.0, 30.0, 1.0, 1.0])
+    x = torch.randn(*((2,) if rows else (2, 5)), 6) * torch.tensor([1.0, 1.0, 1.0, 30.0, 1.0, 1.0])
     u = fold.normalize(x)
     assert torch.allclose(
         torch.nn.functional.linear(u, lin.weight.detach() * fold.scale, fold.bias(lin.weight, lin.bias)),
@@ -932,7 +934,7 @@ def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path, 
     path = tmp_path / "ort_linear.onnx"
     # Dynamic batch and tokens, as in a UNet export: with static shapes ONNX Runtime 1.32 turns a 3-D
     # MatMul + bias Add into a 2-D Gemm first, which leaves the weight-only MatMulNBits instead.
-    export_layer(low, low_ctx, x, path, opset=17, dynamic={0: "batch", 1: "tokens"})
+    export_layer(low, low_ctx, x, path, opset=17, dynamic={0: "batch"} if rows else {0: "batch", 1: "tokens"})
     from export.qdq_export import ort_integer_kernels
 
     assert ort_integer_kernels(path) == {"MatMulIntegerToFloat": 1}
