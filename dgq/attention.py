@@ -77,6 +77,48 @@ class DGQAttnProcessor:
         """``(the BOS token's slice, the rest)`` of ``x`` along its text-token axis ``dim``."""
         return x.narrow(dim, 0, 1), x.narrow(dim, 1, x.shape[dim] - 1)
 
+    def core(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        slot,
+        is_cross: bool,
+    ) -> torch.Tensor:
+        """Attention of the projected ``(B, N, width)`` query and ``(B, M, width)`` key and value, with
+        the hooks, to the merged ``(B, N, width)`` output (before ``to_out``)."""
+        query = self.split_heads(attn, query, attn.inner_dim)
+        key = self.split_heads(attn, key, attn.inner_kv_dim)
+        value = self.split_heads(attn, value, attn.inner_kv_dim)
+        bos = is_cross and self.keep_bos
+        if self.q is not None:
+            query = self.q(query, slot)
+        if self.k is not None:
+            if bos:
+                first, rest = self.bos_split(key, 1)
+                key = torch.cat([first, self.k(rest, slot)], 1)
+            else:
+                key = self.k(key, slot)
+        if self.v is not None:
+            value = self.v(value, slot)
+
+        scores = self.scores(attn, query, key)
+        if attention_mask is not None:
+            scores = scores + as_dtype(attention_mask, torch.float32)
+        probs = scores.softmax(dim=-1)
+        if self.probs is not None:
+            if bos:
+                first, rest = self.bos_split(probs, probs.ndim - 1)
+                probs = torch.cat([first, self.probs(rest, slot, attn.heads)], -1)
+            else:
+                probs = self.probs(probs, slot, attn.heads)
+        if probs.dtype != value.dtype:
+            probs = probs.to(value.dtype)
+        hidden_states = torch.bmm(probs, value)
+        return self.merge_heads(attn, hidden_states, attn.inner_kv_dim)
+
     def __call__(
         self,
         attn: Attention,
@@ -109,35 +151,7 @@ class DGQAttnProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        query = self.split_heads(attn, query, attn.inner_dim)
-        key = self.split_heads(attn, key, attn.inner_kv_dim)
-        value = self.split_heads(attn, value, attn.inner_kv_dim)
-        bos = is_cross and self.keep_bos
-        if self.q is not None:
-            query = self.q(query, slot)
-        if self.k is not None:
-            if bos:
-                first, rest = self.bos_split(key, 1)
-                key = torch.cat([first, self.k(rest, slot)], 1)
-            else:
-                key = self.k(key, slot)
-        if self.v is not None:
-            value = self.v(value, slot)
-
-        scores = self.scores(attn, query, key)
-        if attention_mask is not None:
-            scores = scores + as_dtype(attention_mask, torch.float32)
-        probs = scores.softmax(dim=-1)
-        if self.probs is not None:
-            if bos:
-                first, rest = self.bos_split(probs, probs.ndim - 1)
-                probs = torch.cat([first, self.probs(rest, slot, attn.heads)], -1)
-            else:
-                probs = self.probs(probs, slot, attn.heads)
-        if probs.dtype != value.dtype:
-            probs = probs.to(value.dtype)
-        hidden_states = torch.bmm(probs, value)
-        hidden_states = self.merge_heads(attn, hidden_states, attn.inner_kv_dim)
+        hidden_states = self.core(attn, query, key, value, attention_mask, slot, is_cross)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:

@@ -37,7 +37,9 @@ Targets:
              activations with per-step ranges, int8 weights, a quantized output) with its input
              channel groups folded into the weights at W8A8 (a branch per group at other bits),
              Linear layers fuse to MatMulIntegerToFloat; attention stays float
-  float      the float graphs only (baseline for size and speed)
+             (--fused-attention: one MultiHeadAttention kernel per block)
+  float      the float graphs only (baseline for size and speed; --fused-attention for a float
+             graph meant for ONNX Runtime)
 
 Without --recipe the model is calibrated first (DGQ preset with the target's profile), which takes
 minutes on CPU for the default model; the onnxruntime target also observes the conv outputs on the
@@ -136,6 +138,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=4,
         help="largest number of images per call in the profiles (default 4)",
     )
+    p.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="targets float and onnxruntime: each UNet attention block as one ONNX Runtime MultiHeadAttention "
+        "node (a contrib op: faster in ONNX Runtime, but TensorRT cannot build the graph)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for random-weight zoo models (default 0)")
     from dgq.device import add_arguments as add_device_arguments
 
@@ -170,6 +178,11 @@ def _export(args: argparse.Namespace) -> int:
             "--min-intensity chooses the layers a calibration quantizes; "
             + ("a float export quantizes none" if args.target == "float" else "the recipe already fixes them")
             + " (leave it out, or calibrate again with it)"
+        )
+    if args.fused_attention and args.target not in ("float", "onnxruntime"):
+        raise ValueError(
+            f"--fused-attention writes an ONNX Runtime contrib op, which the {args.target} target's runtime cannot "
+            "run; use it with --target onnxruntime or float"
         )
     recipe = None
     if args.target != "float" and args.recipe is not None:
@@ -219,6 +232,7 @@ def _export(args: argparse.Namespace) -> int:
         batch=(1, 1, args.max_batch),
         overwrite=args.overwrite,
         progress=sys.stderr.isatty(),
+        fused_attention=args.fused_attention,
     )
     sys.stdout.write(summary.table() + "\n")
     sys.stdout.write(f"export folder: {out} ({time.perf_counter() - t0:.1f} s)\n")

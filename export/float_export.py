@@ -395,11 +395,13 @@ def export_component(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     doc: str | None = None,
     postprocess: Any = None,
+    custom_opsets: dict[str, int] | None = None,
 ) -> Path:
     """Trace the float32 ``module`` (a wrapper from :data:`WRAPPERS`) to ``path`` and check it.
 
     ``postprocess(model)`` edits the traced ``onnx.ModelProto`` in place before it is saved and
-    checked (the Q/DQ exporter packs 4-bit weights and lints there).
+    checked (the Q/DQ exporter packs 4-bit weights and lints there). ``custom_opsets``: the opset of
+    each non-standard domain the module traces nodes of (ONNX Runtime's contrib ops).
 
     A spec with float16 tensors gets the float32 trace converted to float16 (module docstring).
     """
@@ -428,6 +430,7 @@ def export_component(
                 dynamic_axes=spec.dynamic_axes(),
                 opset_version=opset,
                 do_constant_folding=True,
+                custom_opsets=custom_opsets,
                 dynamo=False,
             )
         if trace_spec == spec:
@@ -480,6 +483,7 @@ def export_float(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     overwrite: bool = False,
     assets: bool = True,
+    fused_attention: bool = False,
 ) -> dict[str, Path]:
     """Export float ONNX graphs of a diffusers SD pipeline into ``out_dir``.
 
@@ -497,9 +501,19 @@ def export_float(
     which make the folder self-contained for a runtime (see :mod:`export.manifest`).
 
     The modules are put in eval mode and must be float32; ``fp16`` converts the exported graphs
-    (see the module docstring).
+    (see the module docstring). ``fused_attention``: the UNet's attention blocks as ONNX Runtime's
+    contrib MultiHeadAttention (``export.qdq.attention``; a float32 graph for ONNX Runtime, which
+    TensorRT cannot build); the pipeline's own processors are put back afterwards.
     """
+    from export.qdq.attention import CONTRIB_OPSETS
+    from export.qdq.attention import fused_attention as fused_attention_processors
+
     check_opset(opset)
+    if fused_attention and fp16:
+        raise ExportError(
+            "fused attention is for float32 graphs run by ONNX Runtime; an fp16 export is for TensorRT, "
+            "which cannot build ONNX Runtime's contrib MultiHeadAttention"
+        )
     components = tuple(components)
     if not components:
         raise ExportError("components is empty; choose from " + str(list(COMPONENTS)))
@@ -523,9 +537,16 @@ def export_float(
                     "(fp16=True converts the exported graph, which keeps the timestep path in float32)"
                 )
             start = time.perf_counter()
-            export_component(
-                wrapper, specs[c], tmp / f"{c}.onnx", opset=opset, external_data_threshold=external_data_threshold
-            )
+            fused = fused_attention and c == "unet"
+            with fused_attention_processors(pipe.unet) if fused else contextlib.nullcontext():
+                export_component(
+                    wrapper,
+                    specs[c],
+                    tmp / f"{c}.onnx",
+                    opset=opset,
+                    external_data_threshold=external_data_threshold,
+                    custom_opsets=CONTRIB_OPSETS if fused else None,
+                )
             log.info(
                 "exported %s (opset %d, %s) in %.1f s",
                 c,
@@ -544,7 +565,8 @@ def export_float(
                     "components": list(components),
                     "versions": versions(),
                     "model": model_identity(pipe.unet) if "unet" in components else None,
-                },
+                }
+                | ({"fused_attention": True} if fused_attention and "unet" in components else {}),
             )
     written["iospec"] = out_dir / "iospec.json"
     if assets:

@@ -15,7 +15,9 @@ the model), the recipe (``recipe.safetensors``) for quantized targets, and ``man
  "steps": 25 | null, "guidance": 5.0 | null,   # the calibration's sampler settings
  "model": {"class", "config_hash", "weights_hash"} | null,   # the UNet's identity
  "recipe": {"file": "recipe.safetensors", "sha256": ..., "config": {...}} | null,
- "versions": {"onnx": ..., "torch": ..., ...}}
+ "versions": {"onnx": ..., "torch": ..., ...},
+ "fused_attention": true}   # optional: the UNet's attention is ONNX Runtime's contrib
+                            # MultiHeadAttention (runs in ONNX Runtime only; TensorRT cannot build it)
 ```
 
 When ``slots`` is not null the quantized UNet graph has an extra int64 scalar input ``step_index``:
@@ -57,7 +59,7 @@ ENGINE_SUFFIXES = (".engine", ".engine.json", ".engine.report.json")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REQUIRED = {"format", "version", "digest", "target", "components", "files"}
-_OPTIONAL = {"slots", "steps", "guidance", "model", "recipe", "versions"}
+_OPTIONAL = {"slots", "steps", "guidance", "model", "recipe", "versions", "fused_attention"}
 
 
 class ManifestError(DGQError, ValueError):
@@ -195,6 +197,8 @@ def validate(manifest: Any, path: Path) -> None:
     for c in comps:
         if f"{c}.onnx" not in files:
             raise bad("files", f"does not list {c}.onnx of component {c!r}")
+    if not isinstance(manifest.get("fused_attention", False), bool):
+        raise bad("fused_attention", "is not true or false")
     slots = manifest.get("slots")
     if slots is not None and (not isinstance(slots, list) or not slots or not all(map(_is_number, slots))):
         raise bad("slots", "is neither null nor a non-empty list of timestep values")

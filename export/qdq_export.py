@@ -47,6 +47,7 @@ from export.iospec import TensorSpec, specs_to_json
 from export.lint import check_tensorrt
 from export.manifest import MANIFEST, TARGETS, sha256_file, write_manifest
 from export.qdq import STEP_INPUT, Lowered, LoweringError, lower, site_counts
+from export.qdq.attention import CONTRIB_OPSETS
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,7 @@ def export_onnx(
     compare_float: bool = True,
     inspect_ort: bool = True,
     progress: bool = False,
+    fused_attention: bool = False,
 ) -> ExportSummary:
     """Export ``pipe`` (with ``recipe`` for a quantized ``target``) into ``out_dir``; see the module docstring.
 
@@ -335,7 +337,9 @@ def export_onnx(
     ``overwrite``: replace an existing ``out_dir`` that an export wrote, never anything else.
     ``compare_float``: also export the float32 UNet to a temporary folder beside ``out_dir`` to report
     the size ratio. ``inspect_ort``: report the integer kernels ONNX Runtime CPU fuses the UNet into
-    (``ort_integer_kernels``). The UNet must be float32.
+    (``ort_integer_kernels``). The UNet must be float32. ``fused_attention``: the UNet's attention
+    blocks as ONNX Runtime's contrib MultiHeadAttention (targets ``float`` and ``onnxruntime``, whose
+    graphs run in ONNX Runtime; ``export.qdq.attention``).
     """
     if target not in TARGETS:
         raise ExportError(f"target {target!r} is not one of {list(TARGETS)}")
@@ -347,7 +351,15 @@ def export_onnx(
         from export.float_export import export_float
 
         opset = DEFAULT_OPSET if opset is None else opset
-        written = export_float(pipe, out_dir, opset=opset, components=components, batch=batch, overwrite=overwrite)
+        written = export_float(
+            pipe,
+            out_dir,
+            opset=opset,
+            components=components,
+            batch=batch,
+            overwrite=overwrite,
+            fused_attention=fused_attention,
+        )
         sizes = {p.name: p.stat().st_size for k, p in written.items() if k in COMPONENTS}
         nodes = {c: op_counts(onnx.load(str(written[c]), load_external_data=False)) for c in components}
         return ExportSummary(
@@ -378,7 +390,7 @@ def export_onnx(
     text_tokens = specs["unet"].input("encoder_hidden_states").shape[1]
     tokens = text_tokens if isinstance(text_tokens, int) else None  # static: the BOS split as Gathers
     try:
-        lowered: Lowered = lower(pipe.unet, recipe, target, tokens=tokens)
+        lowered: Lowered = lower(pipe.unet, recipe, target, tokens=tokens, fused_attention=fused_attention)
     except LoweringError as err:
         raise ExportError(str(err)) from err
     unet_spec = specs["unet"]
@@ -421,6 +433,7 @@ def export_onnx(
                     opset=opset,
                     postprocess=post,
                     doc=f"dgq {target} Q/DQ export of the UNet (recipe: recipe.safetensors; IO: iospec.json)",
+                    custom_opsets=CONTRIB_OPSETS if fused_attention else None,
                 )
             else:
                 export_component(
@@ -469,7 +482,8 @@ def export_onnx(
                     "sha256": sha256_file(tmp / "recipe.safetensors"),
                     "config": recipe.config.to_dict(),
                 },
-            },
+            }
+            | ({"fused_attention": True} if fused_attention else {}),
         )
     return summary
 

@@ -687,6 +687,11 @@ def build_engines(
             f"{export_dir} is a {manifest['target']!r} export, which runs in ONNX Runtime; TensorRT builds the "
             f"{' and '.join(repr(t) for t in BUILDABLE_TARGETS)} targets' graphs (dgq export --target tensorrt)"
         )
+    if manifest.get("fused_attention"):
+        raise EngineBuildError(
+            f"{export_dir} was exported with fused attention (ONNX Runtime's contrib MultiHeadAttention), which "
+            "TensorRT cannot parse; export again without --fused-attention to build engines"
+        )
     specs = read_specs(export_dir)
     components = list(components or manifest["components"])
     unknown = [c for c in components if c not in manifest["components"] or c not in specs]

@@ -17,7 +17,9 @@ benchmark, not a test: nothing asserts a speed.
 
 Where OpenVINO is installed (extra ``peers``; ``pip install openvino``), its CPU plugin runs the float graph too (row
 ``float32 (OpenVINO)``, float32 precision, the same thread count), interleaved with the others: every
-row's ``vs best float`` is against the faster of the two float runs.
+row's ``vs best float`` is against the fastest float run. ``--fused-attention`` adds a float graph and
+a twin of every ``onnxruntime`` row with each attention block as ONNX Runtime's MultiHeadAttention
+(rows ``..., fused attention``; OpenVINO runs only the plain float graph).
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ def sd_shaped_pipeline(seed: int = 0):
 
 
 OPENVINO_ROW = "float32 (OpenVINO)"
+FUSED = "fused attention"
+
+
+def is_float_row(name: str) -> bool:
+    """A row of a float graph: ONNX Runtime's (plain or fused attention) or OpenVINO's."""
+    return name in ("float", f"float, {FUSED}", OPENVINO_ROW)
+
+
 PROFILE_RUNS = 3
 
 
@@ -106,7 +116,10 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|" + ("---|" if best else ""),
     ]
     for name, r in result["results"].items():
-        label = "float32" if name == "float" else name if name == OPENVINO_ROW else f"{name} W{result['wbits']}A8"
+        if is_float_row(name):
+            label = name.replace("float", "float32", 1) if name != OPENVINO_ROW else name
+        else:
+            label = f"{name} W{result['wbits']}A8"
         sites = r.get("sites") or {}
         if name.startswith("onnxruntime"):
             label += f" ({sites['branch_layers']} convs, {sites['branches']} conv branches)"
@@ -118,6 +131,16 @@ def markdown(result: dict) -> str:
             f"{r['size_vs_float']:.3f}x | {kernels} |" + (f" {r['speedup_vs_best_float']:.2f}x |" if best else "")
         )
     return "\n".join(lines) + "\n"
+
+
+def export_jobs(targets: dict[str, str], fused_attention: bool) -> dict[str, tuple[str, str | None, bool]]:
+    """Row name -> (export target, recipe row or None, fused attention): the float graph, then each
+    quantized row of ``targets`` (row -> target); with ``fused_attention`` a fused twin of the float
+    row and of every onnxruntime row (the targets whose graphs may carry ONNX Runtime's contrib op)."""
+    jobs = {"float": ("float", None, False)} | {row: (t, row, False) for row, t in targets.items()}
+    if fused_attention:
+        jobs |= {f"{row}, {FUSED}": (t, r, True) for row, (t, r, _) in jobs.items() if t in ("float", "onnxruntime")}
+    return jobs
 
 
 def ort_variants(
@@ -173,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also an onnxruntime row per K with the speed rule's Linear threshold at min_intensity "
         "(QuantConfig.linear_rule off, the rule as recipes stored before it read), to time the lower Linear "
         "threshold against it in one process",
+    )
+    p.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="also a float row and a twin of every onnxruntime row exported with fused attention "
+        "(export_onnx(fused_attention=True): one com.microsoft.MultiHeadAttention per attention block)",
     )
     p.add_argument("--wbits", type=int, default=8, choices=(8, 4))
     p.add_argument("--groups", type=int, default=4, help="DGQ's K for both targets (default 4)")
@@ -254,29 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     log.info("calibrated in %.0f s", time.perf_counter() - t0)
     scratch = None if args.keep else tempfile.TemporaryDirectory(prefix="dgq-bench-")  # removed on exit
     root = Path(args.keep) if args.keep else Path(scratch.name)
-    folders = {"float": root / "float"}
-    export_onnx(
-        pipe,
-        folders["float"],
-        None,
-        "float",
-        components=("unet",),
-        batch=(1, args.batch // 2, args.batch // 2),
-        overwrite=True,
-    )
-    summaries = {}
-    for row, t in targets.items():
+    folders, summaries = {}, {}
+    for row, (t, r, fused) in export_jobs(targets, args.fused_attention).items():
         folders[row] = root / row.replace(", ", "_").replace(" ", "_").replace("=", "")
-        summaries[row] = export_onnx(
+        summary = export_onnx(
             pipe,
             folders[row],
-            recipes[row],
+            None if r is None else recipes[r],
             t,
             components=("unet",),
             batch=(1, args.batch // 2, args.batch // 2),
             overwrite=True,
             compare_float=False,
+            fused_attention=fused,
         )
+        if t != "float":
+            summaries[row] = summary
     sessions, feeds = {}, {}
     g = torch.Generator().manual_seed(0)
     latent = pipe.unet.config.sample_size
@@ -344,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             "openvino": openvino.__version__,
         }
     base = rows["float"]
-    best_float = min(rows[k]["median_ms"] for k in ("float", OPENVINO_ROW) if k in rows)
+    best_float = min(r["median_ms"] for k, r in rows.items() if is_float_row(k))
     for r in rows.values():
         r["speedup_vs_float"] = base["median_ms"] / r["median_ms"]
         r["speedup_vs_best_float"] = best_float / r["median_ms"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.benchmark_onnx import OPENVINO_ROW, markdown
+from scripts.benchmark_onnx import FUSED, OPENVINO_ROW, export_jobs, markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,32 @@ def test_openvino_row_adds_the_best_float_column():
     assert lines[0].endswith("| vs best float |") and lines[1].count("---") == 7
     assert lines[3].startswith(f"| {OPENVINO_ROW} | 80 ms | 1.25x") and lines[3].endswith("| 1.00x |")
     assert lines[4].startswith("| faithful W8A8 |") and lines[4].endswith("| 1.60x |")
+
+
+def test_fused_attention_twins_the_float_and_onnxruntime_rows_and_counts_as_float():
+    """--fused-attention: a fused float row and a fused twin of each onnxruntime row (not of the
+    tensorrt row, whose graph TensorRT must parse); a fused float row is a float graph in the table
+    and in the best-float column."""
+    jobs = export_jobs({"tensorrt": "tensorrt", "onnxruntime K=4": "onnxruntime"}, fused_attention=True)
+    assert jobs == {
+        "float": ("float", None, False),
+        "tensorrt": ("tensorrt", "tensorrt", False),
+        "onnxruntime K=4": ("onnxruntime", "onnxruntime K=4", False),
+        f"float, {FUSED}": ("float", None, True),
+        f"onnxruntime K=4, {FUSED}": ("onnxruntime", "onnxruntime K=4", True),
+    }
+    assert list(export_jobs({"tensorrt": "tensorrt"}, fused_attention=False)) == ["float", "tensorrt"]
+    result = {
+        "wbits": 8,
+        "results": {
+            "float": _row(100, 1.0, 0.9),
+            f"float, {FUSED}": _row(90, 1.11, 1.0),
+            f"onnxruntime K=4, {FUSED}": dict(_row(45, 2.22, 2.0), sites={"branch_layers": 3, "branches": 3}),
+        },
+    }
+    lines = markdown(result).splitlines()
+    assert lines[3].startswith(f"| float32, {FUSED} | 90 ms | 1.11x")
+    assert lines[4].startswith(f"| onnxruntime K=4, {FUSED} W8A8 (3 convs, 3 conv branches) | 45 ms")
 
 
 def _save_graph(path, nodes, x_shape, y_shape, w):

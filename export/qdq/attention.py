@@ -13,15 +13,28 @@ still equals the simulator exactly) and whose ``symbolic`` writes:
 - scores: ``MatMul(q, Transpose(k)) -> Mul(scale)``;
 - the BOS split: two Gathers with constant int32 indices along the text-token axis, which is
   static in every export (``iospec``: the tokenizer's length).
+
+With ``fused=True`` an attention block whose operands are float (no q/k/v or probability
+quantizer, no mask) is traced as one ONNX Runtime ``com.microsoft.MultiHeadAttention`` node from the
+projected q, k, v to the merged heads: the same numbers up to float32 rounding, in one kernel that
+never writes the scores out (``scripts/ort_attention_kernels.py``). It is a contrib op of ONNX
+Runtime, not an ONNX standard one: TensorRT cannot build such a graph.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from diffusers.models.attention_processor import Attention
 
 from dgq.attention import DGQAttnProcessor, StepContext, scaled_scores
 from export.qdq.ops import LoweringError, f32
+
+# The opset of ONNX Runtime's contrib domain a fused graph imports (torch.onnx.export's custom_opsets).
+CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_OPSETS = {CONTRIB_DOMAIN: 1}
 
 
 def _const(g, values, dtype: torch.dtype):
@@ -88,15 +101,45 @@ class Columns(torch.autograd.Function):
         return g.op("Gather", x, _const(g, list(range(start, stop)), torch.int32), axis_i=dim)
 
 
+class FusedAttention(torch.autograd.Function):
+    """Float attention of projected ``(B, N, heads * d)`` q and ``(B, M, heads * d)`` k, v to the
+    merged ``(B, N, heads * d)`` output, as the unfused core computes it (split heads, scaled scores,
+    softmax, probabilities times v, merge); traced as one ``com.microsoft.MultiHeadAttention``."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        width = q.shape[-1]
+        d = width // heads
+        qh, kh, vh = (SplitHeads.forward(None, x, heads, d) for x in (q, k, v))
+        probs = scaled_scores(qh, kh, scale).softmax(dim=-1)
+        return MergeHeads.forward(None, torch.bmm(probs, vh), heads, width)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads: int, scale: float):
+        out = g.op(f"{CONTRIB_DOMAIN}::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
+        out.setType(q.type())
+        return out
+
+
 class ExportAttnProcessor(DGQAttnProcessor):
     """:class:`~dgq.attention.DGQAttnProcessor` with compact traced data movement (module docstring).
 
     ``tokens`` is the text-token count of the export; without it the BOS split stays two Slices.
+    ``fused``: a block with float operands and no mask is one MultiHeadAttention node (module
+    docstring); a block with quantized operands is refused.
     """
 
-    def __init__(self, ctx: StepContext, *hooks, tokens: int | None = None, **options) -> None:
+    def __init__(self, ctx: StepContext, *hooks, tokens: int | None = None, fused: bool = False, **options) -> None:
         super().__init__(ctx, *hooks, **options)
         self.tokens = tokens
+        self.fused = fused
+        if fused and any(h is not None for h in (self.q, self.k, self.v, self.probs)):
+            raise LoweringError("fused attention keeps attention float; this block quantizes its operands")
+
+    def core(self, attn, query, key, value, attention_mask, slot, is_cross) -> torch.Tensor:
+        if not self.fused or attention_mask is not None or attn.inner_dim != attn.inner_kv_dim:
+            return super().core(attn, query, key, value, attention_mask, slot, is_cross)
+        return FusedAttention.apply(f32(query), f32(key), f32(value), attn.heads, float(attn.scale))
 
     def split_heads(self, attn: Attention, x: torch.Tensor, width: int) -> torch.Tensor:
         return SplitHeads.apply(x, attn.heads, width // attn.heads)
@@ -112,3 +155,18 @@ class ExportAttnProcessor(DGQAttnProcessor):
             return super().bos_split(x, dim)
         n = self.tokens
         return Columns.apply(x, dim, 0, 1, n), Columns.apply(x, dim, 1, n, n)
+
+
+@contextmanager
+def fused_attention(unet: torch.nn.Module, ctx: StepContext | None = None) -> Iterator[torch.nn.Module]:
+    """``unet`` with every attention block on a fused :class:`ExportAttnProcessor` (float operands),
+    its own processors put back on exit: for tracing a float graph meant for ONNX Runtime."""
+    saved = dict(unet.attn_processors)
+    if ctx is None:
+        ctx = StepContext()
+        ctx.slot = 0  # float operands: the slot picks nothing
+    unet.set_attn_processor({name: ExportAttnProcessor(ctx, fused=True) for name in saved})
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(saved)

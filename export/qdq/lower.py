@@ -122,13 +122,22 @@ def _check_target(target: str, profile: str) -> None:
         )
 
 
-def lower(unet: nn.Module, recipe: Recipe, target: str, tokens: int | None = None) -> Lowered:
+def lower(
+    unet: nn.Module, recipe: Recipe, target: str, tokens: int | None = None, fused_attention: bool = False
+) -> Lowered:
     """A copy of ``unet`` with every quantized site replaced by its lowering for ``target``.
 
     ``tokens``: the export's (static) text-token count, which lets the BOS split be two Gathers
-    (``ExportAttnProcessor``); None keeps it two Slices."""
+    (``ExportAttnProcessor``); None keeps it two Slices. ``fused_attention``: every attention block
+    as one ONNX Runtime MultiHeadAttention node (the onnxruntime target only; its attention must be
+    float)."""
     config = recipe.config
     _check_target(target, config.profile)
+    if fused_attention and target != "onnxruntime":
+        raise LoweringError(
+            f"fused attention is an ONNX Runtime contrib op: the {target} target cannot use it "
+            "(it is for the onnxruntime target and float graphs meant for ONNX Runtime)"
+        )
     recipe.check_model(unet)
     try:
         plan = build_plan(unet, recipe)
@@ -170,6 +179,13 @@ def lower(unet: nn.Module, recipe: Recipe, target: str, tokens: int | None = Non
             sites.append(SiteSummary(name, "weight", {"bits": w.bits, "granularity": w.granularity, "block": w.block}))
         set_module(unet, name, new)
     processors = dict(unet.attn_processors)
+    if fused_attention:
+        if plan.attention:
+            raise LoweringError(
+                "fused attention keeps attention float, but this recipe quantizes the attention operands of "
+                f"{len(plan.attention)} blocks (calibrate without quantize_qkv and with float probabilities)"
+            )
+        processors = {name: ExportAttnProcessor(ctx, tokens=tokens, fused=True) for name in processors}
     act_cls = ATTENTION_QUANTIZERS[target]
     holders = nn.ModuleDict()
     for name, ap in plan.attention.items():

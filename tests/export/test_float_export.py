@@ -352,3 +352,29 @@ def test_manifest_binds_the_folder(exported, tmp_path):
     assert step_index({"slots": [999.0, 500.0]}, 500) == 1
     assert step_index({"slots": [999.0, 500.0]}, 17) == 1  # uncalibrated: the nearest calibrated timestep
     assert step_index({"slots": [999.0, 500.0]}, 760) == 0
+
+
+def test_fused_attention_graph_matches_torch_and_leaves_the_pipeline_as_it_was(tiny_pipe, tmp_path):
+    """``fused_attention``: every attention block of the UNet is one com.microsoft.MultiHeadAttention
+    (no Softmax left), the graph computes the float UNet in ONNX Runtime as closely as the plain
+    export does, the manifest says so, and the pipeline keeps its own processors."""
+    from export.manifest import read_manifest
+
+    before = {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()}
+    out = export_float(tiny_pipe, tmp_path / "fused", components=("unet",), fused_attention=True)
+    assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == before
+    model = onnx.load(str(out["unet"]))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MultiHeadAttention") == len(before) > 0 and "Softmax" not in ops
+    assert ("com.microsoft", 1) in [(o.domain, o.version) for o in model.opset_import]
+    assert read_manifest(out["manifest"].parent)["fused_attention"] is True
+    spec = specs_from_json(out["iospec"].read_text())["unet"]
+    for level in OPT_LEVELS:
+        sess = session(out["unet"], level)
+        for i, dims in enumerate(CASES["unet"]):
+            inputs = example_inputs(spec, seed=i, **dims)
+            (got,) = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+            assert rel_err(got, torch_reference(tiny_pipe.unet, spec, inputs)) < FLOAT_ONNX_MAX_REL_ERR, dims
+    with pytest.raises(ExportError, match="fused attention is for float32"):
+        export_float(tiny_pipe, tmp_path / "fp16", components=("unet",), fp16=True, fused_attention=True)
+    assert not (tmp_path / "fp16").exists()

@@ -108,6 +108,7 @@ def test_a_missing_field_is_named_not_a_traceback(folder):
         (lambda m: m.__setitem__("guidance", -1), "guidance"),
         (lambda m: m["recipe"].__setitem__("sha256", "ab" * 32), "recipe"),
         (lambda m: m.__setitem__("extra", 1), "extra"),
+        (lambda m: m.__setitem__("fused_attention", "yes"), "fused_attention"),
         (lambda m: m.__setitem__("version", True), None),  # True == 1 in Python, not a version
     ],
     ids=[
@@ -122,6 +123,7 @@ def test_a_missing_field_is_named_not_a_traceback(folder):
         "guidance",
         "recipe",
         "unknown",
+        "fused-attention",
         "bool-version",
     ],
 )

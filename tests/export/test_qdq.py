@@ -471,7 +471,7 @@ def test_unsupported_layer_is_refused(tiny_pipe, recipes, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_export_writes_folder_and_refuses_missing_recipe(tmp_path, capsys):
+def test_cli_export_writes_folder_and_refuses_missing_recipe(tmp_path, capsys, caplog):
     from app.cli import main
 
     assert (
@@ -484,6 +484,11 @@ def test_cli_export_writes_folder_and_refuses_missing_recipe(tmp_path, capsys):
         main(["export", "--model", str(tmp_path / "no-such-model"), "--target", "float", "--out", str(tmp_path / "o")])
         == 2
     )
+    assert (
+        main(["export", "--model", "tiny", "--target", "tensorrt", "--fused-attention", "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "use it with --target onnxruntime or float" in caplog.text
     assert not (tmp_path / "o").exists()
     assert (
         main(["export", "--model", "tiny", "--target", "float", "--out", str(tmp_path / "new" / "f")]) == 0
@@ -957,6 +962,34 @@ def test_onnxruntime_target_runs_integer_kernels(recipes, exports):
     assert kernels.get("MatMulIntegerToFloat", 0) > 0
     assert manifest_target(folder) == "onnxruntime"
     assert "MatMulNBits" not in kernels  # a weight-only fusion would mean the activation Q/DQ was cut off
+
+
+def test_onnxruntime_target_with_fused_attention(tiny_pipe, recipes, exports, tmp_path):
+    """``fused_attention``: each attention block one com.microsoft.MultiHeadAttention (no Softmax
+    left), the same integer kernels as the plain export, and the graph computes the plain lowering
+    at every step as closely as the plain graph does (float32 attention in another order, the
+    quantizers after it flip the same kind of rounding edges). Targets other than onnxruntime, and
+    recipes that quantize attention operands, are refused with nothing written."""
+    recipe = recipes["onnxruntime"]
+    folder = tmp_path / "fused"
+    summary = export_onnx(tiny_pipe, folder, recipe, "onnxruntime", fused_attention=True)
+    ops = [n.op_type for n in onnx.load(str(folder / "unet.onnx"), load_external_data=False).graph.node]
+    blocks = len(tiny_pipe.unet.attn_processors)
+    assert ops.count("MultiHeadAttention") == blocks > 0 and "Softmax" not in ops
+    assert summary.ort_integer_kernels == exports["onnxruntime"][1].ort_integer_kernels
+    assert read_manifest(folder)["fused_attention"] is True
+    low = lower(tiny_pipe.unet, recipe, "onnxruntime")
+    x, e = unet_inputs(1)
+    for slot, t in enumerate(recipe.slots):
+        with torch.no_grad():
+            ref = low.module(x, torch.tensor(t), e, torch.tensor(slot)).numpy()
+        got = run_graph(folder / "unet.onnx", feeds_for(x, t, e, slot, low.n_slots), "off")
+        assert sqnr_db(ref, got) > QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB, slot
+    with pytest.raises(ExportError, match="contrib op: the tensorrt target"):
+        export_onnx(tiny_pipe, tmp_path / "trt", recipes["tensorrt"], "tensorrt", fused_attention=True)
+    with pytest.raises(ExportError, match="quantizes the attention operands"):
+        export_onnx(tiny_pipe, tmp_path / "a6", recipes["onnxruntime_a6"], "onnxruntime", fused_attention=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]
 
 
 @pytest.mark.parametrize("name", ["onnxruntime", "tensorrt"])

@@ -226,6 +226,19 @@ def test_export_for_onnx_runtime_is_refused_before_parsing_and_leaves_no_folder(
     assert _files(folder) == ["iospec.json", "manifest.json", "recipe.safetensors", "unet.onnx"]
 
 
+def test_export_with_fused_attention_is_refused_before_parsing(tmp_path):
+    """A float graph with ONNX Runtime's contrib MultiHeadAttention (the manifest says so) is refused
+    with the reason, not handed to TensorRT's parser."""
+    from export.manifest import read_manifest, write_manifest
+
+    folder = qdq_graphs.export_folder(tmp_path / "fused", "int8")
+    write_manifest(folder, read_manifest(folder) | {"target": "float", "fused_attention": True})
+    out = tmp_path / "engines"
+    with pytest.raises(EngineBuildError, match=r"fused attention.*without --fused-attention"):
+        build_engines(folder, out_dir=out)
+    assert not out.exists()
+
+
 def test_export_whose_manifest_does_not_verify_is_refused(tmp_path):
     folder = qdq_graphs.export_folder(tmp_path / "int8", "int8")
     manifest = json.loads((folder / "manifest.json").read_text())
