@@ -15,7 +15,8 @@ guidance: batch 2), with the scheduler and steps the graphs were calibrated with
 - the median latency per UNet call (runs interleaved over the graphs, ``--threads`` threads);
 - the file size against the float32 graph.
 
-Graphs: the float32 export; DGQ's ``faithful``, ``tensorrt`` and ``onnxruntime`` targets at each of
+Graphs: the float32 export (with ``--fused-attention`` also its twin with fused attention, and one
+of every ``onnxruntime`` graph, same recipe); DGQ's ``faithful``, ``tensorrt`` and ``onnxruntime`` targets at each of
 ``--bits`` (calibrated on ``--cal-prompts`` prompts x ``--steps`` steps, each target's default K);
 ONNX Runtime's ``quantize_static`` (QDQ format, per-channel int8 weights, uint8 activations) with the
 MinMax, Percentile and Entropy calibrators, fed UNet calls of the same calibration prompts
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 log = logging.getLogger("graph_quality")
 
 PEERS = ("MinMax", "Percentile", "Entropy")
+FUSED = "fused attention"
 TARGETS = ("faithful", "tensorrt", "onnxruntime")
 
 
@@ -114,6 +116,9 @@ def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> tuple[
     from export.qdq_export import export_onnx, target_config
 
     graphs = {"float32": export_float(pipe, work / "float", components=["unet"])["unet"]}
+    if args.fused_attention:
+        fused = export_float(pipe, work / "float_fused", components=["unet"], fused_attention=True)
+        graphs[f"float32, {FUSED}"] = fused["unet"]
     layers: dict[str, int] = {}
     prompts = calibration_prompts(model, args.cal_prompts)
     stats = collect_statistics(
@@ -127,6 +132,7 @@ def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> tuple[
             if target == "onnxruntime" and args.every_layer:
                 # the target without its speed rule (dgq.config.ORT_MIN_INTENSITY): every layer quantized
                 configs[f"DGQ {target} {bits}, every layer"] = config.replace(min_intensity=0.0)
+            fused = args.fused_attention and config.profile == "onnxruntime"
             for name, config in configs.items():
                 log.info("calibrate and export %s", name)
                 recipe = build_recipe(stats, pipe.unet, config, progress=False)
@@ -134,10 +140,21 @@ def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> tuple[
                     recipe = calibrate_outputs(
                         pipe, recipe, prompts, args.steps, guidance_scale=args.guidance, progress=False
                     )
-                folder = work / name.replace(" ", "_").replace(",", "")
-                export_onnx(pipe, folder, recipe, target, components=["unet"], compare_float=False, inspect_ort=False)
-                graphs[name] = folder / "unet.onnx"
-                layers[name] = len(recipe.weights)
+                twins = [(name, False)] + ([(f"{name}, {FUSED}", True)] if target == "onnxruntime" and fused else [])
+                for row, fuse in twins:
+                    folder = work / row.replace(" ", "_").replace(",", "")
+                    export_onnx(
+                        pipe,
+                        folder,
+                        recipe,
+                        target,
+                        components=["unet"],
+                        compare_float=False,
+                        inspect_ort=False,
+                        fused_attention=fuse,
+                    )
+                    graphs[row] = folder / "unet.onnx"
+                    layers[row] = len(recipe.weights)
     if args.peers:
         names = {"sample", "timestep", "encoder_hidden_states"}
         step = max(1, len(cal_calls) // args.peer_calls)
@@ -239,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         dest="every_layer",
         action="store_false",
         help="leave out the onnxruntime rows without the target's speed rule (every Conv/Linear quantized)",
+    )
+    p.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="also the float graph and each onnxruntime graph with fused attention (one ONNX Runtime "
+        "MultiHeadAttention per attention block; rows '..., fused attention', the same recipes)",
     )
     p.add_argument("--runs", type=int, default=10, help="timed runs per graph (default 10)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")

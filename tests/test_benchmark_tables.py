@@ -1,5 +1,5 @@
 """scripts/benchmark_onnx.py's table: recorded results render as before, an OpenVINO row adds the
-column against the faster float runtime."""
+column against the faster float runtime; scripts/graph_quality.py's fused-attention rows."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from scripts.benchmark_onnx import FUSED, OPENVINO_ROW, export_jobs, markdown
+from tests.tolerances import QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,3 +190,28 @@ def test_cpu_flags_are_the_kernel_choosing_ones():
 
     flags = cpu_flags()
     assert flags == sorted(flags) and all(f.startswith(KERNEL_FLAGS) for f in flags)
+
+
+def test_graph_quality_fused_attention_rows_cost_only_float_rounding(tmp_path):
+    """scripts/graph_quality.py --fused-attention on the tiny model: a fused twin of the float graph and
+    of the onnxruntime graph (same recipe). Fused attention changes float32 rounding only, so the fused
+    float graph is far closer to the float graph than the quantized graph is, and the fused quantized
+    graph computes the same quantized network (its noise within what a float32 rounding difference
+    upstream of the quantizers may flip)."""
+    from scripts import graph_quality
+
+    out = tmp_path / "gq.json"
+    argv = ["--model", "tiny", "--bits", "W8A8", "--targets", "onnxruntime", "--peers", "--no-every-layer"]
+    argv += ["--cal-prompts", "2", "--held-prompts", "1", "--steps", "3", "--runs", "1", "--fused-attention"]
+    assert graph_quality.main([*argv, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    fused = f"DGQ onnxruntime W8A8, {graph_quality.FUSED}"
+    assert list(rows) == ["float32", f"float32, {graph_quality.FUSED}", "DGQ onnxruntime W8A8", fused]
+    plain = rows["DGQ onnxruntime W8A8"]["noise_sqnr_db"]
+    assert rows[f"float32, {graph_quality.FUSED}"]["noise_sqnr_db"] > max(plain, QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB)
+    # The twins differ by at most the graph-vs-lowering bound (same quantized network, another float32
+    # rounding); by the triangle inequality on noise amplitudes, their SQNRs against float then differ
+    # by at most that difference's amplitude.
+    amp = [10 ** (-db / 20) for db in (plain, rows[fused]["noise_sqnr_db"], QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB)]
+    assert abs(amp[0] - amp[1]) <= amp[2]
+    assert rows[fused]["quantized_layers"] == rows["DGQ onnxruntime W8A8"]["quantized_layers"] > 0

@@ -144,9 +144,9 @@ class OrtLinearLayer(FaithfulLayer):
         # A 2-D input (the time embedding's Linears: one row per sample) is quantized and multiplied
         # as one token per row: ONNX Runtime turns a 2-D MatMul and its bias Add into a float Gemm
         # before its Q/DQ fusions run, and that Gemm dequantizes the whole int8 weight at every call
-        # (measured on the SD-shaped UNet: 24 such layers, 8 ms of a 446 ms call; fused, tens of
-        # microseconds each). The Unsqueeze goes before the input's Q/DQ: between the DQ and the
-        # MatMul it would leave a weight-only MatMulNBits.
+        # (the SD-shaped UNet's 24 such layers: DequantizeLinear 11-15 ms per call in
+        # benchmark_onnx.py's profile, 2-3 ms once fused). The Unsqueeze goes before the input's
+        # Q/DQ: between the DQ and the MatMul it would leave a weight-only MatMulNBits.
         rows = x.ndim == 2
         if rows:
             x = x.unsqueeze(1)
