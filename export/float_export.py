@@ -505,16 +505,24 @@ def export_float(
     contrib MultiHeadAttention (``export.qdq.attention``; a float32 graph for ONNX Runtime, which
     TensorRT cannot build); the pipeline's own processors are put back afterwards.
     """
-    from export.qdq.attention import CONTRIB_OPSETS
+    from export.qdq.attention import CONTRIB_OPSETS, check_fusable
     from export.qdq.attention import fused_attention as fused_attention_processors
+    from export.qdq.ops import LoweringError
 
     check_opset(opset)
-    if fused_attention and fp16:
-        raise ExportError(
-            "fused attention is for float32 graphs run by ONNX Runtime; an fp16 export is for TensorRT, "
-            "which cannot build ONNX Runtime's contrib MultiHeadAttention"
-        )
     components = tuple(components)
+    if fused_attention:
+        if "unet" not in components:
+            raise ExportError("fused attention is an option of the UNet's graph; components has no unet")
+        if fp16:
+            raise ExportError(
+                "fused attention is for float32 graphs run by ONNX Runtime; an fp16 export is for TensorRT, "
+                "which cannot build ONNX Runtime's contrib MultiHeadAttention"
+            )
+        try:
+            check_fusable(pipe.unet.attn_processors)
+        except LoweringError as err:
+            raise ExportError(str(err)) from err
     if not components:
         raise ExportError("components is empty; choose from " + str(list(COMPONENTS)))
     unknown = [c for c in components if c not in COMPONENTS]

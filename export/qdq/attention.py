@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from dgq.attention import DGQAttnProcessor, StepContext, scaled_scores
 from export.qdq.ops import LoweringError, f32
@@ -157,16 +157,32 @@ class ExportAttnProcessor(DGQAttnProcessor):
         return Columns.apply(x, dim, 0, 1, n), Columns.apply(x, dim, 1, n, n)
 
 
+# Processors whose computation DGQAttnProcessor reproduces (diffusers' plain attention); a UNet with
+# any other (qk-norm, added key/values, IP-Adapter...) is refused rather than fused into other numbers.
+PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0, DGQAttnProcessor)
+
+
+def check_fusable(processors: dict) -> None:
+    """Refuse fused attention for a UNet with an attention processor the fused trace does not reproduce."""
+    other = sorted({type(p).__name__ for p in processors.values() if not isinstance(p, PLAIN_PROCESSORS)})
+    if other:
+        raise LoweringError(
+            f"fused attention reproduces diffusers' plain attention only; this UNet has {other} processors "
+            "(export without fused attention)"
+        )
+
+
 @contextmanager
 def fused_attention(unet: torch.nn.Module, ctx: StepContext | None = None) -> Iterator[torch.nn.Module]:
     """``unet`` with every attention block on a fused :class:`ExportAttnProcessor` (float operands),
     its own processors put back on exit: for tracing a float graph meant for ONNX Runtime."""
     saved = dict(unet.attn_processors)
+    check_fusable(saved)
     if ctx is None:
         ctx = StepContext()
         ctx.slot = 0  # float operands: the slot picks nothing
-    unet.set_attn_processor({name: ExportAttnProcessor(ctx, fused=True) for name in saved})
     try:
+        unet.set_attn_processor({name: ExportAttnProcessor(ctx, fused=True) for name in saved})
         yield unet
     finally:
         unet.set_attn_processor(saved)

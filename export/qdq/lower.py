@@ -21,7 +21,7 @@ from dgq.plan import ActPlan, LayerPlan, build_plan
 from dgq.recipe import Recipe, RecipeError
 from dgq.simulate import ProbsFakeQuant
 from dgq.sites import CONV, LINEAR, set_module
-from export.qdq.attention import ExportAttnProcessor
+from export.qdq.attention import ExportAttnProcessor, check_fusable
 from export.qdq.faithful import FaithfulActQuant, FaithfulLayer
 from export.qdq.onnxruntime import OrtConvLayer, OrtLinearLayer
 from export.qdq.ops import LoweredLayer, LoweringError, SiteSummary, Slotted
@@ -185,6 +185,7 @@ def lower(
         set_module(unet, name, new)
     processors = dict(unet.attn_processors)
     if fused_attention:
+        check_fusable(processors)
         processors = {name: ExportAttnProcessor(ctx, tokens=tokens, fused=True) for name in processors}
     act_cls = ATTENTION_QUANTIZERS[target]
     holders = nn.ModuleDict()

@@ -145,7 +145,7 @@ class OrtLinearLayer(FaithfulLayer):
         # as one token per row: ONNX Runtime turns a 2-D MatMul and its bias Add into a float Gemm
         # before its Q/DQ fusions run, and that Gemm dequantizes the whole int8 weight at every call
         # (the SD-shaped UNet's 24 such layers: DequantizeLinear 11-15 ms per call in
-        # benchmark_onnx.py's profile, 2-3 ms once fused). The Unsqueeze goes before the input's
+        # benchmark_onnx.py's profile, 1.6-2.8 ms once fused). The Unsqueeze goes before the input's
         # Q/DQ: between the DQ and the MatMul it would leave a weight-only MatMulNBits.
         rows = x.ndim == 2
         if rows:

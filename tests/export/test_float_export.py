@@ -360,9 +360,9 @@ def test_fused_attention_graph_matches_torch_and_leaves_the_pipeline_as_it_was(t
     export does, the manifest says so, and the pipeline keeps its own processors."""
     from export.manifest import read_manifest
 
-    before = {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()}
+    before = dict(tiny_pipe.unet.attn_processors)
     out = export_float(tiny_pipe, tmp_path / "fused", components=("unet",), fused_attention=True)
-    assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == before
+    assert all(p is before[k] for k, p in tiny_pipe.unet.attn_processors.items())
     model = onnx.load(str(out["unet"]))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MultiHeadAttention") == len(before) > 0 and "Softmax" not in ops
@@ -377,4 +377,30 @@ def test_fused_attention_graph_matches_torch_and_leaves_the_pipeline_as_it_was(t
             assert rel_err(got, torch_reference(tiny_pipe.unet, spec, inputs)) < FLOAT_ONNX_MAX_REL_ERR, dims
     with pytest.raises(ExportError, match="fused attention is for float32"):
         export_float(tiny_pipe, tmp_path / "fp16", components=("unet",), fp16=True, fused_attention=True)
-    assert not (tmp_path / "fp16").exists()
+    with pytest.raises(ExportError, match="components has no unet"):
+        export_float(tiny_pipe, tmp_path / "text", components=("text_encoder",), fused_attention=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]
+
+
+def test_fused_attention_refuses_processors_it_does_not_reproduce_and_restores_on_error(tiny_pipe, tmp_path):
+    """Only diffusers' plain attention is fused (another processor would be traced as other numbers);
+    the UNet gets its own processors back when the traced code raises."""
+    from export.qdq.attention import fused_attention
+
+    before = dict(tiny_pipe.unet.attn_processors)
+    with pytest.raises(RuntimeError, match="inside"), fused_attention(tiny_pipe.unet):
+        raise RuntimeError("inside")
+    assert all(p is before[k] for k, p in tiny_pipe.unet.attn_processors.items())
+
+    class Custom:
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    first = next(iter(before))
+    tiny_pipe.unet.set_attn_processor({**before, first: Custom()})
+    try:
+        with pytest.raises(ExportError, match=r"plain attention only; this UNet has \['Custom'\]"):
+            export_float(tiny_pipe, tmp_path / "custom", components=("unet",), fused_attention=True)
+    finally:
+        tiny_pipe.unet.set_attn_processor(before)
+    assert not (tmp_path / "custom").exists()

@@ -983,13 +983,34 @@ def test_onnxruntime_target_with_fused_attention(tiny_pipe, recipes, exports, tm
     for slot, t in enumerate(recipe.slots):
         with torch.no_grad():
             ref = low.module(x, torch.tensor(t), e, torch.tensor(slot)).numpy()
-        got = run_graph(folder / "unet.onnx", feeds_for(x, t, e, slot, low.n_slots), "off")
-        assert sqnr_db(ref, got) > QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB, slot
+        for level in ("off", "on"):  # on: the integer kernels and the fused attention kernel run
+            got = run_graph(folder / "unet.onnx", feeds_for(x, t, e, slot, low.n_slots), level)
+            assert sqnr_db(ref, got) > QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB, (slot, level)
     with pytest.raises(ExportError, match="contrib op: the tensorrt target"):
         export_onnx(tiny_pipe, tmp_path / "trt", recipes["tensorrt"], "tensorrt", fused_attention=True)
     with pytest.raises(ExportError, match="quantizes the attention operands"):
         export_onnx(tiny_pipe, tmp_path / "a6", recipes["onnxruntime_a6"], "onnxruntime", fused_attention=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]
+
+
+def test_fused_attention_core_is_the_plain_core_and_falls_back_where_it_cannot_fuse():
+    """In PyTorch the fused core computes the unfused core's numbers exactly; with a mask the fused
+    processor computes the unfused path (the traced MultiHeadAttention takes no mask)."""
+    from diffusers.models.attention_processor import Attention
+
+    from export.qdq.attention import ExportAttnProcessor
+
+    torch.manual_seed(0)
+    ctx = StepContext()
+    ctx.slot = 0
+    plain, fused = ExportAttnProcessor(ctx), ExportAttnProcessor(ctx, fused=True)
+    attn = Attention(32, heads=4, dim_head=8).eval()
+    q, k, v = torch.randn(2, 12, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    mask = torch.where(torch.rand(8, 12, 7) > 0.3, 0.0, -1e4)
+    with torch.no_grad():
+        for m in (None, mask):
+            ref = plain.core(attn, q, k, v, m, 0, True)
+            assert torch.equal(fused.core(attn, q, k, v, m, 0, True), ref)
 
 
 @pytest.mark.parametrize("name", ["onnxruntime", "tensorrt"])
