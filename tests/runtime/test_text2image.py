@@ -80,6 +80,25 @@ def test_matches_diffusers_pipeline(tiny, runtime_pipe, guidance):
     assert [im.size for im in out.pil()] == [(32, 32), (32, 32)]
 
 
+def test_fused_attention_export_generates_the_diffusers_images(tiny, tmp_path):
+    """A float export with fused attention (ONNX Runtime's MultiHeadAttention) runs in the runtime
+    and makes the diffusers pipeline's images within the same bounds as the plain export."""
+    from export.float_export import export_float
+    from export.manifest import read_manifest
+
+    torch_pipe, _ = tiny
+    folder = tmp_path / "fused"
+    export_float(torch_pipe, folder, fused_attention=True)
+    assert read_manifest(folder, verify=True)["fused_attention"] is True
+    pipe = Text2ImagePipeline.from_export(folder, backend="onnxruntime", threads=1)
+    try:
+        want = _reference(torch_pipe, PROMPTS, torch.Generator().manual_seed(7), 4, 5.0)
+        levels, fraction = image_diff(pipe(PROMPTS, seed=7, steps=4, guidance=5.0).images, want)
+    finally:
+        pipe.deactivate()
+    assert levels <= RUNTIME_IMAGE_MAX_ABS_LEVELS and fraction <= RUNTIME_IMAGE_MAX_DIFF_FRACTION
+
+
 def test_same_seed_same_image_other_seed_differs(runtime_pipe):
     a = runtime_pipe(PROMPTS[:1], seed=1, steps=2).images
     b = runtime_pipe(PROMPTS[:1], seed=1, steps=2).images
