@@ -117,8 +117,9 @@ def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> tuple[
 
     graphs = {"float32": export_float(pipe, work / "float", components=["unet"])["unet"]}
     if args.fused_attention:
-        fused = export_float(pipe, work / "float_fused", components=["unet"], fused_attention=True)
-        graphs[f"float32, {FUSED}"] = fused["unet"]
+        graphs[f"float32, {FUSED}"] = export_float(
+            pipe, work / "float_fused", components=["unet"], fused_attention=True
+        )["unet"]
     layers: dict[str, int] = {}
     prompts = calibration_prompts(model, args.cal_prompts)
     stats = collect_statistics(
@@ -132,7 +133,6 @@ def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> tuple[
             if target == "onnxruntime" and args.every_layer:
                 # the target without its speed rule (dgq.config.ORT_MIN_INTENSITY): every layer quantized
                 configs[f"DGQ {target} {bits}, every layer"] = config.replace(min_intensity=0.0)
-            fused = args.fused_attention and config.profile == "onnxruntime"
             for name, config in configs.items():
                 log.info("calibrate and export %s", name)
                 recipe = build_recipe(stats, pipe.unet, config, progress=False)
@@ -140,7 +140,8 @@ def export_graphs(pipe, model: str, args, work: Path, cal_calls: list) -> tuple[
                     recipe = calibrate_outputs(
                         pipe, recipe, prompts, args.steps, guidance_scale=args.guidance, progress=False
                     )
-                twins = [(name, False)] + ([(f"{name}, {FUSED}", True)] if target == "onnxruntime" and fused else [])
+                fuse_twin = target == "onnxruntime" and args.fused_attention
+                twins = [(name, False)] + ([(f"{name}, {FUSED}", True)] if fuse_twin else [])
                 for row, fuse in twins:
                     folder = work / row.replace(" ", "_").replace(",", "")
                     export_onnx(

@@ -143,11 +143,13 @@ def lower(
         plan = build_plan(unet, recipe)
     except RecipeError as err:
         raise LoweringError(str(err)) from err
-    if fused_attention and plan.attention:
-        raise LoweringError(
-            "fused attention keeps attention float, but this recipe quantizes the attention operands of "
-            f"{len(plan.attention)} blocks (calibrate without quantize_qkv and with float probabilities)"
-        )
+    if fused_attention:
+        if plan.attention:
+            raise LoweringError(
+                "fused attention keeps attention float, but this recipe quantizes the attention operands of "
+                f"{len(plan.attention)} blocks (calibrate without quantize_qkv and with float probabilities)"
+            )
+        check_fusable(unet.attn_processors)
     unet = copy.deepcopy(unet).float().eval()
     ctx = StepContext()
     sites: list[SiteSummary] = []
@@ -185,7 +187,6 @@ def lower(
         set_module(unet, name, new)
     processors = dict(unet.attn_processors)
     if fused_attention:
-        check_fusable(processors)
         processors = {name: ExportAttnProcessor(ctx, tokens=tokens, fused=True) for name in processors}
     act_cls = ATTENTION_QUANTIZERS[target]
     holders = nn.ModuleDict()
