@@ -505,10 +505,10 @@ ORT_INTEGER_OPS = (
 )
 
 
-def ort_integer_kernels(path: Path, scratch: Path | None = None) -> dict[str, int]:
-    """Counts of integer ops in ONNX Runtime CPU's optimized version of the graph at ``path``
-    (MatMulNBits at accuracy level 0, as the runtime runs it). The optimized graph is written to a
-    temporary folder in ``scratch`` (default: the system's)."""
+def ort_optimized_ops(path: Path, scratch: Path | None = None) -> Counter:
+    """Op counts of ONNX Runtime CPU's optimized version of the graph at ``path`` (MatMulNBits at
+    accuracy level 0, as the runtime runs it). The optimized graph is written to a temporary folder
+    in ``scratch`` (default: the system's)."""
     import onnxruntime as ort
 
     from export.ort_session import session_options
@@ -517,7 +517,12 @@ def ort_integer_kernels(path: Path, scratch: Path | None = None) -> dict[str, in
         so = session_options(optimize=True, threads=None)
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
+        return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
+
+
+def ort_integer_kernels(path: Path, scratch: Path | None = None) -> dict[str, int]:
+    """Counts of the integer ops in :func:`ort_optimized_ops`."""
+    ops = ort_optimized_ops(path, scratch)
     return {k: ops[k] for k in ORT_INTEGER_OPS if ops.get(k)}
 
 

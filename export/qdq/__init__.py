@@ -42,12 +42,14 @@ Targets (``TARGETS``):
   scale and zero point (Gathered from per-step tables: ONNX Runtime fuses those), the DQ'd int8
   weight slice, the conv without bias, and a uint8 Q/DQ of the branch's calibrated per-step output
   range (``Recipe.outputs``); the float bias is added after the sum (a bias inside the unit would
-  need a constant scale). Linear layers: a per-step per-tensor uint8 Q/DQ feeding MatMul with an
-  (in, out) DQ'd weight, which fuses into MatMulIntegerToFloat. Weights stay in INT8 containers
+  need a constant scale). Linear layers: a per-step per-tensor uint8 QuantizeLinear feeding
+  MatMulInteger with the (in, out) int8 weight, Cast, the scales' Mul and the bias Add, which fuses
+  into one MatMulIntegerToFloat with the bias inside. Weights stay in INT8 containers
   (4-bit values included): the integer kernels take int8.
 
 Weights are integer initializers (int8/uint8, or int4/uint4 at opset >= 21) with a
-DequantizeLinear, so the file holds 1 byte (or half a byte) per weight. The ``step_index`` input is
+DequantizeLinear (the onnxruntime target's Linears: read by MatMulInteger directly), so the file
+holds 1 byte (or half a byte) per weight. The ``step_index`` input is
 added only when the recipe has more than one timestep slot.
 """
 

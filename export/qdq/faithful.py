@@ -21,6 +21,7 @@ from export.qdq.ops import (
     QDQ,
     LoweredLayer,
     LoweringError,
+    Quantize,
     SiteSummary,
     Slotted,
     WeightDQ,
@@ -110,6 +111,34 @@ class FaithfulActQuant(Slotted):
     def forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         return self.memo("forward", x, slot, lambda: self._forward(x, slot))
 
+    @property
+    def per_tensor(self) -> bool:
+        """One scale and zero point per step on the 8-bit container (what :meth:`quantize` serves)."""
+        return self.kinds == [LAYER] and not self.unit_domain and not self.shift[LAYER]
+
+    def quantize(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A per-tensor site's integers of ``x`` with the step's scale and zero point: ``forward``'s
+        ops up to its QuantizeLinear (the fold, the narrower grid's clip), no DequantizeLinear.
+        Sibling layers reading the same tensor share them (one QuantizeLinear)."""
+        if not self.per_tensor:
+            raise LoweringError(f"{self.key}: only a per-tensor site has one integer tensor per step")
+        return self.memo("quantize", x, slot, lambda: self._quantize(x, slot))
+
+    def _quantize(self, x: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x32 = self._normalize(f32(x))
+        scale, zp = self.pick(f"{LAYER}_scale", slot).reshape(()), self.pick(f"{LAYER}_zp", slot).reshape(())
+        if self.clip:
+            lo, hi = self.pick(f"{LAYER}_lo", slot).reshape(()), self.pick(f"{LAYER}_hi", slot).reshape(())
+            x32 = torch.minimum(torch.maximum(x32, lo), hi)
+        return Quantize.apply(x32, scale, zp), scale, zp
+
+    def _normalize(self, x32: torch.Tensor) -> torch.Tensor:
+        if self.folded:  # dgq.plan.Fold.normalize, op for op
+            if self.fold_centre is not None:
+                x32 = x32 - self.fold_centre
+            x32 = x32 * self.fold_inverse
+        return x32
+
     def _forward(self, x: torch.Tensor, slot) -> torch.Tensor:
         x32 = f32(x)
         if self.unit_domain:
@@ -118,10 +147,7 @@ class FaithfulActQuant(Slotted):
                 x32, self.unit_mult, self.unit_scale, self.n_slots, slot, dim, self.unit_qmin, self.unit_qmax
             )
             return as_dtype(u * s, x.dtype)
-        if self.folded:  # dgq.plan.Fold.normalize, op for op
-            if self.fold_centre is not None:
-                x32 = x32 - self.fold_centre
-            x32 = x32 * self.fold_inverse
+        x32 = self._normalize(x32)
         out = None
         for kind in self.kinds:
             y = self._one(x32, kind, slot)

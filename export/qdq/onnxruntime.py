@@ -6,8 +6,9 @@ input-channel group (one branch for a layer-wise site), each a whole QLinearConv
 Q/DQ of the group with the step's scale and zero point (Gathered from per-step tables: ONNX Runtime
 fuses those), the DQ'd int8 weight slice, the conv without bias, and a uint8 Q/DQ of the branch's
 calibrated per-step output range; the float bias is added after the sum (a bias inside the unit
-would need a constant scale). Linear layers: a per-step per-tensor uint8 Q/DQ feeding MatMul with an
-(in, out) DQ'd weight, which fuses into MatMulIntegerToFloat (a 2-D input as one token per row).
+would need a constant scale). Linear layers: a per-step per-tensor uint8 QuantizeLinear feeding
+MatMulInteger with the (in, out) int8 weight, then Cast, Mul by the two scales and the bias Add,
+which ONNX Runtime fuses into one MatMulIntegerToFloat that adds the bias itself.
 Weights stay in INT8 containers (4-bit values included): the integer kernels take int8.
 """
 
@@ -21,7 +22,17 @@ from dgq.attention import StepContext
 from dgq.plan import UINT8_GRID, LayerPlan
 from dgq.recipe import RecipeError
 from export.qdq.faithful import FaithfulLayer
-from export.qdq.ops import QDQ, LoweredLayer, LoweringError, SiteSummary, WeightDQ, at_slot, f32, integer_weight
+from export.qdq.ops import (
+    QDQ,
+    IntegerMatMul,
+    LoweredLayer,
+    LoweringError,
+    SiteSummary,
+    WeightDQ,
+    at_slot,
+    f32,
+    integer_weight,
+)
 
 
 class OrtConvLayer(LoweredLayer):
@@ -124,9 +135,13 @@ class OrtConvLayer(LoweredLayer):
 
 
 class OrtLinearLayer(FaithfulLayer):
-    """``onnxruntime`` Linear: Q/DQ'd input, then MatMul with an (in, out) DQ'd int8 weight (per
-    output column) and the bias as an Add, the form ONNX Runtime fuses into MatMulIntegerToFloat
-    (a Transpose between the weight's DQ and the MatMul would leave a weight-only MatMulNBits)."""
+    """``onnxruntime`` Linear: the input's per-tensor integers (its shared QuantizeLinear), then
+    MatMulInteger with the (in, out) int8 weight, Cast, Mul by the input's and the weight's (per
+    output column) scales and the bias Add (:class:`~export.qdq.ops.IntegerMatMul`): ONNX Runtime
+    fuses that into one MatMulIntegerToFloat with the bias inside. In PyTorch it computes the
+    simulator's Q/DQ numbers op for op. A Linear with a float weight, or a weight-only one, keeps
+    the Q/DQ form (MatMul with a DQ'd weight; a Transpose between the weight's DQ and the MatMul
+    would leave a weight-only MatMulNBits)."""
 
     def __init__(self, plan: LayerPlan, inner: nn.Module, ctx: StepContext, act: nn.Module | None = None):
         super().__init__(plan, inner, ctx, act)
@@ -141,12 +156,14 @@ class OrtLinearLayer(FaithfulLayer):
             self.w_axis = None if self.w_axis is None else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A 2-D input (the time embedding's Linears: one row per sample) is quantized and multiplied
-        # as one token per row: ONNX Runtime turns a 2-D MatMul and its bias Add into a float Gemm
-        # before its Q/DQ fusions run, and that Gemm dequantizes the whole int8 weight at every call
-        # (the SD-shaped UNet's 24 such layers: DequantizeLinear 11-15 ms per call in
-        # benchmark_onnx.py's profile, 1.6-2.8 ms once fused). The Unsqueeze goes before the input's
-        # Q/DQ: between the DQ and the MatMul it would leave a weight-only MatMulNBits.
+        if self.act is not None and self.wbits is not None and self.act.per_tensor:
+            q, s, z = self.act.quantize(x, self.ctx.current())
+            return IntegerMatMul.apply(q, s, z, self.w_q, self.w_scale, self.w_zp, self.w_axis, self.bias)
+        # The Q/DQ form. A 2-D input (e.g. the time embedding's, one row per sample) is multiplied as
+        # one token per row: ONNX Runtime turns a 2-D MatMul and its bias Add into a float Gemm
+        # before its Q/DQ fusions run, and that Gemm would dequantize the whole weight at every call.
+        # The Unsqueeze goes before the input's Q/DQ: between the DQ and the MatMul it would leave a
+        # weight-only MatMulNBits.
         rows = x.ndim == 2
         if rows:
             x = x.unsqueeze(1)

@@ -903,10 +903,10 @@ def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path, 
     wider) over 2 steps, folded: (x - centre) * (1 / scale) per channel, one per-tensor uint8 Q/DQ per step,
     the scale in the int8 weight's columns and the centre in the bias; at both fold strengths (the
     scale the groups' relative widths, or their square roots). The lowering equals the
-    simulator bit for bit; ONNX Runtime (off, and on: one MatMulIntegerToFloat) equals it up to the
-    float32 sum order; and in float the fold is the identity (before rounding, W x + b is unchanged).
-    ``rows``: a 2-D input (batch, channels), as the time embedding's Linears read, fuses too (a 2-D
-    MatMul would become a float Gemm that dequantizes the weight at every call)."""
+    simulator bit for bit; ONNX Runtime (off, and on: one MatMulIntegerToFloat with the bias inside,
+    no DequantizeLinear and no Add left) equals it up to the float32 sum order; and in float the fold
+    is the identity (before rounding, W x + b is unchanged). ``rows``: a 2-D input (batch, channels),
+    as the time embedding's Linears read, fuses too."""
     from dgq.calibrate import weight_quant
     from dgq.plan import fold_of
     from export.qdq import OrtLinearLayer
@@ -940,9 +940,12 @@ def test_one_folded_linear_is_exact_and_fuses_to_matmulintegertofloat(tmp_path, 
     # Dynamic batch and tokens, as in a UNet export: with static shapes ONNX Runtime 1.32 turns a 3-D
     # MatMul + bias Add into a 2-D Gemm first, which leaves the weight-only MatMulNBits instead.
     export_layer(low, low_ctx, x, path, opset=17, dynamic={0: "batch"} if rows else {0: "batch", 1: "tokens"})
-    from export.qdq_export import ort_integer_kernels
+    from export.qdq_export import ort_integer_kernels, ort_optimized_ops
 
     assert ort_integer_kernels(path) == {"MatMulIntegerToFloat": 1}
+    ops = ort_optimized_ops(path)
+    assert "Add" not in ops, ops  # the bias inside MatMulIntegerToFloat, not an Add over its output
+    assert ops["QuantizeLinear"] == 1 and "DequantizeLinear" not in ops and "Unsqueeze" not in ops, ops
     for slot in (0, 1):
         ctx.slot = low_ctx.slot = slot
         with torch.no_grad():
@@ -1016,15 +1019,16 @@ def test_fused_attention_core_is_the_plain_core_and_falls_back_where_it_cannot_f
 @pytest.mark.parametrize("name", ["onnxruntime", "tensorrt"])
 def test_qkv_projections_share_one_qdq(exports, name):
     """q/k/v projections reading one tensor share one Q/DQ: in self-attention to_q, to_k and to_v
-    (and in cross-attention to_k and to_v) take the same dequantized tensor, where no channel
-    branches split them."""
+    (and in cross-attention to_k and to_v) take the same dequantized tensor (the onnxruntime
+    target's MatMulIntegers: the same integers), where no channel branches split them."""
     folder, summary = exports[name]
     model = onnx.load(str(folder / "unet.onnx"), load_external_data=False)
     inputs: dict[tuple[str, str], str] = {}
     for n in model.graph.node:
         parts = n.name.split("/")
         # the projection's (main) GEMM; a folded projection's outlier GEMM is MatMul_1 on a Gather
-        if n.op_type == "MatMul" and len(parts) > 3 and parts[-2] in ("to_q", "to_k", "to_v") and parts[-1] == "MatMul":
+        gemm = n.op_type in ("MatMul", "MatMulInteger") and parts[-1] == n.op_type
+        if gemm and len(parts) > 3 and parts[-2] in ("to_q", "to_k", "to_v"):
             inputs[("/".join(parts[:-2]), parts[-2])] = n.input[0]
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     by_block: dict[str, list[str]] = {}
@@ -1033,9 +1037,10 @@ def test_qkv_projections_share_one_qdq(exports, name):
     shared = sum(len(t) - len(set(t)) for t in by_block.values())  # projections reusing another's input
     assert shared == summary.sites.get("shared_act", 0) > 0
     reused = [t for ts in by_block.values() for t in set(ts) if ts.count(t) > 1]
-    # the quantizer's output feeds the GEMMs directly: its DQ (or the Where keeping float outliers),
-    # no no-op Cast/Reshape in between for the runtimes' Q/DQ fusions to look through
-    assert {producers[t] for t in reused} <= {"DequantizeLinear", "Where"}
+    # the quantizer's output feeds the GEMMs directly: its DQ (or the Where keeping float outliers;
+    # the onnxruntime target's Q), no no-op Cast/Reshape in between for the runtimes' fusions to look through
+    feeds = {"onnxruntime": {"QuantizeLinear"}, "tensorrt": {"DequantizeLinear", "Where"}}[name]
+    assert reused and {producers[t] for t in reused} <= feeds
 
 
 def manifest_target(folder) -> str:
