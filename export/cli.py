@@ -36,8 +36,8 @@ Targets:
   onnxruntime  what ONNX Runtime's CPU integer kernels run: each conv is a QLinearConv (uint8
              activations with per-step ranges, int8 weights, a quantized output) with its input
              channel groups folded into the weights at W8A8 (a branch per group at other bits),
-             Linear layers fuse to MatMulIntegerToFloat; attention stays float
-             (--fused-attention: one MultiHeadAttention kernel per block)
+             Linear layers fuse to MatMulIntegerToFloat; attention stays float, one ONNX Runtime
+             MultiHeadAttention kernel per block (--no-fused-attention: the plain attention ops)
   float      the float graphs only (baseline for size and speed; --fused-attention for a float
              graph meant for ONNX Runtime)
 
@@ -140,9 +140,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fused-attention",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="targets float and onnxruntime: each UNet attention block as one ONNX Runtime MultiHeadAttention "
-        "node (a contrib op: faster in ONNX Runtime, but TensorRT cannot build the graph)",
+        "node (a contrib op: faster in ONNX Runtime, but TensorRT cannot build the graph). Default: on for "
+        "--target onnxruntime where the attention is float and diffusers' plain processors, off otherwise",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for random-weight zoo models (default 0)")
     from dgq.device import add_arguments as add_device_arguments
@@ -179,7 +181,7 @@ def _export(args: argparse.Namespace) -> int:
             + ("a float export quantizes none" if args.target == "float" else "the recipe already fixes them")
             + " (leave it out, or calibrate again with it)"
         )
-    if args.fused_attention and args.target not in ("float", "onnxruntime"):
+    if args.fused_attention is True and args.target not in ("float", "onnxruntime"):
         raise ValueError(
             f"--fused-attention writes an ONNX Runtime contrib op, which the {args.target} target's runtime cannot "
             "run; use it with --target onnxruntime or float"

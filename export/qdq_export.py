@@ -47,7 +47,7 @@ from export.iospec import TensorSpec, specs_to_json
 from export.lint import check_tensorrt
 from export.manifest import MANIFEST, TARGETS, sha256_file, write_manifest
 from export.qdq import STEP_INPUT, Lowered, LoweringError, lower, site_counts
-from export.qdq.attention import CONTRIB_OPSETS
+from export.qdq.attention import CONTRIB_OPSETS, fusion_blocker
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def export_onnx(
     compare_float: bool = True,
     inspect_ort: bool = True,
     progress: bool = False,
-    fused_attention: bool = False,
+    fused_attention: bool | None = None,
 ) -> ExportSummary:
     """Export ``pipe`` (with ``recipe`` for a quantized ``target``) into ``out_dir``; see the module docstring.
 
@@ -339,7 +339,9 @@ def export_onnx(
     the size ratio. ``inspect_ort``: report the integer kernels ONNX Runtime CPU fuses the UNet into
     (``ort_integer_kernels``). The UNet must be float32. ``fused_attention``: the UNet's attention
     blocks as ONNX Runtime's contrib MultiHeadAttention (targets ``float`` and ``onnxruntime``, whose
-    graphs run in ONNX Runtime; ``export.qdq.attention``).
+    graphs run in ONNX Runtime; ``export.qdq.attention``). None, the default: on for the onnxruntime
+    target wherever it applies (float attention operands, diffusers' plain attention processors;
+    otherwise off, with the reason logged), off for the others; True refuses where it does not apply.
     """
     if target not in TARGETS:
         raise ExportError(f"target {target!r} is not one of {list(TARGETS)}")
@@ -347,6 +349,8 @@ def export_onnx(
         check_opset(opset)
     components = tuple(components)
     start = time.perf_counter()
+    if fused_attention is None:
+        fused_attention = target == "onnxruntime" and _fuses_by_default(pipe.unet, recipe)
     if target == "float":
         from export.float_export import export_float
 
@@ -486,6 +490,15 @@ def export_onnx(
             | ({"fused_attention": True} if fused_attention else {}),
         )
     return summary
+
+
+def _fuses_by_default(unet: torch.nn.Module, recipe: Recipe | None) -> bool:
+    """The onnxruntime target's default: fused attention wherever it applies (it runs faster in ONNX
+    Runtime, docs/export-targets.md); where not, the plain attention graph and the reason, logged."""
+    why = fusion_blocker(unet, None if recipe is None else recipe.config)
+    if why is not None:
+        log.info("attention exported unfused (the onnxruntime target fuses it where it can): %s", why)
+    return why is None
 
 
 def sizes_by_component(sizes: dict[str, int]) -> dict[str, int]:

@@ -17,9 +17,11 @@ benchmark, not a test: nothing asserts a speed.
 
 Where OpenVINO is installed (extra ``peers``; ``pip install openvino``), its CPU plugin runs the float graph too (row
 ``float32 (OpenVINO)``, float32 precision, the same thread count), interleaved with the others: every
-row's ``vs best float`` is against the fastest float run. ``--fused-attention`` adds a float graph and
-a twin of every ``onnxruntime`` row with each attention block as ONNX Runtime's MultiHeadAttention
-(rows ``..., fused attention``; OpenVINO runs only the plain float graph).
+row's ``vs best float`` is against the fastest float run. A float graph and a twin of every
+``onnxruntime`` row have each attention block as ONNX Runtime's MultiHeadAttention (rows ``..., fused
+attention``: the ``onnxruntime`` target's default graph; the rows without the suffix are exported
+with ``fused_attention=False``; ``--no-fused-attention`` leaves the twins out; OpenVINO runs only the
+plain float graph).
 """
 
 from __future__ import annotations
@@ -199,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--fused-attention",
-        action="store_true",
-        help="also a float row and a twin of every onnxruntime row exported with fused attention "
-        "(export_onnx(fused_attention=True): one com.microsoft.MultiHeadAttention per attention block)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a float row and a twin of every onnxruntime row with fused attention (one "
+        "com.microsoft.MultiHeadAttention per attention block: the onnxruntime target's default graph; "
+        "the rows without the suffix are exported with fused_attention=False). Default on; "
+        "--no-fused-attention leaves the twins out",
     )
     p.add_argument("--wbits", type=int, default=8, choices=(8, 4))
     p.add_argument("--groups", type=int, default=4, help="DGQ's K for both targets (default 4)")

@@ -15,9 +15,10 @@ guidance: batch 2), with the scheduler and steps the graphs were calibrated with
 - the median latency per UNet call (runs interleaved over the graphs, ``--threads`` threads);
 - the file size against the float32 graph.
 
-Graphs: the float32 export (with ``--fused-attention`` also its twin with fused attention, and one
-of every ``onnxruntime`` graph, same recipe); DGQ's ``faithful``, ``tensorrt`` and ``onnxruntime`` targets at each of
-``--bits`` (calibrated on ``--cal-prompts`` prompts x ``--steps`` steps, each target's default K);
+Graphs: the float32 export (and, unless ``--no-fused-attention``, its twin with fused attention and
+one of every ``onnxruntime`` graph, same recipe: the fused twin is that target's default graph);
+DGQ's ``faithful``, ``tensorrt`` and ``onnxruntime`` targets at each of ``--bits`` (calibrated on
+``--cal-prompts`` prompts x ``--steps`` steps, each target's default K);
 ONNX Runtime's ``quantize_static`` (QDQ format, per-channel int8 weights, uint8 activations) with the
 MinMax, Percentile and Entropy calibrators, fed UNet calls of the same calibration prompts
 (``--peer-calls`` of them, evenly over the steps). This is a measurement, not a test: nothing asserts.
@@ -260,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--fused-attention",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also the float graph and each onnxruntime graph with fused attention (one ONNX Runtime "
-        "MultiHeadAttention per attention block; rows '..., fused attention', the same recipes)",
+        "MultiHeadAttention per attention block, the onnxruntime target's default graph; rows '..., fused "
+        "attention', the same recipes; the rows without it are exported with fused_attention=False). "
+        "Default on; --no-fused-attention leaves them out",
     )
     p.add_argument("--runs", type=int, default=10, help="timed runs per graph (default 10)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")

@@ -87,11 +87,13 @@ def _onnxruntime_export_keeps_small_layers_float(out):
     assert recipe.config.min_intensity == ORT_MIN_INTENSITY
     graph = onnx.load(str(out / "exports" / "onnxruntime" / "unet.onnx")).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
-    layers = {"conv": ("Conv",), "linear": ("MatMul", "Gemm")}
+    layers = {"conv": ("Conv",), "linear": ("MatMul", "Gemm", "MatMulInteger")}
     weights = {k: [n.input[1] for n in graph.node if n.op_type in ops] for k, ops in layers.items()}
     initial = {t.name for t in graph.initializer}
-    quantized = {k: sum(producer.get(w) == "DequantizeLinear" for w in ws) for k, ws in weights.items()}
-    float_weights = {k: sum(w in initial for w in ws) for k, ws in weights.items()}
+    integer = {t.name for t in graph.initializer if t.data_type != onnx.TensorProto.FLOAT}
+    # a quantized weight: DequantizeLinear's output, or an int8 initializer MatMulInteger reads
+    quantized = {k: sum(producer.get(w) == "DequantizeLinear" or w in integer for w in ws) for k, ws in weights.items()}
+    float_weights = {k: sum(w in initial - integer for w in ws) for k, ws in weights.items()}
     assert quantized["conv"] == len(recipe.weights) > 0 and float_weights["conv"] > 0
     assert quantized["linear"] == 0 < float_weights["linear"]  # the tiny model's Linears are all below the rule
 

@@ -172,6 +172,20 @@ def check_fusable(processors: dict) -> None:
         )
 
 
+def fusion_blocker(unet: torch.nn.Module, config=None) -> str | None:
+    """Why ``unet`` (lowered with a recipe of ``config``; None: float) cannot take fused attention,
+    or None where it can: the same conditions ``lower`` and ``fused_attention`` refuse on."""
+    from dgq.sites import attention_sites
+
+    if config is not None and attention_sites(unet, config):
+        return "the recipe quantizes attention operands"
+    try:
+        check_fusable(unet.attn_processors)
+    except LoweringError as err:
+        return str(err)
+    return None
+
+
 @contextmanager
 def fused_attention(unet: torch.nn.Module, ctx: StepContext | None = None) -> Iterator[torch.nn.Module]:
     """``unet`` with every attention block on a fused :class:`ExportAttnProcessor` (float operands),

@@ -4,6 +4,7 @@ TensorRT lint, branches where the recipe says, INT4 packing, the export folder, 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 
 import numpy as np
@@ -967,33 +968,44 @@ def test_onnxruntime_target_runs_integer_kernels(recipes, exports):
     assert "MatMulNBits" not in kernels  # a weight-only fusion would mean the activation Q/DQ was cut off
 
 
-def test_onnxruntime_target_with_fused_attention(tiny_pipe, recipes, exports, tmp_path):
-    """``fused_attention``: each attention block one com.microsoft.MultiHeadAttention (no Softmax
-    left), the same integer kernels as the plain export, and the graph computes the plain lowering
-    at every step as closely as the plain graph does (float32 attention in another order, the
-    quantizers after it flip the same kind of rounding edges). Targets other than onnxruntime, and
-    recipes that quantize attention operands, are refused with nothing written."""
+def test_onnxruntime_target_fuses_attention_by_default(tiny_pipe, recipes, exports, tmp_path, caplog):
+    """The onnxruntime target's default: each attention block one com.microsoft.MultiHeadAttention (no
+    Softmax left; the manifest says so), the same integer kernels as with ``fused_attention=False``
+    (the plain attention ops), and both graphs compute the lowering at every step within the
+    whole-graph bound (float32 attention in another order, the quantizers after it flip the same kind
+    of rounding edges). A recipe that quantizes attention operands is exported unfused by default,
+    the reason logged, and refused with ``fused_attention=True``; so are other targets, nothing written."""
     recipe = recipes["onnxruntime"]
-    folder = tmp_path / "fused"
-    summary = export_onnx(tiny_pipe, folder, recipe, "onnxruntime", fused_attention=True)
-    ops = [n.op_type for n in onnx.load(str(folder / "unet.onnx"), load_external_data=False).graph.node]
+    folder, summary = exports["onnxruntime"]  # the default
+    plain = tmp_path / "plain"
+    plain_summary = export_onnx(tiny_pipe, plain, recipe, "onnxruntime", fused_attention=False)
     blocks = len(tiny_pipe.unet.attn_processors)
-    assert ops.count("MultiHeadAttention") == blocks > 0 and "Softmax" not in ops
-    assert summary.ort_integer_kernels == exports["onnxruntime"][1].ort_integer_kernels
-    assert read_manifest(folder)["fused_attention"] is True
+    for f, fused in ((folder, True), (plain, False)):
+        ops = [n.op_type for n in onnx.load(str(f / "unet.onnx"), load_external_data=False).graph.node]
+        assert ops.count("MultiHeadAttention") == (blocks if fused else 0) and blocks > 0
+        assert ("Softmax" in ops) is not fused
+        assert read_manifest(f).get("fused_attention", False) is fused
+    assert summary.ort_integer_kernels == plain_summary.ort_integer_kernels
     low = lower(tiny_pipe.unet, recipe, "onnxruntime")
     x, e = unet_inputs(1)
     for slot, t in enumerate(recipe.slots):
         with torch.no_grad():
             ref = low.module(x, torch.tensor(t), e, torch.tensor(slot)).numpy()
-        for level in ("off", "on"):  # on: the integer kernels and the fused attention kernel run
-            got = run_graph(folder / "unet.onnx", feeds_for(x, t, e, slot, low.n_slots), level)
-            assert sqnr_db(ref, got) > QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB, (slot, level)
+        for f in (folder, plain):
+            for level in ("off", "on"):  # on: the integer kernels and the fused attention kernel run
+                got = run_graph(f / "unet.onnx", feeds_for(x, t, e, slot, low.n_slots), level)
+                assert sqnr_db(ref, got) > QDQ_ORT_TARGET_GRAPH_MIN_SQNR_DB, (f.name, slot, level)
+    with caplog.at_level(logging.INFO, logger="export.qdq_export"):
+        export_onnx(tiny_pipe, tmp_path / "a6_default", recipes["onnxruntime_a6"], "onnxruntime")
+    assert "attention exported unfused" in caplog.text and "quantizes attention operands" in caplog.text
+    graph = onnx.load(str(tmp_path / "a6_default" / "unet.onnx"), load_external_data=False).graph
+    assert "MultiHeadAttention" not in {n.op_type for n in graph.node}
+    assert "fused_attention" not in read_manifest(tmp_path / "a6_default")
     with pytest.raises(ExportError, match="contrib op: the tensorrt target"):
         export_onnx(tiny_pipe, tmp_path / "trt", recipes["tensorrt"], "tensorrt", fused_attention=True)
     with pytest.raises(ExportError, match="quantizes the attention operands"):
         export_onnx(tiny_pipe, tmp_path / "a6", recipes["onnxruntime_a6"], "onnxruntime", fused_attention=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a6_default", "plain"]
 
 
 def test_fused_attention_core_is_the_plain_core_and_falls_back_where_it_cannot_fuse():
